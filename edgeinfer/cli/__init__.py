@@ -1,0 +1,49 @@
+"""The ``edgeinfer`` command: a thin dispatcher over the library.
+
+Each command group lives in its own module. Library errors become one-line
+messages that say what to do next; ``EDGEINFER_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..errors import EdgeinferError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeinferError as e:
+            if os.environ.get("EDGEINFER_DEBUG") == "1":
+                raise
+            raise click.ClickException(e.one_line()) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeinfer")
+def cli():
+    """edgeinfer: run GGUF language models on this CPU.
+
+    \b
+    Start with:
+      edgeinfer pull smollm2-135m-instruct
+      edgeinfer show smollm2-135m-instruct
+    """
+
+
+def _register() -> None:
+    from . import models
+
+    for cmd in models.COMMANDS:
+        cli.add_command(cmd)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="edgeinfer")

@@ -1,0 +1,155 @@
+"""Model manager commands: pull, list, show, rm, import."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ..gguf_file import read_gguf
+from ..pull import DEFAULT_N_CTX, import_file, pull
+from ..store import ModelStore
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@click.command("pull")
+@click.argument("model")
+@click.option("--name", help="Store the model under this name[:tag] (URLs and files).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def pull_cmd(model, name, quiet):
+    """Download MODEL into the store: a catalog name[:tag], a URL or a file.
+
+    \b
+    Sources are tried in order; the bytes are checked against the catalog's
+    sha256 before the model is published. An interrupted HTTP download
+    resumes where it stopped.
+
+    \b
+    Example:
+      edgeinfer pull smollm2-135m-instruct
+    """
+    result = pull(model, quiet=quiet, name=name)
+    m = result.manifest
+    if result.source == "store":
+        click.echo(f"{m.ref} is already in the store ({_size(m.size)}, sha256 {m.sha256[:12]})")
+    else:
+        click.echo(f"{m.ref} pulled from {result.source} ({_size(m.size)}, sha256 {m.sha256[:12]})")
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(as_json):
+    """List the models in the store."""
+    models = ModelStore().list()
+    if as_json:
+        click.echo(json.dumps([m.to_json() for m in models], indent=2))
+        return
+    if not models:
+        click.echo("No models yet - run 'edgeinfer pull smollm2-135m-instruct'")
+        return
+    rows = [("NAME", "SIZE", "QUANT", "PARAMS", "MODIFIED")]
+    for m in models:
+        f = m.facts or {}
+        rows.append((m.ref, _size(m.size), f.get("quant") or "-", _params(f.get("parameter_count")),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def show_facts(m, n_ctx: int = DEFAULT_N_CTX) -> dict:
+    info = read_gguf(m.path)
+    ctx = min(n_ctx, info.context_length or n_ctx)
+    facts = info.to_dict()
+    facts.update({
+        "name": m.ref, "sha256": m.sha256, "path": str(m.path), "size": m.size,
+        "license": m.license or info.metadata.get("general.license") or "unknown",
+        "source": m.source, "parent": m.parent, "options": m.options,
+        "memory_estimate": {"n_ctx": ctx, "bytes": info.memory_estimate(ctx),
+                            "kv_cache_bytes": info.kv_cache_bytes(ctx)},
+    })
+    return facts
+
+
+@click.command("show")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show_cmd(model, as_json):
+    """Show what MODEL is: architecture, size, quant, context, license.
+
+    \b
+    Example:
+      edgeinfer show smollm2-135m-instruct --json
+    """
+    m = ModelStore().resolve(model)
+    f = show_facts(m)
+    if as_json:
+        click.echo(json.dumps(f, indent=2))
+        return
+    quants = ", ".join(f"{k} ×{v}" for k, v in f["quant_types"].items())
+    mem = f["memory_estimate"]
+    lines = [
+        ("model", f["name"]),
+        ("architecture", f["architecture"] or "-"),
+        ("parameters", f"{_params(f['parameter_count'])} ({f['parameter_count']:,})"),
+        ("quantization", f"{f.get('file_type') or '-'} (tensors: {quants})"),
+        ("context length", f"{f['context_length']:,}" if f["context_length"] else "-"),
+        ("vocab size", f"{f['vocab_size']:,}" if f["vocab_size"] else "-"),
+        ("chat template", "yes" if f["chat_template_present"] else "no"),
+        ("license", f["license"]),
+        ("size", f"{_size(f['size'])} ({f['size']:,} bytes)"),
+        ("sha256", f["sha256"]),
+        ("path", f["path"]),
+        ("memory", f"about {_size(mem['bytes'])} at context {mem['n_ctx']:,} "
+                   f"(KV cache {_size(mem['kv_cache_bytes'])})"),
+        ("source", f["source"] or "-"),
+    ]
+    if f["parent"]:
+        lines.append(("parent", f["parent"]))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        click.echo(f"  {k.ljust(width)}  {v}")
+
+
+@click.command("rm")
+@click.argument("models", nargs=-1, required=True)
+def rm_cmd(models):
+    """Remove MODELS from the store (the file goes when nothing else uses it)."""
+    store = ModelStore()
+    for name in models:
+        m, blob_gone = store.remove(name)
+        click.echo(f"removed {m.ref}" + ("" if blob_gone else " (its file is shared and stays)"))
+
+
+@click.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="Name for the model, name[:tag].")
+def import_cmd(path, name):
+    """Copy a local GGUF file into the store under --name.
+
+    The file is checked first; a damaged file is refused and nothing enters
+    the store.
+
+    \b
+    Example:
+      edgeinfer import ./my-model.Q4_K_M.gguf --name my-model:q4_k_m
+    """
+    m = import_file(path, name)
+    click.echo(f"imported {m.ref} ({_size(m.size)}, sha256 {m.sha256[:12]})")
+
+
+COMMANDS = [pull_cmd, list_cmd, show_cmd, rm_cmd, import_cmd]

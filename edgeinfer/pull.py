@@ -1,0 +1,237 @@
+"""Getting a model into the store: from the catalog, a URL or a file.
+
+``pull()`` tries an entry's sources in order, checks disk and memory first,
+holds a per-blob lock so two pulls of one model end with one blob, checks
+the GGUF before publishing, and returns the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+from filelock import FileLock, Timeout
+
+from . import catalog, hardware
+from .catalog import CatalogEntry, Source
+from .download import FetchResult, copy_file, fetch_http, fetch_wheels, free_bytes
+from .errors import (AllSourcesFailedError, DiskSpaceError, DownloadError, GGUFError,
+                     ModelNotFoundError)
+from .gguf_file import GGUFInfo, read_gguf
+from .names import ModelRef, check_part, parse_ref, sanitize
+from .progress import Progress, make_progress
+from .store import Manifest, ModelStore
+
+DEFAULT_N_CTX = 4096
+DISK_MARGIN = 64 * 1024 * 1024  # leave room for manifests, logs and the OS
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class PullResult:
+    manifest: Manifest
+    source: str            # what delivered the bytes ("store" when already present)
+    fetched: int = 0       # bytes moved by this pull
+    warnings: tuple[str, ...] = ()
+
+
+def memory_warning(info: GGUFInfo, n_ctx: int = DEFAULT_N_CTX) -> str | None:
+    """A warning with a suggestion when the model will not fit, else None."""
+    ctx = min(n_ctx, info.context_length or n_ctx)
+    need = info.memory_estimate(ctx)
+    have = hardware.available_memory()
+    if need <= have:
+        return None
+    return (f"this model needs about {need / 1e9:.1f} GB at context {ctx} but {have / 1e9:.1f} GB "
+            f"is available; try a smaller quant (e.g. q4_k_m or q4_0) or a smaller context "
+            f"(n_ctx={max(512, ctx // 4)})")
+
+
+def check_disk(store: ModelStore, need: int) -> None:
+    free = free_bytes(store.root)
+    if need + DISK_MARGIN > free:
+        raise DiskSpaceError(
+            f"not enough disk space in {store.root}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free",
+            hint="free some space, remove models with 'edgeinfer rm NAME', or set EDGEINFER_HOME to a larger disk")
+
+
+def pull(spec: str, *, store: ModelStore | None = None, quiet: bool = False,
+         progress: Progress | None = None, log: Log | None = None,
+         name: str | None = None) -> PullResult:
+    """Pull ``spec``: a catalog ``name[:tag]``, an http(s) URL, or a GGUF path."""
+    store = store or ModelStore()
+    log = log or ((lambda _m: None) if quiet else _stderr)
+    progress = progress or make_progress(quiet)
+    if spec.startswith(("http://", "https://")):
+        return _pull_url(spec, store, progress, log, name)
+    if ("/" in spec or spec.endswith(".gguf")) and Path(spec).expanduser().exists():
+        ref = name or sanitize(Path(spec).stem)
+        return PullResult(import_file(Path(spec).expanduser(), ref, store=store, progress=progress), f"file {spec}")
+    ref = parse_ref(spec)
+    have = store.get(ref)
+    if have is not None and have.path and have.path.exists():
+        return PullResult(have, "store")
+    entry = catalog.lookup(ref)
+    if entry is None:
+        known = ", ".join(sorted({e.name for e in catalog.load_catalog().values()}))
+        raise ModelNotFoundError(f"'{spec}' is not in the catalog (known: {known})",
+                                 hint="pull by URL or file path, or add an entry to "
+                                      f"{catalog.user_catalog_dir()}")
+    return pull_entry(entry, store=store, progress=progress, log=log, quiet=quiet)
+
+
+def _locked(store: ModelStore, key: str, log: Log) -> FileLock:
+    store.ensure_dirs()
+    lock = FileLock(str(store.locks / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"another pull of this model is running; waiting for it to finish")
+        lock.acquire()
+    return lock
+
+
+def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, log: Log,
+               quiet: bool = False) -> PullResult:
+    lock = _locked(store, f"sha256-{entry.sha256}", log)
+    try:
+        blob = store.blob_path(entry.sha256)
+        manifest = Manifest(entry.name, entry.tag, entry.sha256, entry.size, file=entry.file,
+                            license=entry.license)
+        if blob.exists():  # published by an earlier or concurrent pull, so already verified
+            manifest.source = "store"
+            manifest.facts = list_facts(read_gguf(blob))
+            return PullResult(store.put(manifest), "store")
+        partial = store.partial_path(f"sha256-{entry.sha256}")
+        have = partial.stat().st_size if partial.exists() else 0
+        check_disk(store, entry.size - have)
+        warnings = []
+        if entry.size > hardware.available_memory():
+            warnings.append(f"the weights alone ({entry.size / 1e9:.1f} GB) exceed the memory "
+                            f"available now ({hardware.available_memory() / 1e9:.1f} GB)")
+            log("warning: " + warnings[-1])
+        errors: list[Exception] = []
+        for source in entry.sources:
+            log(f"pulling {entry.ref} from {source.describe()}")
+            try:
+                result = _fetch(source, partial, entry, store, progress, quiet)
+                info = read_gguf(partial)
+            except GGUFError:
+                partial.unlink(missing_ok=True)
+                raise
+            except DownloadError as e:
+                errors.append(e)
+                log(f"  failed: {e}")
+                continue
+            store.publish(partial, result.sha256)
+            manifest.source = source.describe()
+            manifest.facts = list_facts(info)
+            warn = memory_warning(info)
+            if warn:
+                warnings.append(warn)
+                log("warning: " + warn)
+            log(f"pulled {entry.ref} from {source.describe()}: {result.size:,} bytes, sha256 {result.sha256}")
+            return PullResult(store.put(manifest), source.describe(), result.fetched, tuple(warnings))
+        raise AllSourcesFailedError(
+            f"could not pull {entry.ref}: every source failed ({'; '.join(str(e) for e in errors)})",
+            errors, hint="check the network or pip's configuration, then run the pull again; "
+                         "a partial HTTP download resumes")
+    finally:
+        lock.release()
+
+
+def _fetch(source: Source, partial: Path, entry: CatalogEntry, store: ModelStore,
+           progress: Progress, quiet: bool) -> FetchResult:
+    if source.kind == "https":
+        return fetch_http(source.url, partial, expected_size=entry.size, expected_sha256=entry.sha256,
+                          progress=progress, desc=entry.ref)
+    if source.kind == "file":
+        return copy_file(Path(source.path).expanduser(), partial, expected_size=entry.size,
+                         expected_sha256=entry.sha256, progress=progress, desc=entry.ref)
+    store.scratch.mkdir(parents=True, exist_ok=True)
+    return fetch_wheels(source.parts, partial, expected_size=entry.size, expected_sha256=entry.sha256,
+                        progress=progress, quiet=quiet, scratch=store.scratch, desc=entry.ref)
+
+
+def list_facts(info: GGUFInfo) -> dict:
+    """The few facts `edgeinfer list` shows, kept in the manifest so that
+    listing never re-reads every GGUF."""
+    return {"architecture": info.architecture, "parameter_count": info.parameter_count,
+            "quant": info.file_type, "context_length": info.context_length}
+
+
+def _split_name(name: str, default_tag: str) -> ModelRef:
+    ref = parse_ref(name)
+    return ref if ref.tag else ModelRef(ref.name, check_part(default_tag, "tag"))
+
+
+def _default_tag(info: GGUFInfo) -> str:
+    return sanitize(info.file_type) if info.file_type else "latest"
+
+
+def _pull_url(url: str, store: ModelStore, progress: Progress, log: Log, name: str | None) -> PullResult:
+    key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:32]
+    lock = _locked(store, key, log)
+    try:
+        partial = store.partial_path(key)
+        log(f"pulling {url}")
+        result = fetch_http(url, partial, progress=progress,
+                            check_space=lambda n: check_disk(store, n))
+        try:
+            info = read_gguf(partial)
+        except GGUFError:
+            partial.unlink(missing_ok=True)
+            raise
+        stem = Path(unquote(urlparse(url).path)).stem or "model"
+        ref = _split_name(name or sanitize(stem), _default_tag(info))
+        store.publish(partial, result.sha256)
+        m = Manifest(ref.name, ref.tag, result.sha256, result.size,
+                     file=Path(unquote(urlparse(url).path)).name, source=url,
+                     license=str(info.metadata.get("general.license", "")), facts=list_facts(info))
+        warn = memory_warning(info)
+        if warn:
+            log("warning: " + warn)
+        log(f"pulled {ref} from {url}: {result.size:,} bytes, sha256 {result.sha256}")
+        return PullResult(store.put(m), url, result.fetched, (warn,) if warn else ())
+    finally:
+        lock.release()
+
+
+def import_file(path: Path, name: str, *, store: ModelStore | None = None,
+                progress: Progress | None = None, parent: str | None = None,
+                options: dict | None = None, source: str | None = None) -> Manifest:
+    """Copy a local GGUF into the store under ``name`` (``name[:tag]``).
+
+    The file is validated before a byte is copied; a malformed file raises
+    GGUFError and the store is left as it was.
+    """
+    store = store or ModelStore()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: no such file", hint="check the path")
+    info = read_gguf(path)
+    ref = _split_name(name, _default_tag(info))
+    store.ensure_dirs()
+    key = "import-" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    partial = store.partial_path(key)
+    check_disk(store, info.file_size)
+    try:
+        result = copy_file(path, partial, progress=progress)
+        read_gguf(partial)  # the copy, not just the original, is what we publish
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    store.publish(partial, result.sha256)
+    m = Manifest(ref.name, ref.tag, result.sha256, result.size, file=path.name,
+                 source=source or f"import {path.resolve()}", parent=parent, options=options,
+                 license=str(info.metadata.get("general.license", "")), facts=list_facts(info))
+    return store.put(m)

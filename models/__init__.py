@@ -1,0 +1,1 @@
+"""The model catalog: one TOML file per known model (name:tag)."""
