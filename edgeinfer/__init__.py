@@ -1,0 +1,73 @@
+"""edgeinfer: run GGUF language models on CPUs.
+
+The public API is flat::
+
+    import edgeinfer
+
+    engine = edgeinfer.load("smollm2-135m-instruct", n_ctx=2048)
+    print(engine.chat([{"role": "user", "content": "Hello!"}], temperature=0))
+
+    for event in engine.stream("Once upon a time", max_tokens=40):
+        print(event.text, end="", flush=True)
+    print(event.stats.decode_tps)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .catalog import CatalogEntry, default_entry, load_catalog
+from .chat import ChatSession
+from .engine import DoneEvent, Engine, Stats, TextEvent
+from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, ContextOverflowError,
+                     DiskSpaceError, DownloadError, EdgeinferError, EngineBusyError, EngineError,
+                     GGUFError, InvalidNameError, MemoryFitError, ModelNotFoundError, StoreError,
+                     TemplateError)
+from .gguf_file import GGUFInfo, read_gguf
+from .pull import import_file, pull
+from .store import Manifest, ModelStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "pull", "import_file", "read_gguf", "default_entry", "load_catalog",
+    "Engine", "ChatSession", "TextEvent", "DoneEvent", "Stats", "ModelStore", "Manifest",
+    "CatalogEntry", "GGUFInfo",
+    "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
+    "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
+    "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError",
+    "TemplateError",
+]
+
+
+def resolve_model(name_or_path: str | os.PathLike, store: ModelStore | None = None) -> tuple[Path, Manifest | None]:
+    """A GGUF path for a store name (``name[:tag]``) or a file path."""
+    text = os.fspath(name_or_path)
+    p = Path(text).expanduser()
+    if p.is_file():
+        return p, None
+    if text.endswith(".gguf") or os.sep in text:
+        raise ModelNotFoundError(f"{text}: no such file", hint="check the path")
+    m = (store or ModelStore()).resolve(text)
+    return m.path, m
+
+
+def load(name_or_path: str | os.PathLike, **options) -> Engine:
+    """Load a model from the store (by ``name[:tag]``) or from a GGUF path.
+
+    Options: ``n_ctx``, ``threads``, ``threads_batch``, ``n_batch``,
+    ``seed``, ``mmap``, ``mlock``, ``chat_template``, ``system_prompt``
+    (used when a chat has no system message), ``lock_timeout``.
+    A name that is not in the store raises ModelNotFoundError whose hint
+    says to run ``edgeinfer pull NAME``.
+
+    >>> engine = edgeinfer.load("smollm2-135m-instruct", n_ctx=2048)  # doctest: +SKIP
+    """
+    path, manifest = resolve_model(name_or_path)
+    if manifest is not None:
+        options.setdefault("name", manifest.ref)
+        options.setdefault("sha256", manifest.sha256)
+        if manifest.system:
+            options.setdefault("system_prompt", manifest.system)
+    return Engine(path, **options)

@@ -70,6 +70,7 @@ class CatalogEntry:
     revision: str = ""
     default_tag: bool = False
     default_model: bool = False
+    system: str = ""               # default system prompt for chats
     defined_in: str = field(default="", compare=False)
 
     @property
@@ -127,6 +128,7 @@ def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
         origin=str(data.get("origin", "")), revision=str(data.get("revision", "")),
         default_tag=bool(data.get("default_tag", False)),
         default_model=bool(data.get("default_model", False)),
+        system=str(data.get("system", "")),
         defined_in=where,
     )
 

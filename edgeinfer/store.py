@@ -44,6 +44,7 @@ class Manifest:
     parent: str | None = None       # sha256 of the model this one was made from
     options: dict | None = None     # how it was made (quant type, flags, llama.cpp build)
     facts: dict | None = None       # GGUF facts read at publish time, for `list`
+    system: str = ""                # default system prompt for chats
     path: Path | None = field(default=None, compare=False)
 
     @property

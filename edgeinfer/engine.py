@@ -1,0 +1,498 @@
+"""The llama.cpp-backed runtime: load a model, tokenize, prefill, decode.
+
+Everything that touches llama.cpp goes through :class:`Engine`. It drives
+llama-cpp-python's low-level API (``llama_cpp.llama_*``) directly: one
+preallocated batch, llama.cpp's own sampler chain, the abort callback for
+cancelling prefill, and per-sequence KV operations. Every KV call names its
+sequence id, so several sequences can later share one context.
+
+Generation comes in three layers (as in mlx-lm): ``_run()`` is the hot
+loop; :meth:`Engine.stream` yields :class:`TextEvent` and a final
+:class:`DoneEvent`; :meth:`Engine.generate` joins the stream into a string.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import llama_cpp as lc
+
+from . import hardware
+from .errors import ContextOverflowError, EngineBusyError, EngineError, MemoryFitError
+from .gguf_file import GGUFInfo, read_gguf
+
+DEFAULT_N_CTX = 4096
+DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                        repeat_penalty=1.0, repeat_last_n=64)
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@lc.llama_log_callback
+def _quiet_log(level, text, user_data):  # llama.cpp logs to stderr unless told otherwise
+    if os.environ.get("EDGEINFER_DEBUG") == "1":
+        os.write(2, text or b"")
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            lc.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+            _backend_ready = True
+
+
+@dataclass
+class Stats:
+    """Figures for one generation."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0        # prompt tokens whose KV state was reused
+    generated_tokens: int = 0
+    ttft_s: float = 0.0           # request start to first token
+    prefill_tps: float = 0.0      # prompt tokens evaluated per second
+    decode_tps: float = 0.0       # generated tokens per second after the first
+    finish_reason: str = ""       # "stop", "length" or "cancelled"
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TextEvent:
+    """A piece of generated text and the token ids that produced it."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DoneEvent:
+    """The last event of a stream; ``text`` is empty so that joining the
+    ``.text`` of every event gives the answer."""
+
+    stats: Stats
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+def _sampler_chain(vocab_n: int, seed: int, temperature: float, top_k: int, top_p: float,
+                   min_p: float, repeat_penalty: float, repeat_last_n: int):
+    """llama.cpp's native sampler chain; greedy when temperature <= 0."""
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+    if repeat_penalty and repeat_penalty != 1.0:
+        add(lc.llama_sampler_init_penalties(repeat_last_n, repeat_penalty, 0.0, 0.0))
+    if temperature is None or temperature <= 0:
+        add(lc.llama_sampler_init_greedy())
+        return chain
+    if top_k and top_k > 0:
+        add(lc.llama_sampler_init_top_k(int(top_k)))
+    if top_p is not None and 0 < top_p < 1:
+        add(lc.llama_sampler_init_top_p(float(top_p), 1))
+    if min_p and min_p > 0:
+        add(lc.llama_sampler_init_min_p(float(min_p), 1))
+    add(lc.llama_sampler_init_temp(float(temperature)))
+    add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
+
+
+class _StopMatcher:
+    """Holds back text that might be the start of a stop string."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        cut = max(0, len(self.pending) - self.keep)
+        # keep back only a tail that is a prefix of some stop string
+        while cut < len(self.pending) and not any(s.startswith(self.pending[cut:]) for s in self.stops):
+            cut += 1
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """A loaded model and its llama.cpp context.
+
+    >>> import edgeinfer
+    >>> with edgeinfer.load("smollm2-135m-instruct") as engine:   # doctest: +SKIP
+    ...     print(engine.chat([{"role": "user", "content": "Hi!"}], max_tokens=32))
+
+    One generation runs at a time; a second caller waits up to
+    ``lock_timeout`` seconds (None: forever), then gets EngineBusyError.
+    :meth:`cancel` stops a running prefill or decode from any thread.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = DEFAULT_N_CTX,
+                 threads: int | None = None, threads_batch: int | None = None,
+                 n_batch: int = 512, mmap: bool = True, mlock: bool = False,
+                 seed: int | None = None, n_seq_max: int = 1, name: str | None = None,
+                 sha256: str | None = None, chat_template: str | None = None,
+                 lock_timeout: float | None = None, check_memory: bool = True,
+                 system_prompt: str | None = None):
+        self.path = Path(model_path)
+        self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
+        self.name = name or self.path.name
+        self.sha256 = sha256
+        train_ctx = self.info.context_length or n_ctx
+        self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_N_CTX, train_ctx)
+        if check_memory:
+            self._check_memory()
+        self.threads = int(threads or hardware.default_threads())
+        self.threads_batch = int(threads_batch or self.threads)
+        self.seed = seed
+        self.lock_timeout = lock_timeout
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._model = self._ctx = None
+        self._batch = None
+        _init_backend()
+
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mlock else lc.LLAMA_LOAD_MODE_MMAP) \
+            if mmap else (lc.LLAMA_LOAD_MODE_MLOCK if mlock else lc.LLAMA_LOAD_MODE_NONE)
+        self._model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {self.path}",
+                              hint="run with EDGEINFER_DEBUG=1 to see llama.cpp's log")
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch = min(int(n_batch), self.n_ctx)
+        cparams.n_seq_max = self.n_seq_max = max(1, int(n_seq_max))
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads_batch
+        cparams.no_perf = True
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            self.close()
+            raise EngineError(f"llama.cpp could not create a context of {self.n_ctx} tokens",
+                              hint="try a smaller n_ctx")
+        # The abort callback is polled by ggml between graph nodes, so a
+        # cancel lands inside a long prefill, not after it.
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._cancel.is_set())
+        lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
+        self._mem = lc.llama_get_memory(self._ctx)
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self._batch = lc.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+        self._piece = ctypes.create_string_buffer(256)
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self._kv_tokens: dict[int, list[int]] = {s: [] for s in range(self.n_seq_max)}
+        self.chat_template = chat_template if chat_template is not None else self.info.chat_template
+        self.system_prompt = system_prompt or None
+        self.last_stats: Stats | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+    def _check_memory(self) -> None:
+        need = self.info.memory_estimate(self.n_ctx)
+        have = hardware.available_memory()
+        if need > have:
+            raise MemoryFitError(
+                f"{self.name} needs about {need / 1e9:.1f} GB at n_ctx={self.n_ctx}, "
+                f"{have / 1e9:.1f} GB is available",
+                hint=f"use a smaller quant or a smaller context (n_ctx={max(512, self.n_ctx // 4)})")
+
+    def close(self) -> None:
+        """Free the context and the model; the engine is unusable after."""
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def cancel(self) -> None:
+        """Stop the running prefill or decode; safe from any thread."""
+        self._cancel.set()
+
+    # -- tokens ------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        """Text to token ids. With ``special=False`` (the default) text such
+        as ``<|im_end|>`` stays plain text and never becomes a control token."""
+        data = text.encode("utf-8")
+        add = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
+        if n < 0:
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        n = lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: Iterable[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+
+    def token_text(self, token_id: int) -> str:
+        return self.token_bytes(token_id, special=True).decode("utf-8", "replace")
+
+    # -- KV state (every call names its sequence) ---------------------------
+    def kv_tokens(self, seq: int = 0) -> list[int]:
+        """The tokens whose KV state sequence ``seq`` holds."""
+        return list(self._kv_tokens[seq])
+
+    def kv_clear(self, seq: int = 0) -> None:
+        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._kv_tokens[seq] = []
+
+    def _kv_truncate(self, seq: int, n: int) -> None:
+        """Keep only the first ``n`` positions of ``seq``."""
+        if n < len(self._kv_tokens[seq]):
+            if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
+                self.kv_clear(seq)
+                return
+            del self._kv_tokens[seq][n:]
+
+    def _kv_resync(self, seq: int) -> None:
+        """After an aborted or failed decode, trust llama.cpp's positions."""
+        pos_max = lc.llama_memory_seq_pos_max(self._mem, seq)
+        del self._kv_tokens[seq][max(pos_max + 1, 0):]
+
+    def _decode(self, tokens: list[int], seq: int, logits_last: bool = True) -> int:
+        """Evaluate ``tokens`` after what ``seq`` holds, in n_batch chunks.
+        Returns 0, or 2 when cancelled; raises EngineError on failure."""
+        b = self._batch
+        kv = self._kv_tokens[seq]
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            pos0 = len(kv)
+            for i, t in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos0 + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 0
+            if logits_last and start + len(chunk) == len(tokens):
+                b.logits[len(chunk) - 1] = 1
+            b.n_tokens = len(chunk)
+            rc = lc.llama_decode(self._ctx, b)
+            if rc != 0:
+                self._kv_resync(seq)
+                if rc == 2:
+                    return 2
+                raise EngineError(f"llama_decode failed with status {rc}",
+                                  hint="the context may be full; start a new conversation")
+            kv.extend(chunk)
+        return 0
+
+    # -- generation --------------------------------------------------------
+    def _acquire(self) -> None:
+        timeout = -1 if self.lock_timeout is None else self.lock_timeout
+        if not self._lock.acquire(timeout=timeout):
+            raise EngineBusyError(f"{self.name} is busy with another generation")
+
+    def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
+                      seed: int | None = None, seq: int = 0, **sampling) -> Iterator[TextEvent | DoneEvent]:
+        """Generate from prompt token ids; yields TextEvents, then a DoneEvent."""
+        if self._ctx is None:
+            raise EngineError("this engine is closed", hint="load the model again with edgeinfer.load()")
+        if not tokens:
+            tokens = [lc.llama_vocab_bos(self._vocab)]
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens):,} tokens but the context holds {self.n_ctx:,}")
+        unknown = set(sampling) - set(DEFAULT_SAMPLING)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        opts = {**DEFAULT_SAMPLING, **{k: v for k, v in sampling.items() if v is not None}}
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        self._acquire()
+        try:
+            self._cancel.clear()
+            yield from self._run(tokens, int(max_tokens), stops, seed, seq, opts)
+        finally:
+            self._lock.release()
+
+    def _run(self, tokens, max_tokens, stops, seed, seq, opts):
+        stats = Stats(prompt_tokens=len(tokens))
+        t0 = time.perf_counter()
+        kv = self._kv_tokens[seq]
+        # Reuse the longest prefix this sequence already holds; at least one
+        # prompt token is evaluated so the sampler has fresh logits.
+        n = 0
+        limit = min(len(kv), len(tokens) - 1)
+        while n < limit and kv[n] == tokens[n]:
+            n += 1
+        self._kv_truncate(seq, n)
+        stats.cached_tokens = n
+        if seed is None:
+            seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
+        chain = _sampler_chain(self.n_vocab, seed, **opts)
+        try:
+            rc = self._decode(tokens[n:], seq)
+            t_prefill = time.perf_counter()
+            stats.prefill_tps = (len(tokens) - n) / max(t_prefill - t0, 1e-9)
+            if rc == 2:
+                stats.finish_reason = "cancelled"
+                stats.total_s = time.perf_counter() - t0
+                self.last_stats = stats
+                yield DoneEvent(stats)
+                return
+            utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            matcher = _StopMatcher(stops)
+            t_first = None
+            pending_ids: list[int] = []
+            finish = "length"
+            while stats.generated_tokens < max_tokens:
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                tok = lc.llama_sampler_sample(chain, self._ctx, -1)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t0
+                if self.is_eog(tok):
+                    finish = "stop"
+                    break
+                stats.generated_tokens += 1
+                pending_ids.append(tok)
+                text, stopped = matcher.feed(utf8.decode(self.token_bytes(tok)))
+                if text:
+                    yield TextEvent(text, pending_ids)
+                    pending_ids = []
+                if stopped:
+                    finish = "stop"
+                    break
+                if len(kv) >= self.n_ctx:
+                    finish = "length"  # the context is full: end cleanly
+                    break
+                if stats.generated_tokens >= max_tokens:
+                    break
+                if self._decode([tok], seq) == 2:
+                    finish = "cancelled"
+                    break
+            if finish != "stop" or not matcher.stops or matcher.pending:
+                tail = matcher.flush() + utf8.decode(b"", final=True) if finish != "stop" else ""
+                if tail:
+                    yield TextEvent(tail, pending_ids)
+            t_end = time.perf_counter()
+            if t_first is not None and stats.generated_tokens > 1:
+                stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - t_first, 1e-9)
+            stats.finish_reason = finish
+            stats.total_s = t_end - t0
+            self.last_stats = stats
+            yield DoneEvent(stats)
+        finally:
+            lc.llama_sampler_free(chain)
+
+    def stream(self, prompt: str, *, max_tokens: int = 256, stop: Iterable[str] | str = (),
+               seed: int | None = None, **sampling) -> Iterator[TextEvent | DoneEvent]:
+        """Stream a completion of a plain-text ``prompt``.
+
+        >>> for event in engine.stream("Once upon a time", max_tokens=20):  # doctest: +SKIP
+        ...     print(event.text, end="", flush=True)
+
+        Sampling options: temperature (0 = greedy), top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n. The last event's ``.stats`` has the
+        figures and ``finish_reason``.
+        """
+        return self.stream_tokens(self.tokenize(prompt), max_tokens=max_tokens, stop=stop,
+                                  seed=seed, **sampling)
+
+    def generate(self, prompt: str, **kwargs) -> str:
+        """Complete ``prompt`` and return the text (see :meth:`stream`)."""
+        return "".join(e.text for e in self.stream(prompt, **kwargs))
+
+    # -- chat --------------------------------------------------------------
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render ``messages`` through the chat template and tokenize them.
+
+        The template's own text may contain control tokens; the messages'
+        content is tokenized as plain text, so a user who types
+        ``<|im_end|>`` cannot close a turn."""
+        from .chat import render_segments
+
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        segments = render_segments(self.chat_template, messages, add_generation_prompt,
+                                   bos_token=self.token_text(lc.llama_vocab_bos(self._vocab)),
+                                   eos_token=self.token_text(lc.llama_vocab_eos(self._vocab)))
+        ids: list[int] = []
+        bos = lc.llama_vocab_bos(self._vocab)
+        for text, is_template in segments:
+            if text:
+                ids.extend(self.tokenize(text, add_bos=False, special=is_template))
+        if self.add_bos and bos >= 0 and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        return ids
+
+    def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[TextEvent | DoneEvent]:
+        """Stream the assistant's reply to OpenAI-style ``messages``."""
+        return self.stream_tokens(self.chat_tokens(messages), **kwargs)
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """The assistant's reply to ``messages`` as a string.
+
+        >>> engine.chat([{"role": "user", "content": "Capital of France?"}],  # doctest: +SKIP
+        ...             temperature=0)
+        """
+        return "".join(e.text for e in self.stream_chat(messages, **kwargs))
+
+    # -- asyncio -----------------------------------------------------------
+    async def astream(self, prompt: str, **kwargs):
+        """Async version of :meth:`stream`; generation runs on a worker
+        thread so the event loop never blocks. Cancelling the task cancels
+        the generation."""
+        from .aio import stream_in_thread
+
+        async for event in stream_in_thread(self, lambda: self.stream(prompt, **kwargs)):
+            yield event
+
+    async def astream_chat(self, messages: list[dict], **kwargs):
+        """Async version of :meth:`stream_chat`."""
+        from .aio import stream_in_thread
+
+        async for event in stream_in_thread(self, lambda: self.stream_chat(messages, **kwargs)):
+            yield event

@@ -1,0 +1,65 @@
+"""Shared fixtures.
+
+Every test gets its own store (EDGEINFER_HOME) and config dir, so nothing
+touches the user's real models. The tiny model is built once per session
+by scripts/build_tiny_model.py; the real default model is pulled once per
+session through the model manager itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def edgeinfer_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGEINFER_HOME", str(home))
+    monkeypatch.setenv("EDGEINFER_CONFIG", str(tmp_path / "config"))
+    monkeypatch.delenv("EDGEINFER_DEBUG", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Path to the tiny llama GGUF (random weights, real BPE vocab, ChatML)."""
+    builder = load_script("build_tiny_model")
+    return builder.build(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory):
+    """A store holding the catalog's default model, pulled through pull().
+
+    EDGEINFER_TEST_STORE reuses a store between runs on a developer's
+    machine; CI pulls afresh.
+    """
+    from edgeinfer import catalog
+    from edgeinfer.pull import pull
+    from edgeinfer.store import ModelStore
+
+    root = os.environ.get("EDGEINFER_TEST_STORE") or tmp_path_factory.mktemp("real-store")
+    store = ModelStore(root)
+    pull(catalog.default_entry().ref, store=store, quiet=True)
+    return store
+
+
+@pytest.fixture
+def real_model_home(real_store, monkeypatch) -> Path:
+    """Point EDGEINFER_HOME at the store that holds the real default model."""
+    monkeypatch.setenv("EDGEINFER_HOME", str(real_store.root))
+    return real_store.root
