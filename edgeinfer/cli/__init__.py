@@ -30,15 +30,16 @@ def cli():
 
     \b
     Start with:
-      edgeinfer pull smollm2-135m-instruct
-      edgeinfer show smollm2-135m-instruct
+      edgeinfer chat                       (pulls the default model first)
+      edgeinfer run smollm2-135m-instruct "Why is the sky blue?"
+      edgeinfer list
     """
 
 
 def _register() -> None:
-    from . import models
+    from . import chat, models
 
-    for cmd in models.COMMANDS:
+    for cmd in models.COMMANDS + chat.COMMANDS:
         cli.add_command(cmd)
 
 

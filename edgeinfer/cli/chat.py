@@ -1,0 +1,383 @@
+"""``edgeinfer chat`` (an interactive REPL) and ``edgeinfer run`` (one shot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from .. import catalog
+from ..chat import ChatSession
+from ..engine import DoneEvent
+from ..errors import EdgeinferError, ModelNotFoundError
+from ..store import ModelStore
+
+HELP = """\
+Commands:
+  /help              this list
+  /reset             forget the conversation (the system prompt stays)
+  /system TEXT       set the system prompt (and start over)
+  /set NAME VALUE    sampling: temperature, top_k, top_p, min_p,
+                     repeat_penalty, max_tokens, seed
+  /stats             figures for the last answer
+  /save FILE         save the conversation as JSON
+  /load FILE         load a conversation saved with /save
+  /exit              leave (so do Ctrl-D, and Ctrl-C on an empty line)
+Write several lines between \"\"\" and \"\"\". Ctrl-C stops an answer."""
+
+SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+            "repeat_penalty": float, "max_tokens": int, "seed": int}
+
+
+def stream_cancellable(engine, make_stream):
+    """Run a stream on a worker thread and yield its events here.
+
+    The main thread waits on a queue in short slices, so Ctrl-C arrives at
+    once even while llama.cpp is inside a long prefill; it cancels the
+    engine and the stream still ends with its DoneEvent (``cancelled``).
+    """
+    q: queue.Queue = queue.Queue()
+    end = object()
+
+    def work():
+        try:
+            for ev in make_stream():
+                q.put(ev)
+        except BaseException as e:  # re-raised on the main thread
+            q.put(e)
+        finally:
+            q.put(end)
+
+    t = threading.Thread(target=work, daemon=True, name="edgeinfer-generate")
+    t.start()
+    interrupted = False
+    while True:
+        try:
+            item = q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            interrupted = True
+            engine.cancel()
+            continue
+        if item is end:
+            break
+        if isinstance(item, BaseException):
+            t.join()
+            raise item
+        yield item
+    t.join()
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def ensure_model(name: str | None, yes: bool, quiet: bool = False) -> str:
+    """The store name to load; offers to pull a catalog model that is missing."""
+    from ..names import parse_ref
+    from ..pull import pull
+
+    ref = name or catalog.default_entry().ref
+    if os.path.isfile(ref):
+        return ref
+    store = ModelStore()
+    if store.get(parse_ref(ref)) is not None:
+        return ref
+    entry = catalog.lookup(parse_ref(ref))
+    if entry is None:
+        raise ModelNotFoundError(f"model '{ref}' is not in the store or the catalog",
+                                 hint=f"run 'edgeinfer pull {ref}' with a URL or file, or 'edgeinfer list'")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ModelNotFoundError(f"model '{ref}' is not in the store",
+                                     hint=f"run 'edgeinfer pull {ref}' or add --yes")
+        if not click.confirm(f"{entry.ref} is not downloaded yet ({entry.size / 1e6:.0f} MB). Pull it now?",
+                             default=True, err=True):
+            raise ModelNotFoundError(f"model '{ref}' is not in the store", hint=f"run 'edgeinfer pull {ref}'")
+    pull(entry.ref, quiet=quiet)
+    return entry.ref
+
+
+def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int | None):
+    import edgeinfer
+
+    opts = {k: v for k, v in dict(n_ctx=n_ctx, threads=threads, threads_batch=threads_batch).items() if v}
+    return edgeinfer.load(model, **opts)
+
+
+def _sampling(temperature, top_k, top_p, max_tokens, seed) -> dict:
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+class Repl:
+    """The interactive loop. ``read`` returns a line or raises EOFError /
+    KeyboardInterrupt; ``out`` is where answers go."""
+
+    def __init__(self, session: ChatSession, read, out=None, interactive: bool = True):
+        self.session = session
+        self.read = read
+        self.out = out or sys.stdout
+        self.interactive = interactive
+
+    def say(self, text: str) -> None:  # messages for the person, never mixed into answers
+        print(text, file=self.out if self.interactive else sys.stderr, flush=True)
+
+    def read_turn(self) -> str | None:
+        line = self.read(">>> " if self.interactive else "")
+        if not line.lstrip().startswith('"""'):
+            return line
+        body = line.lstrip()[3:]
+        lines = []
+        if body.rstrip().endswith('"""') and len(body.strip()) >= 3:
+            return body.rstrip()[:-3]
+        lines.append(body)
+        while True:
+            nxt = self.read("... " if self.interactive else "")
+            if nxt.rstrip().endswith('"""'):
+                lines.append(nxt.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            lines.append(nxt)
+
+    def run(self) -> int:
+        if self.interactive:
+            self.say(f"Chatting with {self.session.engine.name}. /help for commands, Ctrl-D to leave.")
+        while True:
+            try:
+                text = self.read_turn()
+            except EOFError:
+                if self.interactive:
+                    self.say("")
+                return 0
+            except KeyboardInterrupt:
+                if self.interactive and _line_buffer():
+                    self.say("")
+                    continue
+                if self.interactive:
+                    self.say("")
+                return 0
+            if text is None or not text.strip():
+                continue
+            if text.startswith("/"):
+                if self.command(text.strip()) == "exit":
+                    return 0
+                continue
+            self.answer(text)
+
+    def answer(self, text: str) -> None:
+        engine = self.session.engine
+        try:
+            for ev in stream_cancellable(engine, lambda: self.session.stream(text)):
+                if not isinstance(ev, DoneEvent):
+                    self.out.write(ev.text)
+                    self.out.flush()
+        except KeyboardInterrupt:
+            self.out.write("\n")
+            self.say("(stopped)")
+            return
+        except EdgeinferError as e:
+            self.out.write("\n")
+            self.say(f"Error: {e.one_line()}")
+            return
+        self.out.write("\n")
+        self.out.flush()
+
+    def command(self, line: str) -> str | None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("/exit", "/bye", "/quit"):
+            return "exit"
+        if name in ("/help", "/?"):
+            self.say(HELP)
+        elif name == "/reset":
+            s.reset()
+            self.say("Conversation cleared.")
+        elif name == "/system":
+            if not arg:
+                self.say(f"System prompt: {s.system or s.engine.system_prompt or '(none)'}  - set it with /system TEXT")
+            else:
+                s.system = arg
+                s.reset()
+                self.say("System prompt set; conversation cleared.")
+        elif name == "/set":
+            key, _, value = arg.partition(" ")
+            if key not in SETTABLE or not value.strip():
+                self.say(f"Usage: /set NAME VALUE, NAME one of {', '.join(SETTABLE)}")
+                return None
+            try:
+                s.options[key] = SETTABLE[key](value.strip())
+            except ValueError:
+                self.say(f"'{value.strip()}' is not a valid {key} - try e.g. /set {key} "
+                         f"{'0.7' if SETTABLE[key] is float else '40'}")
+                return None
+            self.say(f"{key} = {s.options[key]}")
+        elif name == "/stats":
+            st = s.last_stats
+            if st is None:
+                self.say("No answer yet - ask something first.")
+            else:
+                self.say(f"time to first token {st.ttft_s * 1000:.0f} ms, prefill {st.prefill_tps:.1f} tok/s, "
+                         f"decode {st.decode_tps:.1f} tok/s, prompt {st.prompt_tokens} tokens "
+                         f"({st.cached_tokens} cached), {st.generated_tokens} generated, "
+                         f"finish: {st.finish_reason}")
+        elif name == "/save":
+            if not arg:
+                self.say("Usage: /save FILE")
+                return None
+            try:
+                s.save(Path(arg).expanduser())
+                self.say(f"Saved {len(s.history)} messages to {arg}.")
+            except OSError as e:
+                self.say(f"Cannot save to {arg}: {e.strerror or e} - pick another path")
+        elif name == "/load":
+            if not arg:
+                self.say("Usage: /load FILE")
+                return None
+            try:
+                s.load(Path(arg).expanduser())
+                self.say(f"Loaded {len(s.history)} messages from {arg}.")
+            except EdgeinferError as e:
+                self.say(f"Error: {e.one_line()}")
+        else:
+            self.say(f"Unknown command {name} - type /help for the list")
+        return None
+
+
+def _line_buffer() -> str:
+    try:
+        import readline
+
+        return readline.get_line_buffer()
+    except Exception:
+        return ""
+
+
+def _setup_readline() -> None:
+    try:
+        import atexit
+        import readline
+
+        from .. import paths
+
+        hist = paths.home() / "chat_history"
+        hist.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            readline.read_history_file(hist)
+        except OSError:
+            pass
+        readline.set_history_length(1000)
+        atexit.register(lambda: _save_history(readline, hist))
+    except ImportError:  # no readline on this platform: plain input() still works
+        pass
+
+
+def _save_history(readline, hist) -> None:
+    try:
+        readline.write_history_file(hist)
+    except OSError:
+        pass
+
+
+_model_opts = [
+    click.option("--n-ctx", type=int, help="Context size in tokens (default 4096)."),
+    click.option("--threads", type=int, help="Threads for decoding (default: physical cores)."),
+    click.option("--threads-batch", type=int, help="Threads for prompt processing."),
+    click.option("--temperature", type=float, help="0 for greedy; default 0.8."),
+    click.option("--top-k", type=int),
+    click.option("--top-p", type=float),
+    click.option("--max-tokens", type=int, help="Longest answer in tokens."),
+    click.option("--seed", type=int, help="Sampling seed, for reproducible answers."),
+    click.option("--system", help="System prompt."),
+]
+
+
+def _with_model_opts(f):
+    for opt in reversed(_model_opts):
+        f = opt(f)
+    return f
+
+
+@click.command("chat")
+@click.argument("model", required=False)
+@click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
+@_with_model_opts
+def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p, max_tokens, seed, system):
+    """Chat with MODEL in the terminal (default: the catalog's default model).
+
+    \b
+    With stdin not a terminal, each line is a turn and only the answers
+    are printed, so it scripts:
+      printf 'Hi\\nWhat is 2+2?\\n' | edgeinfer chat
+
+    \b
+    Example:
+      edgeinfer chat --yes
+    """
+    interactive = sys.stdin.isatty()
+    name = ensure_model(model, yes, quiet=False)
+    engine = _load(name, n_ctx, threads, threads_batch)
+    try:
+        session = ChatSession(engine, system=system, **_sampling(temperature, top_k, top_p,
+                                                                 max_tokens or 1024, seed))
+        if interactive:
+            _setup_readline()
+            read = input
+        else:
+            def read(_prompt):
+                line = sys.stdin.readline()
+                if not line:
+                    raise EOFError
+                return line.rstrip("\n")
+        code = Repl(session, read, sys.stdout, interactive).run()
+    finally:
+        engine.close()
+    sys.exit(code)
+
+
+@click.command("run")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and its stats as JSON.")
+@_with_model_opts
+def run_cmd(model, prompt, as_json, n_ctx, threads, threads_batch, temperature, top_k, top_p,
+            max_tokens, seed, system):
+    """Answer one PROMPT with MODEL and exit (PROMPT '-' reads stdin).
+
+    \b
+    Example:
+      edgeinfer run smollm2-135m-instruct "What is the capital of France?" --temperature 0
+    """
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    engine = _load(model, n_ctx, threads, threads_batch)
+    try:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+                   [{"role": "user", "content": prompt}]
+        opts = _sampling(temperature, top_k, top_p, max_tokens or 1024, seed)
+        parts, stats = [], None
+        for ev in stream_cancellable(engine, lambda: engine.stream_chat(messages, **opts)):
+            if isinstance(ev, DoneEvent):
+                stats = ev.stats
+            else:
+                parts.append(ev.text)
+                if not as_json:
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+        if as_json:
+            click.echo(json.dumps({"model": engine.name, "text": "".join(parts),
+                                   "stats": stats.to_dict() if stats else None}, indent=2))
+        else:
+            sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.exit(130)
+    finally:
+        engine.close()
+
+
+COMMANDS = [chat_cmd, run_cmd]
