@@ -1,36 +1,31 @@
 """Read and validate GGUF headers without trusting them; report model facts.
 
-Every GGUF file passes :func:`read_gguf` before llama.cpp opens it. GGUF
-(v2 and v3, little-endian) looks like this::
+Every GGUF file passes :func:`read_gguf` before llama.cpp opens it. GGUF v2/v3
+(little-endian): "GGUF", u32 version, u64 tensor_count, u64 kv_count; then
+kv_count x (string key, u32 value type, value); then tensor_count x (string
+name, u32 n_dims, n_dims x u64 dims, u32 ggml type, u64 offset); padding to
+general.alignment (default 32); tensor data, which the offsets count from.
+A string is a u64 length and bytes; an array a u32 element type, a u64 length
+and the elements.
 
-    "GGUF" | u32 version | u64 tensor_count | u64 kv_count
-    kv_count     x (string key | u32 value type | value)
-    tensor_count x (string name | u32 n_dims | n_dims x u64 | u32 ggml type | u64 offset)
-    padding to general.alignment (default 32) | tensor data (offsets relative to here)
+Every one of those counts, lengths and offsets is attacker-controlled, and C
+loaders that believed them paid for it: the 2024 Talos reports on ggml's
+gguf_init_from_file (CVE-2024-21825, -21802, -21836, -23496, -23605: string,
+array and count fields that sized heap buffers), CVE-2026-33298 (llama.cpp:
+tensor sizes that overflowed and aliased a small buffer) and CVE-2026-7482
+"Bleeding Llama" (Ollama: tensor offsets past EOF leaked heap memory). So:
 
-    string = u64 length | bytes;  array = u32 element type | u64 length | elements
-
-Every count, length and offset in a header is attacker-controlled, and C
-loaders that believed them have paid for it: the 2024 Talos reports against
-ggml's gguf_init_from_file (CVE-2024-21825, -21802, -21836, -23496, -23605:
-string, array and count fields that sized heap buffers), CVE-2026-33298
-(llama.cpp: tensor sizes that overflowed and aliased a small buffer) and
-CVE-2026-7482 "Bleeding Llama" (Ollama: tensor offsets past EOF leaked heap
-memory). So this reader:
-
-- checks every length and count against a fixed cap *and* against the bytes
-  left in the file before it reads, skips or allocates anything;
-- computes element counts and byte sizes with explicit limits (2**63, the
-  file size) - Python ints do not overflow, C's do;
-- requires every tensor's bytes to lie inside the file, aligned, with no two
-  tensors overlapping;
-- keeps small metadata arrays as lists and large ones (the vocabulary) as
+- every length and count is checked against a fixed cap *and* against the
+  bytes left in the file before anything is read, skipped or allocated;
+- element counts and byte sizes are checked against 2**63 and the file size
+  (Python ints do not overflow; the C that reads the file next does);
+- every tensor's bytes must lie inside the file, aligned, overlapping no other;
+- large metadata arrays (the vocabulary) are skipped and kept as
   :class:`ArrayInfo` placeholders, so memory stays small for any input.
 
-It reads through its own buffer (1 MiB chunks), never through gguf-py's
-GGUFReader, which memory-maps the file and trusts its counts.
+The file is read through a 1 MiB buffer, never gguf-py's GGUFReader, which
+memory-maps the file and trusts its counts.
 """
-
 from __future__ import annotations
 
 import os
@@ -66,7 +61,8 @@ _MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, one-byte value
 _MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 _STRING, _ARRAY = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
 # value type -> struct format of one element
-_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
+               10: "Q", 11: "q", 12: "d"}
 _SCALAR = {t: struct.Struct("<" + f) for t, f in _SCALAR_FMT.items()}
 _U64 = struct.Struct("<Q").unpack_from
 
@@ -94,6 +90,10 @@ class TensorInfo:
     nbytes: int
 
 
+def _over(what: str, n: int, limit: int, unit: str) -> GGUFError:
+    return GGUFError(f"{what} claims {n:,} {unit}, more than the limit of {limit:,}")
+
+
 class _Reader:
     """Sequential reads from a file whose every read is checked against its size."""
 
@@ -115,7 +115,8 @@ class _Reader:
             return
         at = self.tell()
         if n > self.size - at:
-            raise GGUFError(f"file is truncated: {what} at byte {at:,} needs {n:,} bytes, {self.size - at:,} remain")
+            raise GGUFError(f"file is truncated: {what} at byte {at:,} needs {n:,} bytes, "
+                            f"{self.size - at:,} remain")
         self.f.seek(at)
         self.buf, self.base, self.pos = self.f.read(max(n, _CHUNK)), at, 0
         if len(self.buf) < n:
@@ -145,7 +146,7 @@ class _Reader:
     def string(self, limit: int, what: str) -> bytes:
         n = self.u64(f"length of {what}")
         if n > limit:
-            raise GGUFError(f"{what} claims {n:,} bytes, more than the limit of {limit:,}")
+            raise _over(what, n, limit, "bytes")
         self.need(n, what)
         b = self.buf[self.pos : self.pos + n]
         self.pos += n
@@ -161,7 +162,7 @@ class _Reader:
                 buf, pos, end = self.buf, self.pos, len(self.buf)
             (n,) = _U64(buf, pos)
             if n > MAX_STRING_BYTES:
-                raise GGUFError(f"{what}[{i}] claims {n:,} bytes, more than the limit of {MAX_STRING_BYTES:,}")
+                raise _over(f"{what}[{i}]", n, MAX_STRING_BYTES, "bytes")
             if pos + 8 + n <= end:
                 pos += 8 + n
             else:  # the string runs past the buffer: refill from its first byte
@@ -175,7 +176,8 @@ class _Reader:
         self.items += n_items
         self.kept += kept_bytes
         if self.items > MAX_HEADER_ITEMS:
-            raise GGUFError(f"metadata holds more than {MAX_HEADER_ITEMS:,} strings and arrays (at {what})")
+            raise GGUFError(f"metadata holds more than {MAX_HEADER_ITEMS:,} strings and arrays "
+                            f"(at {what})")
         if self.kept > MAX_KEPT_BYTES:
             raise GGUFError(f"metadata values take more than {MAX_KEPT_BYTES:,} bytes (at {what})")
 
@@ -200,7 +202,7 @@ def _read_value(r: _Reader, vtype: int, what: str, depth: int = 0, keep: bool = 
     if etype not in _SCALAR and etype not in (_STRING, _ARRAY):
         raise GGUFError(f"{what} is an array of unknown value type {etype}")
     if n > MAX_ARRAY_LEN:
-        raise GGUFError(f"{what} claims {n:,} elements, more than the limit of {MAX_ARRAY_LEN:,}")
+        raise _over(what, n, MAX_ARRAY_LEN, "elements")
     # Even the smallest elements take bytes: refuse counts the file cannot hold.
     min_size = _SCALAR[etype].size if etype in _SCALAR else (8 if etype == _STRING else 12)
     if n * min_size > r.left():
@@ -265,10 +267,12 @@ def _read_tensor_info(r: _Reader, i: int, file_size: int) -> TensorInfo:
         # one, and an empty tensor's offset can alias its neighbour's data:
         # treat it as damage. Dims are int64 in ggml: >= 2**63 is negative.
         if not 1 <= d < 2**63:
-            raise GGUFError(f"tensor {name!r} has shape {list(shape)}; every dimension must be 1 to 2**63-1")
+            raise GGUFError(f"tensor {name!r} has shape {list(shape)}; every dimension must be "
+                            "from 1 to 2**63-1")
         n_elements *= d
     if n_elements >= 2**63:
-        raise GGUFError(f"tensor {name!r} with shape {list(shape)} has {n_elements:,} elements, more than 2**63")
+        raise GGUFError(f"tensor {name!r} with shape {list(shape)} has {n_elements:,} elements, "
+                        "more than 2**63")
     ggml_type = r.u32(f"type of tensor {name!r}")
     try:
         qtype = GGMLQuantizationType(ggml_type)
@@ -276,10 +280,12 @@ def _read_tensor_info(r: _Reader, i: int, file_size: int) -> TensorInfo:
     except (ValueError, KeyError):
         raise GGUFError(f"tensor {name!r} has unknown ggml type {ggml_type}") from None
     if shape[0] % block:
-        raise GGUFError(f"tensor {name!r} has rows of {shape[0]:,}, not a multiple of {qtype.name}'s block of {block}")
+        raise GGUFError(f"tensor {name!r} has rows of {shape[0]:,}, not a multiple of "
+                        f"{qtype.name}'s block of {block}")
     nbytes = n_elements // block * type_size
     if nbytes > file_size:
-        raise GGUFError(f"tensor {name!r} needs {nbytes:,} bytes but the file has {file_size:,} bytes")
+        raise GGUFError(f"tensor {name!r} needs {nbytes:,} bytes but the file has "
+                        f"{file_size:,} bytes")
     offset = r.u64(f"offset of tensor {name!r}")
     return TensorInfo(name, tuple(shape), ggml_type, qtype.name, offset, n_elements, nbytes)
 
@@ -300,36 +306,41 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         if head[:4] != b"GGUF":
             raise GGUFError(_bad_magic(head[:4]))
         if len(head) < _HEADER.size:
-            raise GGUFError(f"file is {size:,} bytes, shorter than the {_HEADER.size}-byte GGUF header")
+            raise GGUFError(f"file is {size:,} bytes, shorter than the 24-byte GGUF header")
         _, version, n_tensors, n_kv = _HEADER.unpack(head)
         r.base = _HEADER.size
         _check_version(version)
         if n_tensors > MAX_TENSORS:
-            raise GGUFError(f"header claims {n_tensors:,} tensors, more than the limit of {MAX_TENSORS:,}")
+            raise _over("header", n_tensors, MAX_TENSORS, "tensors")
         if n_kv > MAX_KV:
-            raise GGUFError(f"header claims {n_kv:,} metadata keys, more than the limit of {MAX_KV:,}")
+            raise _over("header", n_kv, MAX_KV, "metadata keys")
         if n_tensors * _MIN_TENSOR_BYTES + n_kv * _MIN_KV_BYTES > r.left():
-            raise GGUFError(f"header claims {n_tensors:,} tensors and {n_kv:,} keys; a {size:,}-byte file cannot hold them")
+            raise GGUFError(f"header claims {n_tensors:,} tensors and {n_kv:,} keys; "
+                            f"a {size:,}-byte file cannot hold them")
         metadata = _read_kv(r, n_kv)
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not 1 <= alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
-            raise GGUFError(f"general.alignment is {alignment}; it must be a power of two from 1 to {MAX_ALIGNMENT:,}")
+            raise GGUFError(f"general.alignment is {alignment}; it must be a power of two "
+                            f"from 1 to {MAX_ALIGNMENT:,}")
         tensors = [_read_tensor_info(r, i, size) for i in range(n_tensors)]
         header_end = r.tell()
     data_offset = -(-header_end // alignment) * alignment
     # A file with no tensors (a vocabulary-only GGUF) may end before the padding.
     if tensors and data_offset > size:
-        raise GGUFError(f"tensor data would start at byte {data_offset:,} but the file has {size:,} bytes")
+        raise GGUFError(f"tensor data would start at byte {data_offset:,} but the file has "
+                        f"{size:,} bytes")
     seen: set[str] = set()
     for t in tensors:
         if t.name in seen:
             raise GGUFError(f"tensor name {t.name!r} appears twice")
         seen.add(t.name)
         if t.offset % alignment:
-            raise GGUFError(f"tensor {t.name!r} has offset {t.offset:,}, not a multiple of the alignment {alignment}")
+            raise GGUFError(f"tensor {t.name!r} has offset {t.offset:,}, not a multiple of the "
+                            f"alignment {alignment}")
         end = data_offset + t.offset + t.nbytes
         if end > size:  # the Bleeding Llama check (CVE-2026-7482): no read past EOF
-            raise GGUFError(f"tensor {t.name!r} data ends at byte {end:,} but the file has {size:,} bytes")
+            raise GGUFError(f"tensor {t.name!r} data ends at byte {end:,} but the file has "
+                            f"{size:,} bytes")
     by_offset = sorted(tensors, key=lambda t: t.offset)
     for a, b in zip(by_offset, by_offset[1:]):
         if a.offset + a.nbytes > b.offset:
@@ -341,8 +352,9 @@ check_gguf = read_gguf
 
 
 _OTHER_MAGIC = {  # GGUF's predecessors store their magic as a little-endian uint32
-    **dict.fromkeys((b"lmgg", b"fmgg", b"tjgg", b"algg"), "file is in the old GGML format; convert it to GGUF"),
-    b"PK\x03\x04": "file is a zip archive (a wheel?), not a GGUF file; extract the model from it first",
+    **dict.fromkeys((b"lmgg", b"fmgg", b"tjgg", b"algg"),
+                    "file is in the old GGML format; convert it to GGUF"),
+    b"PK\x03\x04": "file is a zip archive (a wheel?), not a GGUF file; extract the model first",
 }
 
 
@@ -357,7 +369,8 @@ def _check_version(version: int) -> None:
         return
     if version == 1:
         raise GGUFError("GGUF version 1 is obsolete and no longer loads; convert the model again")
-    if version and not version & 0xFFFF and int.from_bytes(version.to_bytes(4, "little"), "big") in (1, 2, 3):
+    # A big-endian v3 file reads as 0x03000000 here (llama.cpp tests the low 16 bits the same way).
+    if not version & 0xFFFF and int.from_bytes(version.to_bytes(4, "little"), "big") in (1, 2, 3):
         raise GGUFError("file is a big-endian GGUF; only little-endian files are supported")
     raise GGUFError(f"GGUF version {version} is not supported (only versions 2 and 3)")
 
@@ -485,7 +498,8 @@ class GGUFInfo:
         keys = ("architecture", "name", "parameter_count", "context_length", "vocab_size")
         facts: dict[str, Any] = {k: getattr(self, k) for k in keys}
         facts["chat_template_present"] = self.chat_template is not None
-        for k in ("quant_types", "file_type", "n_layer", "n_embd", "n_head", "n_head_kv", "file_size", "version"):
+        for k in ("quant_types", "file_type", "n_layer", "n_embd", "n_head", "n_head_kv",
+                  "file_size", "version"):
             facts[k] = getattr(self, k)
         facts["tensor_count"] = len(self.tensors)
         return facts
