@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ import llama_cpp as lc
 from . import hardware
 from .errors import ContextOverflowError, EngineBusyError, EngineError, MemoryFitError
 from .gguf_file import GGUFInfo, read_gguf
+from .prompt_cache import PromptCache, common_prefix
 
 DEFAULT_N_CTX = 4096
 DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
@@ -155,7 +157,8 @@ class Engine:
                  seed: int | None = None, n_seq_max: int = 1, name: str | None = None,
                  sha256: str | None = None, chat_template: str | None = None,
                  lock_timeout: float | None = None, check_memory: bool = True,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
+                 cache_disk: bool = True):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -208,6 +211,15 @@ class Engine:
         self.chat_template = chat_template if chat_template is not None else self.info.chat_template
         self.system_prompt = system_prompt or None
         self.last_stats: Stats | None = None
+        # prompt_cache=False turns off every reuse of KV state, so each
+        # request prefills from scratch (the baseline the cache must match).
+        self.reuse_kv = prompt_cache is not False
+        if isinstance(prompt_cache, PromptCache):
+            self.prompt_cache: PromptCache | None = prompt_cache
+        elif prompt_cache:
+            self.prompt_cache = PromptCache(self.cache_namespace(cparams), disk=cache_disk)
+        else:
+            self.prompt_cache = None
 
     # -- lifecycle ---------------------------------------------------------
     def _check_memory(self) -> None:
@@ -278,14 +290,45 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.token_bytes(token_id, special=True).decode("utf-8", "replace")
 
+    def cache_namespace(self, cparams=None) -> str:
+        """A hash of everything that makes a saved KV state valid here."""
+        ident = self.sha256
+        if not ident:  # a bare path: identify the file by name, size and time
+            st = self.path.stat()
+            ident = f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        lib = getattr(lc.llama_cpp, "_lib", None)
+        parts = [ident, str(self.n_ctx), str(self.n_seq_max), lc.__version__,
+                 lc.llama_print_system_info().decode(errors="replace"),
+                 str(getattr(cparams, "type_k", "")), str(getattr(cparams, "type_v", "")),
+                 str(getattr(lib, "_name", ""))]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
     # -- KV state (every call names its sequence) ---------------------------
+    def seq_state(self, seq: int = 0) -> bytes:
+        """The KV state of sequence ``seq`` as bytes."""
+        size = lc.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = lc.llama_state_seq_get_data(self._ctx, buf, size, seq)
+        return ctypes.string_at(buf, n)
+
+    def restore_seq_state(self, state: bytes, tokens: list[int], seq: int = 0) -> bool:
+        """Load a state saved by seq_state() for ``tokens`` into ``seq``."""
+        self.kv_clear(seq)
+        ptr = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        if lc.llama_state_seq_set_data(self._ctx, ptr, len(state), seq) != len(state) or \
+                lc.llama_memory_seq_pos_max(self._mem, seq) != len(tokens) - 1:
+            self.kv_clear(seq)
+            return False
+        self._kv_tokens[seq][:] = tokens
+        return True
+
     def kv_tokens(self, seq: int = 0) -> list[int]:
         """The tokens whose KV state sequence ``seq`` holds."""
         return list(self._kv_tokens[seq])
 
     def kv_clear(self, seq: int = 0) -> None:
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        self._kv_tokens[seq] = []
+        self._kv_tokens[seq].clear()
 
     def _kv_truncate(self, seq: int, n: int) -> None:
         """Keep only the first ``n`` positions of ``seq``."""
@@ -355,23 +398,41 @@ class Engine:
         finally:
             self._lock.release()
 
+    def _reuse_prefix(self, tokens: list[int], seq: int) -> int:
+        """Make ``seq`` hold the longest reusable prefix of ``tokens``, from
+        its own KV state or the prompt cache; returns its length. At least
+        one prompt token is left to evaluate, so the sampler gets logits."""
+        if not self.reuse_kv:
+            self.kv_clear(seq)
+            return 0
+        n = min(common_prefix(self._kv_tokens[seq], tokens), len(tokens) - 1)
+        if self.prompt_cache is not None:
+            hit = self.prompt_cache.nearest(tokens, at_least=n)
+            if hit is not None:
+                k, entry = hit
+                k = min(k, len(tokens) - 1)
+                if k > n:
+                    if self.restore_seq_state(entry.state, list(entry.tokens), seq):
+                        n = k
+                    else:
+                        self.prompt_cache.forget(entry.tokens)
+                        n = 0
+        self._kv_truncate(seq, n)
+        return n
+
     def _run(self, tokens, max_tokens, stops, seed, seq, opts):
         stats = Stats(prompt_tokens=len(tokens))
         t0 = time.perf_counter()
+        n = self._reuse_prefix(tokens, seq)
         kv = self._kv_tokens[seq]
-        # Reuse the longest prefix this sequence already holds; at least one
-        # prompt token is evaluated so the sampler has fresh logits.
-        n = 0
-        limit = min(len(kv), len(tokens) - 1)
-        while n < limit and kv[n] == tokens[n]:
-            n += 1
-        self._kv_truncate(seq, n)
         stats.cached_tokens = n
         if seed is None:
             seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
         chain = _sampler_chain(self.n_vocab, seed, **opts)
         try:
             rc = self._decode(tokens[n:], seq)
+            if rc == 0 and self.prompt_cache is not None and len(tokens) > n:
+                self.prompt_cache.put(tokens, self.seq_state(seq))
             t_prefill = time.perf_counter()
             stats.prefill_tps = (len(tokens) - n) / max(t_prefill - t0, 1e-9)
             if rc == 2:

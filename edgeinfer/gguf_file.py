@@ -26,6 +26,7 @@ tensor sizes that overflowed and aliased a small buffer) and CVE-2026-7482
 The file is read through a 1 MiB buffer, never gguf-py's GGUFReader, which
 memory-maps the file and trusts its counts.
 """
+
 from __future__ import annotations
 
 import os
@@ -183,7 +184,7 @@ class _Reader:
 
 
 def _read_value(r: _Reader, vtype: int, what: str, depth: int = 0, keep: bool = True):
-    """Read one value of `vtype`; with keep=False, skip it and return None."""
+    """Read one value of `vtype`; keep=False skips it (None, or an ArrayInfo for arrays)."""
     if vtype in _SCALAR:
         v = r.scalar(vtype, what)
         return v if keep else None
@@ -404,6 +405,8 @@ class GGUFInfo:
     def _arch(self, suffix: str) -> int | None:
         """An integer fact under the architecture's prefix; for a per-layer
         array (OpenELM's head counts), the largest value."""
+        if not self.architecture:
+            return None
         v = self.metadata.get(f"{self.architecture}.{suffix}")
         if isinstance(v, list) and v and all(type(x) is int for x in v):
             v = max(v)
@@ -440,9 +443,9 @@ class GGUFInfo:
     @property
     def vocab_size(self) -> int | None:
         tokens = self.metadata.get("tokenizer.ggml.tokens")
-        if isinstance(tokens, (ArrayInfo, list)):
-            return tokens.length if isinstance(tokens, ArrayInfo) else len(tokens)
-        return self._arch("vocab_size")
+        if isinstance(tokens, ArrayInfo):
+            return tokens.length
+        return len(tokens) if isinstance(tokens, list) else self._arch("vocab_size")
 
     @property
     def quant_types(self) -> dict[str, int]:

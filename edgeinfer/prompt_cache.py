@@ -1,0 +1,285 @@
+"""A prompt cache: KV state of token prefixes, in memory and on disk.
+
+When a request shares a token prefix with something seen before (a system
+prompt, the earlier turns of a chat, a few-shot preamble), the engine
+restores that prefix's KV state for its sequence and prefills only the
+rest. States are per sequence (``llama_state_seq_get_data`` /
+``set_data``), a few milliseconds for thousands of tokens, not
+whole-context snapshots.
+
+* Memory: an LRU of entries under a byte budget (default: an eighth of
+  this machine's memory, at most 4 GiB).
+* Disk: entries of at least ``disk_min_tokens`` tokens are also written,
+  atomically and off the request's path, under
+  ``$EDGEINFER_HOME/cache/prompt/<namespace>/``, where the namespace is a
+  hash of everything that makes a state valid: model sha256, context
+  size, KV types, llama.cpp build. A disk budget (default 1 GiB) is kept
+  LRU by file time. A file that is corrupt, truncated or from another
+  namespace is deleted and ignored; it never changes output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import hardware, paths
+
+MAGIC = b"EIPC1\n"
+DEFAULT_DISK_BUDGET = 1 << 30
+DEFAULT_DISK_MIN_TOKENS = 128
+
+
+def default_memory_budget() -> int:
+    return min(hardware.total_memory() // 8, 4 << 30)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class CacheEntry:
+    tokens: tuple[int, ...]
+    state: bytes | None          # None: only on disk so far (loaded on demand)
+    path: Path | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.state) if self.state is not None else 0
+
+
+class PromptCache:
+    """Prefix → KV state, LRU in memory with a disk tier.
+
+    ``namespace`` must change whenever a saved state would no longer be
+    valid (another model, context size, KV type or llama.cpp build).
+    """
+
+    def __init__(self, namespace: str, *, memory_budget: int | None = None,
+                 disk: bool = True, disk_budget: int = DEFAULT_DISK_BUDGET,
+                 disk_min_tokens: int = DEFAULT_DISK_MIN_TOKENS, root: Path | None = None):
+        self.namespace = namespace
+        self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.disk_budget = disk_budget
+        self.disk_min_tokens = disk_min_tokens
+        self.dir = (root or paths.home() / "cache" / "prompt") / namespace if disk else None
+        self._mem: OrderedDict[tuple[int, ...], CacheEntry] = OrderedDict()
+        self._disk: dict[tuple[int, ...], Path] | None = None
+        self._lock = threading.Lock()
+        self._writers: list[threading.Thread] = []
+
+    # -- lookup ------------------------------------------------------------
+    def nearest(self, tokens: Sequence[int], at_least: int = 0) -> tuple[int, CacheEntry] | None:
+        """The entry sharing the longest prefix with ``tokens`` (more than
+        ``at_least`` tokens), as ``(shared length, entry)``; its state is
+        loaded from disk if needed. None when nothing beats ``at_least``."""
+        best_n, best_key, on_disk = at_least, None, False
+        with self._lock:
+            for key in self._mem:
+                n = common_prefix(key, tokens)
+                if n > best_n:
+                    best_n, best_key = n, key
+            for key in self._disk_index():
+                n = common_prefix(key, tokens)
+                if n > best_n:
+                    best_n, best_key, on_disk = n, key, True
+            if best_key is None:
+                return None
+            if not on_disk:
+                self._mem.move_to_end(best_key)
+                return best_n, self._mem[best_key]
+            path = self._disk[best_key]
+        state = self._read_file(path, best_key)
+        if state is None:
+            return None
+        entry = CacheEntry(best_key, state, path)
+        self._remember(entry)
+        return best_n, entry
+
+    # -- storing -----------------------------------------------------------
+    def put(self, tokens: Sequence[int], state: bytes) -> None:
+        """Remember the KV state of exactly ``tokens``."""
+        key = tuple(tokens)
+        with self._lock:
+            # An entry that extends another serves every lookup the shorter
+            # one would (lookups match on shared prefixes), so drop those.
+            for k in [k for k in self._mem if len(k) < len(key) and key[:len(k)] == k]:
+                del self._mem[k]
+        self._remember(CacheEntry(key, state))
+        if self.dir is not None and len(key) >= self.disk_min_tokens:
+            with self._lock:
+                if key in self._disk_index():
+                    return
+            t = threading.Thread(target=self._write_file, args=(key, state), daemon=True,
+                                 name="edgeinfer-cache-write")
+            self._writers.append(t)
+            t.start()
+
+    def _remember(self, entry: CacheEntry) -> None:
+        if entry.nbytes > self.memory_budget:
+            return
+        with self._lock:
+            self._mem.pop(entry.tokens, None)
+            self._mem[entry.tokens] = entry
+            used = sum(e.nbytes for e in self._mem.values())
+            while used > self.memory_budget and self._mem:
+                _, old = self._mem.popitem(last=False)
+                used -= old.nbytes
+
+    def forget(self, tokens: Sequence[int]) -> None:
+        """Drop an entry whose state llama.cpp refused."""
+        key = tuple(tokens)
+        with self._lock:
+            self._mem.pop(key, None)
+            path = (self._disk or {}).pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait for pending disk writes (tests, benchmarks, shutdown)."""
+        for t in self._writers:
+            t.join()
+        self._writers.clear()
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(e.nbytes for e in self._mem.values())
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    # -- disk format: MAGIC, u32 header length, JSON header, state bytes ----
+    def _disk_index(self) -> dict[tuple[int, ...], Path]:
+        """Token prefixes of the files on disk, read once (headers only)."""
+        if self._disk is None:
+            self._disk = {}
+            if self.dir is not None and self.dir.is_dir():
+                for p in self.dir.glob("*.kv"):
+                    head = _read_header(p)
+                    if head is None or head.get("namespace") != self.namespace:
+                        p.unlink(missing_ok=True)
+                        continue
+                    self._disk[tuple(head["tokens"])] = p
+        return self._disk
+
+    def _write_file(self, key: tuple[int, ...], state: bytes) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256(struct.pack(f"<{len(key)}i", *key)).hexdigest()[:32]
+            path = self.dir / f"{name}.kv"
+            head = json.dumps({"namespace": self.namespace, "tokens": list(key),
+                               "size": len(state), "crc32": zlib.crc32(state)}).encode()
+            tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(head)) + head)
+                f.write(state)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            with self._lock:
+                self._disk_index()[key] = path
+            self._enforce_disk_budget()
+        except OSError:
+            pass  # a cache that cannot write is just a smaller cache
+
+    def _read_file(self, path: Path, key: tuple[int, ...]) -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                head = _parse_header(f)
+                if head is None or tuple(head.get("tokens", ())) != key or \
+                        head.get("namespace") != self.namespace:
+                    raise ValueError("header")
+                state = f.read(head["size"] + 1)
+            if len(state) != head["size"] or zlib.crc32(state) != head["crc32"]:
+                raise ValueError("body")
+            os.utime(path)  # LRU by file time
+            return state
+        except (OSError, ValueError, KeyError, TypeError):
+            with self._lock:
+                (self._disk or {}).pop(key, None)
+            path.unlink(missing_ok=True)
+            return None
+
+    def _enforce_disk_budget(self) -> None:
+        files = []
+        for p in self.dir.parent.glob("*/*.kv"):  # the budget covers every namespace
+            try:
+                st = p.stat()
+                files.append((st.st_mtime, st.st_size, p))
+            except OSError:
+                pass
+        total = sum(s for _, s, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.disk_budget:
+                break
+            p.unlink(missing_ok=True)
+            total -= size
+            with self._lock:
+                if self._disk:
+                    for k, v in list(self._disk.items()):
+                        if v == p:
+                            del self._disk[k]
+
+
+def _parse_header(f) -> dict | None:
+    if f.read(len(MAGIC)) != MAGIC:
+        return None
+    raw = f.read(4)
+    if len(raw) != 4:
+        return None
+    (n,) = struct.unpack("<I", raw)
+    if n > 64 << 20:
+        return None
+    data = f.read(n)
+    if len(data) != n:
+        return None
+    head = json.loads(data)
+    return head if isinstance(head, dict) and isinstance(head.get("tokens"), list) else None
+
+
+def _read_header(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            return _parse_header(f)
+    except (OSError, ValueError):
+        return None
+
+
+def disk_entries(root: Path | None = None) -> list[dict]:
+    """Every cache file on disk: namespace, tokens, bytes, path (for the CLI)."""
+    base = root or paths.home() / "cache" / "prompt"
+    out = []
+    for p in sorted(base.glob("*/*.kv")):
+        head = _read_header(p)
+        if head is None:
+            continue
+        st = p.stat()
+        out.append({"namespace": p.parent.name, "tokens": len(head["tokens"]), "bytes": st.st_size,
+                    "modified": st.st_mtime, "path": str(p)})
+    return out
+
+
+def clear_disk(root: Path | None = None) -> int:
+    """Delete every cache file; returns how many bytes were freed."""
+    base = root or paths.home() / "cache" / "prompt"
+    freed = 0
+    for p in base.glob("*/*"):
+        try:
+            freed += p.stat().st_size
+            p.unlink()
+        except OSError:
+            pass
+    return freed

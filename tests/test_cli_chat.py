@@ -1,0 +1,537 @@
+"""``edgeinfer chat`` and ``edgeinfer run`` driven from the outside.
+
+Most tests go through click's CliRunner (stdin is then not a terminal, so
+chat reads one turn per line and prints only answers on stdout); a few run
+the real console entry point in a subprocess where a real pipe matters.
+
+The tiny model's output is noise, so instead of looking for words the
+tests replay the same turns through the library (a fresh Engine and a
+ChatSession, greedy sampling) and compare whole transcripts. Greedy output
+on the same sequence of llama.cpp calls is deterministic, so any lost,
+merged or extra turn, or a setting that did not take, changes the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import edgeinfer
+from edgeinfer.chat import ChatSession
+from edgeinfer.cli import cli
+
+SUBPROCESS_TIMEOUT = 300  # the machine is small and shared; a hang still ends
+STATS_LINE = re.compile(r"time to first token \d+ ms, prefill [\d.]+ tok/s, decode [\d.]+ tok/s, "
+                        r"prompt (\d+) tokens \((\d+) cached\), (\d+) generated, finish: (\w+)")
+
+
+def invoke(args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def edgeinfer_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "edgeinfer", *[str(a) for a in args]]
+
+
+def replay(model: Path, steps, **options) -> tuple[list[str], ChatSession]:
+    """Run ``steps`` through the library the way the REPL does and return
+    the answers. A step is a user turn (str) or a callable on the session."""
+    answers = []
+    with edgeinfer.load(model) as engine:
+        session = ChatSession(engine, **options)
+        for step in steps:
+            if isinstance(step, str):
+                answers.append(session.send(step))
+            else:
+                step(session)
+    return answers, session
+
+
+def transcript(answers: list[str]) -> str:
+    return "".join(a + "\n" for a in answers)
+
+
+def stderr_lines(result) -> list[str]:
+    return result.stderr.splitlines()
+
+
+# -- chat with stdin not a terminal -------------------------------------------
+
+def test_each_line_is_a_turn_and_only_answers_reach_stdout(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 5, "--temperature", 0], input="hello\nworld\n")
+
+    answers, session = replay(tiny_model, ["hello", "world"], temperature=0, max_tokens=5)
+    assert all(a.strip() for a in answers), "the reference answers must not be empty"
+    assert result.exit_code == 0
+    assert result.stdout == transcript(answers)
+    assert ">>>" not in result.output and "Chatting with" not in result.output
+    assert result.stderr == ""
+    assert session.last_stats.generated_tokens <= 5
+
+
+def test_the_same_input_gives_the_same_transcript_twice(tiny_model):
+    args = ["chat", tiny_model, "--max-tokens", 8, "--temperature", 0]
+    first = invoke(args, input="one\ntwo\nthree\n")
+    second = invoke(args, input="one\ntwo\nthree\n")
+
+    assert first.exit_code == second.exit_code == 0
+    assert first.stdout == second.stdout
+    assert first.stdout == transcript(replay(tiny_model, ["one", "two", "three"],
+                                             temperature=0, max_tokens=8)[0])
+
+
+def test_blank_lines_are_not_turns(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 4, "--temperature", 0], input="\n  \nhello\n\n")
+
+    assert result.exit_code == 0
+    assert result.stdout == transcript(replay(tiny_model, ["hello"], temperature=0, max_tokens=4)[0])
+
+
+def test_a_real_pipe_keeps_answers_on_stdout_and_messages_on_stderr(tiny_model, tmp_path):
+    conv = tmp_path / "conv.json"
+    lines = ["/stats", "hello", "/foo", "world", f"/save {conv}"]
+    proc = subprocess.run(edgeinfer_cmd("chat", tiny_model, "--max-tokens", 6, "--temperature", 0),
+                          input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+
+    answers, _ = replay(tiny_model, ["hello", "world"], temperature=0, max_tokens=6)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == transcript(answers)
+    assert proc.stderr.splitlines() == [
+        "No answer yet - ask something first.",
+        "Unknown command /foo - type /help for the list",
+        f"Saved 4 messages to {conv}.",
+    ]
+    assert [m["content"] for m in json.loads(conv.read_text())["messages"]] == \
+        ["hello", answers[0], "world", answers[1]]
+
+
+# -- slash commands -------------------------------------------------------------
+
+def test_a_bad_set_value_is_a_one_line_hint_and_changes_nothing(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 6, "--temperature", 0],
+                    input="/set temperature abc\n/set top_k 1.5\nhello\n")
+
+    assert result.exit_code == 0
+    assert stderr_lines(result) == [
+        "'abc' is not a valid temperature - try e.g. /set temperature 0.7",
+        "'1.5' is not a valid top_k - try e.g. /set top_k 40",
+    ]
+    # still greedy, still 6 tokens: the bad values were not applied
+    assert result.stdout == transcript(replay(tiny_model, ["hello"], temperature=0, max_tokens=6)[0])
+
+
+def test_set_without_a_value_or_with_an_unknown_name_shows_usage(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 3], input="/set\n/set temperature\n/set colour 3\n")
+
+    usage = "Usage: /set NAME VALUE, NAME one of temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed"
+    assert result.exit_code == 0
+    assert stderr_lines(result) == [usage] * 3
+    assert result.stdout == ""
+
+
+def test_set_max_tokens_applies_to_the_next_answers(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 20, "--temperature", 0],
+                    input="/set max_tokens 3\nhello\n/stats\n")
+
+    answers, session = replay(tiny_model, ["hello"], temperature=0, max_tokens=3)
+    ref = session.last_stats
+    assert result.exit_code == 0
+    assert result.stdout == transcript(answers)
+    err = stderr_lines(result)
+    assert err[0] == "max_tokens = 3"
+    m = STATS_LINE.fullmatch(err[1])
+    assert m, err
+    assert (int(m[1]), int(m[2]), int(m[3]), m[4]) == \
+        (ref.prompt_tokens, ref.cached_tokens, ref.generated_tokens, ref.finish_reason)
+    assert int(m[3]) <= 3
+    assert len(err) == 2
+
+
+def test_set_seed_and_temperature_make_sampling_reproducible(tiny_model):
+    script = "/set temperature 1.5\n/set seed 7\nhello\n"
+    first = invoke(["chat", tiny_model, "--max-tokens", 12], input=script)
+    second = invoke(["chat", tiny_model, "--max-tokens", 12], input=script)
+    greedy = replay(tiny_model, ["hello"], temperature=0, max_tokens=12)[0]
+    sampled = replay(tiny_model, ["hello"], temperature=1.5, seed=7, max_tokens=12)[0]
+
+    assert first.exit_code == second.exit_code == 0
+    assert first.stderr.splitlines() == ["temperature = 1.5", "seed = 7"]
+    assert first.stdout == second.stdout == transcript(sampled)
+    assert sampled != greedy  # otherwise this test could not tell the settings took
+
+
+def test_unknown_command_is_a_hint_and_the_chat_goes_on(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 4, "--temperature", 0], input="/foo\nhello\n")
+
+    assert result.exit_code == 0
+    assert stderr_lines(result) == ["Unknown command /foo - type /help for the list"]
+    assert result.stdout == transcript(replay(tiny_model, ["hello"], temperature=0, max_tokens=4)[0])
+
+
+def test_stats_before_any_answer_says_so(tiny_model):
+    result = invoke(["chat", tiny_model], input="/stats\n")
+
+    assert result.exit_code == 0
+    assert stderr_lines(result) == ["No answer yet - ask something first."]
+    assert result.stdout == ""
+
+
+def test_help_lists_every_command_on_stderr(tiny_model):
+    result = invoke(["chat", tiny_model], input="/help\n")
+
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    for cmd in ("/help", "/reset", "/system", "/set", "/stats", "/save", "/load", "/exit", '"""'):
+        assert cmd in result.stderr
+
+
+def test_save_then_load_round_trips_the_conversation(tiny_model, tmp_path):
+    conv, after = tmp_path / "conv.json", tmp_path / "after.json"
+    lines = ["hello", f"/save {conv}", "/reset", "other", f"/load {conv}", "more", f"/save {after}"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 5, "--temperature", 0], input="\n".join(lines) + "\n")
+
+    answers, _ = replay(tiny_model, ["hello", lambda s: s.save(tmp_path / "ref.json"), lambda s: s.reset(),
+                                     "other", lambda s: s.load(tmp_path / "ref.json"), "more"],
+                        temperature=0, max_tokens=5)
+    assert result.exit_code == 0
+    assert result.stdout == transcript(answers)
+    assert stderr_lines(result) == [f"Saved 2 messages to {conv}.", "Conversation cleared.",
+                                    f"Loaded 2 messages from {conv}.", f"Saved 4 messages to {after}."]
+    saved = json.loads(conv.read_text(encoding="utf-8"))
+    assert saved == {"system": None, "messages": [{"role": "user", "content": "hello"},
+                                                  {"role": "assistant", "content": answers[0]}]}
+    # the loaded turns, not the ones after /reset, are what "more" continued
+    assert [m["content"] for m in json.loads(after.read_text(encoding="utf-8"))["messages"]] == \
+        ["hello", answers[0], "more", answers[2]]
+
+
+def test_load_of_a_bad_file_is_a_one_line_error_and_keeps_the_conversation(tiny_model, tmp_path):
+    bad, after = tmp_path / "bad.json", tmp_path / "after.json"
+    bad.write_text("{not json", encoding="utf-8")
+    lines = ["hello", f"/load {bad}", f"/load {tmp_path / 'missing.json'}", f"/save {after}"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 3, "--temperature", 0], input="\n".join(lines) + "\n")
+
+    answers, _ = replay(tiny_model, ["hello"], temperature=0, max_tokens=3)
+    assert result.exit_code == 0
+    err = stderr_lines(result)
+    assert len(err) == 3
+    assert err[0].startswith(f"Error: cannot load a conversation from {bad}")
+    assert err[1].startswith(f"Error: cannot load a conversation from {tmp_path / 'missing.json'}")
+    assert all(e.endswith("pass a file written by /save or ChatSession.save()") for e in err[:2])
+    assert [m["content"] for m in json.loads(after.read_text(encoding="utf-8"))["messages"]] == \
+        ["hello", answers[0]]
+
+
+def test_save_to_an_unwritable_path_is_a_hint(tiny_model, tmp_path):
+    target = tmp_path / "no-such-dir" / "conv.json"
+    result = invoke(["chat", tiny_model, "--max-tokens", 3], input=f"/save {target}\n/save\n/load\n")
+
+    assert result.exit_code == 0
+    err = stderr_lines(result)
+    assert err[0].startswith(f"Cannot save to {target}: ") and err[0].endswith(" - pick another path")
+    assert err[1:] == ["Usage: /save FILE", "Usage: /load FILE"]
+    assert not target.parent.exists()
+
+
+def test_reset_forgets_the_turns(tiny_model, tmp_path):
+    conv = tmp_path / "conv.json"
+    lines = ["hello", "/reset", f"/save {conv}", "hello"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 5, "--temperature", 0, "--system", "Be terse."],
+                    input="\n".join(lines) + "\n")
+
+    answers, _ = replay(tiny_model, ["hello", lambda s: s.reset(), "hello"],
+                        system="Be terse.", temperature=0, max_tokens=5)
+    assert result.exit_code == 0
+    assert stderr_lines(result) == ["Conversation cleared.", f"Saved 0 messages to {conv}."]
+    # the system prompt outlives /reset
+    assert json.loads(conv.read_text(encoding="utf-8")) == {"system": "Be terse.", "messages": []}
+    assert result.stdout == transcript(answers)
+
+
+def test_system_sets_the_prompt_and_starts_over(tiny_model, tmp_path):
+    conv = tmp_path / "conv.json"
+    lines = ["/system", "hello", "/system You are a pirate.", "/system", "hello", f"/save {conv}"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 5, "--temperature", 0], input="\n".join(lines) + "\n")
+
+    def set_system(s):
+        s.system = "You are a pirate."
+        s.reset()
+
+    answers, _ = replay(tiny_model, ["hello", set_system, "hello"], temperature=0, max_tokens=5)
+    plain = replay(tiny_model, ["hello"], temperature=0, max_tokens=5)[0][0]
+    assert result.exit_code == 0
+    assert stderr_lines(result) == [
+        "System prompt: (none)  - set it with /system TEXT",
+        "System prompt set; conversation cleared.",
+        "System prompt: You are a pirate.  - set it with /system TEXT",
+        f"Saved 2 messages to {conv}.",
+    ]
+    assert result.stdout == transcript(answers)
+    assert answers[1] != plain  # the system prompt reached the model
+    saved = json.loads(conv.read_text(encoding="utf-8"))
+    assert saved["system"] == "You are a pirate."
+    assert [m["content"] for m in saved["messages"]] == ["hello", answers[1]]
+
+
+def test_exit_ends_the_chat_and_ignores_the_rest(tiny_model):
+    for word in ("/exit", "/bye", "/quit"):
+        result = invoke(["chat", tiny_model, "--max-tokens", 4, "--temperature", 0],
+                        input=f"hello\n{word}\nnever asked\n")
+
+        assert result.exit_code == 0
+        assert result.stdout == transcript(replay(tiny_model, ["hello"], temperature=0, max_tokens=4)[0])
+        assert result.stderr == ""
+
+
+# -- multi-line blocks ------------------------------------------------------------
+
+def test_a_triple_quoted_block_is_one_turn(tiny_model, tmp_path):
+    conv = tmp_path / "conv.json"
+    lines = ['"""', "line one", "", "line two", '"""', '"""inline"""', '"""first', 'second"""', f"/save {conv}"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 4, "--temperature", 0], input="\n".join(lines) + "\n")
+
+    turns = ["line one\n\nline two", "inline", "first\nsecond"]
+    answers, _ = replay(tiny_model, turns, temperature=0, max_tokens=4)
+    assert result.exit_code == 0
+    assert result.stdout == transcript(answers)
+    saved = json.loads(conv.read_text(encoding="utf-8"))["messages"]
+    assert [m["content"] for m in saved if m["role"] == "user"] == turns
+
+
+def test_a_slash_inside_a_block_is_text_not_a_command(tiny_model, tmp_path):
+    conv = tmp_path / "conv.json"
+    lines = ['"""', "/exit", '"""', f"/save {conv}"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 3, "--temperature", 0], input="\n".join(lines) + "\n")
+
+    assert result.exit_code == 0
+    assert [m["content"] for m in json.loads(conv.read_text(encoding="utf-8"))["messages"]][0] == "/exit"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edgeinfer/cli/chat.py Repl.read_turn: EOF inside an unclosed \"\"\" block raises EOFError "
+    "out of the inner loop, so run() exits 0 and the typed lines are dropped without a word"))
+def test_an_unclosed_block_at_end_of_input_is_not_dropped_silently(tiny_model):
+    result = invoke(["chat", tiny_model, "--max-tokens", 3, "--temperature", 0],
+                    input='"""\nline one\nline two\n')
+
+    # either answered as a turn, or the user is told what happened
+    answered = result.stdout == transcript(replay(tiny_model, ["line one\nline two"],
+                                                  temperature=0, max_tokens=3)[0])
+    assert answered or '"""' in result.stderr
+
+
+# -- run ------------------------------------------------------------------------------
+
+STATS_KEYS = {"prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "prefill_tps",
+              "decode_tps", "finish_reason"}
+
+
+def reference_run(model: Path, prompt: str, **options) -> str:
+    with edgeinfer.load(model) as engine:
+        return engine.chat([{"role": "user", "content": prompt}], **options)
+
+
+def test_run_json_gives_the_text_and_its_stats(tiny_model):
+    result = invoke(["run", tiny_model, "Tell me a story", "--json", "--max-tokens", 6, "--temperature", 0])
+
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["model"] == tiny_model.name
+    assert data["text"] == reference_run(tiny_model, "Tell me a story", max_tokens=6, temperature=0)
+    stats = data["stats"]
+    assert STATS_KEYS <= set(stats)
+    assert stats["finish_reason"] in ("length", "stop")
+    assert 1 <= stats["generated_tokens"] <= 6
+    assert stats["prompt_tokens"] > 3 and stats["cached_tokens"] == 0
+    assert stats["ttft_s"] > 0 and stats["prefill_tps"] > 0
+    assert result.stderr == ""
+
+
+def test_run_prints_the_answer_and_a_newline(tiny_model):
+    result = invoke(["run", tiny_model, "hello", "--max-tokens", 5, "--temperature", 0])
+
+    assert result.exit_code == 0
+    assert result.stdout == reference_run(tiny_model, "hello", max_tokens=5, temperature=0) + "\n"
+
+
+def test_run_system_option_reaches_the_model(tiny_model):
+    result = invoke(["run", tiny_model, "hello", "--system", "You are a pirate.", "--max-tokens", 5,
+                     "--temperature", 0, "--json"])
+
+    with edgeinfer.load(tiny_model) as engine:
+        expected = engine.chat([{"role": "system", "content": "You are a pirate."},
+                                {"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
+    assert json.loads(result.stdout)["text"] == expected
+    assert expected != reference_run(tiny_model, "hello", max_tokens=5, temperature=0)
+
+
+def test_run_dash_reads_the_prompt_from_a_pipe(tiny_model):
+    prompt = "Summarize this:\nline one\nline two\n"
+    proc = subprocess.run(edgeinfer_cmd("run", tiny_model, "-", "--max-tokens", 5, "--temperature", 0),
+                          input=prompt, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == reference_run(tiny_model, prompt, max_tokens=5, temperature=0) + "\n"
+    assert proc.stdout != reference_run(tiny_model, "-", max_tokens=5, temperature=0) + "\n"
+
+
+def test_run_greedy_is_the_same_across_processes(tiny_model):
+    cmd = edgeinfer_cmd("run", tiny_model, "Why is the sky blue?", "--max-tokens", 4, "--temperature", 0)
+    first, second = (subprocess.run(cmd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+                     for _ in range(2))
+
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout
+    assert first.stdout.strip()
+
+
+# -- missing models ----------------------------------------------------------------
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = stderr_lines(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_chat_with_an_unknown_model_is_a_one_line_error_with_a_hint(edgeinfer_home):
+    result = invoke(["chat", "not-a-model"], input="hello\n")
+
+    assert_one_line_error(result, "'not-a-model'", "edgeinfer pull not-a-model", "edgeinfer list")
+    assert not (edgeinfer_home / "blobs").exists()
+
+
+def test_run_with_an_unknown_model_is_a_one_line_error_with_a_hint():
+    result = invoke(["run", "not-a-model", "hello"])
+
+    assert_one_line_error(result, "'not-a-model'", "edgeinfer pull not-a-model")
+
+
+def test_run_with_a_missing_file_says_so(tmp_path):
+    result = invoke(["run", tmp_path / "missing.gguf", "hello"])
+
+    assert_one_line_error(result, "no such file", "check the path")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edgeinfer/cli/chat.py ensure_model: a path that does not exist goes to parse_ref() and fails "
+    "as an 'invalid model name'; resolve_model() (used by run) says 'no such file - check the path'"))
+def test_chat_with_a_missing_file_says_so(tmp_path):
+    result = invoke(["chat", tmp_path / "missing.gguf"], input="hello\n")
+
+    assert_one_line_error(result, "no such file", "check the path")
+
+
+def test_chat_without_a_terminal_does_not_pull_the_default_without_yes(edgeinfer_home):
+    result = invoke(["chat"], input="hello\n")
+
+    assert_one_line_error(result, "smollm2-135m-instruct", "is not in the store",
+                          "edgeinfer pull smollm2-135m-instruct", "--yes")
+    assert not (edgeinfer_home / "blobs").exists()
+
+
+def write_user_entry(config: Path, model: Path, name: str, tag: str, *, default_model: bool = False,
+                     sha256: str | None = None, size: int | None = None) -> None:
+    """A catalog entry in $EDGEINFER_CONFIG/models whose only source is a local file."""
+    data = model.read_bytes() if sha256 is None else b""
+    (config / "models").mkdir(parents=True, exist_ok=True)
+    (config / "models" / f"{name}-{tag}.toml").write_text(
+        f'name = "{name}"\ntag = "{tag}"\ndefault_tag = true\n'
+        f"default_model = {'true' if default_model else 'false'}\n"
+        f'file = "{model.name}"\nsize = {size or len(data)}\n'
+        f'sha256 = "{sha256 or hashlib.sha256(data).hexdigest()}"\nlicense = "MIT"\n\n'
+        f'[[sources]]\nkind = "file"\npath = "{model}"\n', encoding="utf-8")
+
+
+def test_chat_yes_pulls_a_missing_catalog_model_then_answers(tiny_model, edgeinfer_home):
+    write_user_entry(Path(os.environ["EDGEINFER_CONFIG"]), tiny_model, "tiny", "f32")
+
+    refused = invoke(["chat", "tiny"], input="hello\n")
+    assert_one_line_error(refused, "'tiny'", "edgeinfer pull tiny", "--yes")
+    assert not (edgeinfer_home / "blobs").exists()
+
+    result = invoke(["chat", "tiny", "--yes", "--max-tokens", 5, "--temperature", 0], input="hello\n")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == transcript(replay(tiny_model, ["hello"], temperature=0, max_tokens=5)[0])
+    assert "pulled tiny:f32" in result.stderr
+    blob = edgeinfer_home / "blobs" / f"sha256-{hashlib.sha256(tiny_model.read_bytes()).hexdigest()}"
+    assert blob.read_bytes() == tiny_model.read_bytes()
+    # now in the store: no --yes needed, nothing pulled again
+    again = invoke(["chat", "tiny", "--max-tokens", 5, "--temperature", 0], input="hello\n")
+    assert again.exit_code == 0 and again.stdout == result.stdout and again.stderr == ""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edgeinfer/catalog.py default_entry: returns the first entry with default_model = true, and "
+    "the shipped smollm2 entry comes before the user's own entries, so a user's default is ignored"))
+def test_a_user_catalog_default_is_the_model_chat_starts(tiny_model, edgeinfer_home):
+    write_user_entry(Path(os.environ["EDGEINFER_CONFIG"]), tiny_model, "mydefault", "f32", default_model=True)
+
+    # no --yes: the hint names the model chat would pull, and nothing is fetched
+    result = invoke(["chat"], input="hello\n")
+
+    assert_one_line_error(result, "edgeinfer pull mydefault:f32")
+
+
+# -- the real default model ---------------------------------------------------------
+
+@pytest.mark.real_model
+def test_run_real_model_knows_the_capital_of_france(real_model_home):
+    result = invoke(["run", "smollm2-135m-instruct", "What is the capital of France?",
+                     "--temperature", 0, "--max-tokens", 48])
+
+    assert result.exit_code == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.real_model
+def test_chat_real_model_answers_two_questions_in_turn(real_model_home, tmp_path):
+    conv = tmp_path / "conv.json"
+    lines = ["What is the capital of France?", "What is the capital of Germany?", f"/save {conv}"]
+    proc = subprocess.run(edgeinfer_cmd("chat", "--temperature", 0, "--max-tokens", 48),
+                          input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+
+    assert proc.returncode == 0, proc.stderr
+    answers = [m["content"] for m in json.loads(conv.read_text(encoding="utf-8"))["messages"]
+               if m["role"] == "assistant"]
+    assert len(answers) == 2
+    assert "Paris" in answers[0]
+    assert "Berlin" in answers[1]
+    assert proc.stdout == transcript(answers)
+
+
+@pytest.mark.real_model
+def test_chat_yes_pulls_the_default_model_and_answers(real_store, edgeinfer_home, tmp_path):
+    """An empty store whose catalog default has a local file source: the
+    user's entry overrides the shipped one under the same name, so no
+    network is needed and the pull still goes through the model manager."""
+    from edgeinfer import catalog
+
+    shipped = catalog.default_entry()
+    blob = real_store.blob_path(shipped.sha256)
+    write_user_entry(Path(os.environ["EDGEINFER_CONFIG"]), blob, shipped.name, shipped.tag,
+                     default_model=True, sha256=shipped.sha256, size=shipped.size)
+    assert not (edgeinfer_home / "manifests").exists()
+
+    proc = subprocess.run(edgeinfer_cmd("chat", "--yes", "--temperature", 0, "--max-tokens", 48),
+                          input="What is the capital of France?\n", capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+
+    assert proc.returncode == 0, proc.stderr
+    assert f"pulled {shipped.ref}" in proc.stderr
+    assert "Paris" in proc.stdout
+    assert (edgeinfer_home / "blobs" / f"sha256-{shipped.sha256}").stat().st_size == shipped.size
