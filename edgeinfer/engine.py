@@ -167,6 +167,16 @@ class Engine:
         self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_N_CTX, train_ctx)
         if check_memory:
             self._check_memory()
+        # Threads: what the caller says, else this machine's tuned profile
+        # for this model (`edgeinfer tune`), else physical cores.
+        self.threads_source = "given" if (threads or threads_batch) else "default"
+        if not (threads or threads_batch):
+            from .tuning import load_profile
+
+            profile = load_profile(sha256)
+            if profile is not None:
+                threads, threads_batch = profile.threads, profile.threads_batch
+                self.threads_source = "tuned"
         self.threads = int(threads or hardware.default_threads())
         self.threads_batch = int(threads_batch or self.threads)
         self.seed = seed
@@ -254,6 +264,40 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+    def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
+        """Change the decode and prompt-processing thread counts in place."""
+        self.threads = int(threads)
+        self.threads_batch = int(threads_batch or threads)
+        lc.llama_set_n_threads(self._ctx, self.threads, self.threads_batch)
+
+    def benchmark(self, n_prompt: int = 512, n_gen: int = 128, seq: int = 0) -> tuple[float, float]:
+        """Time a cold prefill of ``n_prompt`` tokens and ``n_gen`` single-token
+        decodes, as llama-bench's pp and tg tests do (fixed tokens, no
+        sampling, no prompt cache). Returns (prefill seconds, decode seconds)."""
+        self._acquire()
+        try:
+            self._cancel.clear()
+            # Ordinary text tokens, spread over the vocabulary, never control tokens.
+            ids = [t for t in range(min(self.n_vocab, 30000)) if not lc.llama_vocab_is_control(self._vocab, t)
+                   and not self.is_eog(t)]
+            prompt = [ids[(i * 7919) % len(ids)] for i in range(n_prompt)]
+            self.kv_clear(seq)
+            t0 = time.perf_counter()
+            if n_prompt and self._decode(prompt, seq) != 0:
+                raise EngineError("benchmark cancelled")
+            t1 = time.perf_counter()
+            self.kv_clear(seq)
+            tok = ids[len(ids) // 2]
+            t2 = time.perf_counter()
+            for _ in range(n_gen):
+                if self._decode([tok], seq) != 0:
+                    raise EngineError("benchmark cancelled")
+            t3 = time.perf_counter()
+            self.kv_clear(seq)
+            return t1 - t0, t3 - t2
+        finally:
+            self._lock.release()
 
     def cancel(self) -> None:
         """Stop the running prefill or decode; safe from any thread."""

@@ -96,9 +96,102 @@ def physical_cores() -> int:
     return max(1, round(len(cpus) * phys / logical))
 
 
-def default_threads() -> int:
-    """Physical cores within affinity, capped by the cgroup CPU quota."""
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (x86 'model name', Arm 'Model')."""
+    text = _read(Path("/proc/cpuinfo")) or ""
+    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
+        for line in text.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == key and v.strip():
+                return v.strip()
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def core_clusters() -> dict[int, list[int]]:
+    """Allowed CPUs grouped by maximum frequency (kHz), fastest first.
+
+    More than one group means a big.LITTLE (or P-core/E-core) design; one
+    group (or no cpufreq in sysfs, as in many VMs) means uniform cores.
+    """
+    groups: dict[int, list[int]] = {}
+    for cpu in affinity_cpus():
+        v = _read(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq"))
+        groups.setdefault(int(v) if v and v.isdigit() else 0, []).append(cpu)
+    return dict(sorted(groups.items(), reverse=True))
+
+
+def big_cores() -> list[int]:
+    """The allowed CPUs of the fastest cluster."""
+    return next(iter(core_clusters().values()), affinity_cpus())
+
+
+def _physical_of(cpus: list[int]) -> int:
+    cores = set()
+    for cpu in cpus:
+        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        core, pkg = _read(base / "core_id"), _read(base / "physical_package_id")
+        if core is None:
+            return len(cpus)
+        cores.add((pkg, core))
+    return len(cores)
+
+
+def cpu_temperature() -> float | None:
+    """The hottest CPU-ish sensor in °C, where readable."""
+    try:
+        temps = psutil.sensors_temperatures()
+    except (AttributeError, OSError):
+        temps = {}
+    values = [t.current for name, items in (temps or {}).items()
+              if any(k in name.lower() for k in ("cpu", "core", "k10temp", "soc", "thermal"))
+              for t in items if t.current]
+    if not values:
+        for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+            v = _read(zone)
+            if v and v.lstrip("-").isdigit():
+                values.append(int(v) / 1000)
+    return max(values) if values else None
+
+
+def usable_cores() -> int:
+    """Physical cores we may use: affinity, then the cgroup CPU quota."""
     n = physical_cores()
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    return max(1, n)
+
+
+def fingerprint() -> str:
+    """Identifies this machine's CPU setup for thread profiles: CPU model,
+    core layout and the CPUs this process may use."""
+    import hashlib
+
+    parts = [cpu_model(), str(os.cpu_count()), str(physical_cores()), ",".join(map(str, affinity_cpus())),
+             repr(sorted((f, len(c)) for f, c in core_clusters().items())), str(cgroup_cpu_quota())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def describe() -> dict:
+    """Everything `edgeinfer doctor` prints, as data."""
+    clusters = core_clusters()
+    return {
+        "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+        "affinity": affinity_cpus(), "cgroup_cpu_quota": cgroup_cpu_quota(),
+        "clusters": {str(k): v for k, v in clusters.items()}, "big_little": len(clusters) > 1,
+        "total_memory": total_memory(), "available_memory": available_memory(),
+        "cgroup_memory_limit": cgroup_memory_limit(), "cpu_temperature_c": cpu_temperature(),
+        "default_threads": default_threads(), "fingerprint": fingerprint(),
+    }
+
+
+def default_threads() -> int:
+    """The untuned default: physical cores within affinity (only the big
+    cluster on big.LITTLE CPUs), capped by the cgroup CPU quota."""
+    clusters = core_clusters()
+    n = _physical_of(big_cores()) if len(clusters) > 1 else physical_cores()
     quota = cgroup_cpu_quota()
     if quota is not None:
         n = min(n, max(1, int(quota)))

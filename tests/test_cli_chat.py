@@ -307,13 +307,19 @@ def test_a_triple_quoted_block_is_one_turn(tiny_model, tmp_path):
     assert [m["content"] for m in saved if m["role"] == "user"] == turns
 
 
-def test_a_slash_inside_a_block_is_text_not_a_command(tiny_model, tmp_path):
+@pytest.mark.xfail(strict=True, reason=(
+    "edgeinfer/cli/chat.py Repl.run: the text of a \"\"\" block goes through the same "
+    "text.startswith('/') check as a typed line, so pasted code that starts with '//' is taken "
+    "for an unknown command and dropped (and a block starting '/exit' ends the chat)"))
+def test_a_block_that_starts_with_a_slash_is_text_not_a_command(tiny_model, tmp_path):
     conv = tmp_path / "conv.json"
-    lines = ['"""', "/exit", '"""', f"/save {conv}"]
+    lines = ['"""', "// what does this do?", "int x = 1;", '"""', f"/save {conv}"]
     result = invoke(["chat", tiny_model, "--max-tokens", 3, "--temperature", 0], input="\n".join(lines) + "\n")
 
+    turn = "// what does this do?\nint x = 1;"
     assert result.exit_code == 0
-    assert [m["content"] for m in json.loads(conv.read_text(encoding="utf-8"))["messages"]][0] == "/exit"
+    assert result.stdout == transcript(replay(tiny_model, [turn], temperature=0, max_tokens=3)[0])
+    assert [m["content"] for m in json.loads(conv.read_text(encoding="utf-8"))["messages"]][0] == turn
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -443,7 +449,7 @@ def test_chat_without_a_terminal_does_not_pull_the_default_without_yes(edgeinfer
 
 
 def write_user_entry(config: Path, model: Path, name: str, tag: str, *, default_model: bool = False,
-                     sha256: str | None = None, size: int | None = None) -> None:
+                     sha256: str | None = None, size: int | None = None, system: str = "") -> None:
     """A catalog entry in $EDGEINFER_CONFIG/models whose only source is a local file."""
     data = model.read_bytes() if sha256 is None else b""
     (config / "models").mkdir(parents=True, exist_ok=True)
@@ -451,7 +457,8 @@ def write_user_entry(config: Path, model: Path, name: str, tag: str, *, default_
         f'name = "{name}"\ntag = "{tag}"\ndefault_tag = true\n'
         f"default_model = {'true' if default_model else 'false'}\n"
         f'file = "{model.name}"\nsize = {size or len(data)}\n'
-        f'sha256 = "{sha256 or hashlib.sha256(data).hexdigest()}"\nlicense = "MIT"\n\n'
+        f'sha256 = "{sha256 or hashlib.sha256(data).hexdigest()}"\nlicense = "MIT"\n'
+        f"system = {json.dumps(system)}\n\n"
         f'[[sources]]\nkind = "file"\npath = "{model}"\n', encoding="utf-8")
 
 
@@ -524,7 +531,7 @@ def test_chat_yes_pulls_the_default_model_and_answers(real_store, edgeinfer_home
     shipped = catalog.default_entry()
     blob = real_store.blob_path(shipped.sha256)
     write_user_entry(Path(os.environ["EDGEINFER_CONFIG"]), blob, shipped.name, shipped.tag,
-                     default_model=True, sha256=shipped.sha256, size=shipped.size)
+                     default_model=True, sha256=shipped.sha256, size=shipped.size, system=shipped.system)
     assert not (edgeinfer_home / "manifests").exists()
 
     proc = subprocess.run(edgeinfer_cmd("chat", "--yes", "--temperature", 0, "--max-tokens", 48),

@@ -10,8 +10,8 @@ so a pull that only looks right cannot pass.
 from __future__ import annotations
 
 import base64
-import importlib
 import hashlib
+import importlib
 import json
 import signal
 import subprocess
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from http_server import Fault, corrupt, start_server
 
 from edgeinfer import paths
 from edgeinfer.cli import cli
@@ -30,6 +29,7 @@ from edgeinfer.errors import (AllSourcesFailedError, ChecksumError, DiskSpaceErr
                               GGUFError)
 from edgeinfer.pull import pull
 from edgeinfer.store import ModelStore
+from http_server import Fault, corrupt, start_server  # tests/http_server.py
 
 # the module, not the function that edgeinfer/__init__ re-exports as edgeinfer.pull
 pull_module = importlib.import_module("edgeinfer.pull")
@@ -167,7 +167,7 @@ def test_cut_body_resumes_with_range(http_server, payload, sha, store):
     offset = int(second.range[len("bytes="):].rstrip("-"))
     assert 0 < offset <= cut
     assert second.status == 206 and second.sent == len(payload) - offset
-    assert result.fetched == cut + len(payload) - offset or result.fetched == len(payload)
+    assert result.fetched == len(payload)  # what reached the partial, over both requests
     assert_published(store, sha)
 
 
@@ -213,6 +213,36 @@ def test_server_ignoring_range_restarts_cleanly(http_server, payload, sha, store
     reqs = http_server.requests_for(PATH)
     assert reqs[0].range == f"bytes={half}-" and reqs[0].status == 200
     assert reqs[-1].range is None and reqs[-1].status == 200
+    assert_published(store, sha)
+
+
+def test_complete_partial_is_published_without_a_request(http_server, payload, sha, store):
+    """A pull killed after the last byte but before the rename loses nothing."""
+    url = http_server.add(PATH, payload)
+    write_entry(payload, [https(url)])
+    partial = store.partial_path(f"sha256-{sha}")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(payload)
+
+    result, _ = pull_quiet()
+
+    assert http_server.requests == []
+    assert result.fetched == 0
+    assert_published(store, sha)
+
+
+def test_wrong_local_file_then_http(http_server, payload, sha, store, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(corrupt(payload))
+    good = http_server.add(PATH, payload)
+    write_entry(payload, [{"kind": "file", "path": str(bad)}, https(good)])
+
+    result, logs = pull_quiet()
+
+    assert result.source == good
+    assert any("failed" in line and str(bad) in line for line in logs)
+    # the bad copy was dropped, not resumed from
+    assert [r.range for r in http_server.requests_for(PATH)] == [None]
     assert_published(store, sha)
 
 
@@ -286,6 +316,7 @@ def _wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.timeout(120)
 def test_killed_pull_resumes_where_it_stopped(http_server, payload, sha, store):
     url = http_server.add(PATH, payload, Fault(slow=600_000))
     write_entry(payload, [https(url)])
@@ -318,6 +349,7 @@ def test_killed_pull_resumes_where_it_stopped(http_server, payload, sha, store):
     assert_published(store, sha)
 
 
+@pytest.mark.timeout(120)
 def test_concurrent_pulls_make_one_blob(http_server, payload, sha, store):
     url = http_server.add(PATH, payload, Fault(slow=1_000_000))
     write_entry(payload, [https(url)])
@@ -485,6 +517,15 @@ def test_url_pull_of_a_bad_file_publishes_nothing(http_server, payload, store, k
 
     assert len(http_server.requests) == 1
     assert_nothing_published(store)
+    assert partials(store) == []
+
+
+def test_pull_of_a_local_path_imports_it(tiny_model, sha, store):
+    result, _ = pull_quiet(str(tiny_model))
+
+    assert result.source == f"file {tiny_model}"
+    assert result.manifest.name == "tiny" and result.manifest.sha256 == sha
+    assert file_sha(store.blob_path(sha)) == sha
     assert partials(store) == []
 
 

@@ -37,9 +37,9 @@ def cli():
 
 
 def _register() -> None:
-    from . import chat, models
+    from . import chat, models, system
 
-    for cmd in models.COMMANDS + chat.COMMANDS:
+    for cmd in models.COMMANDS + chat.COMMANDS + system.COMMANDS:
         cli.add_command(cmd)
 
 

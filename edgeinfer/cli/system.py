@@ -1,0 +1,234 @@
+"""Machine and runtime commands: doctor, tune, bench, cache."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import click
+
+from .. import hardware, prompt_cache, tuning
+from .models import _params, _size
+
+
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor_cmd(as_json):
+    """Show what this machine has and what edgeinfer will do by default."""
+    d = hardware.describe()
+    profiles = [p for p in tuning.list_profiles() if p.fingerprint == d["fingerprint"]]
+    d["profiles"] = [{"model": p.model, "threads": p.threads, "threads_batch": p.threads_batch}
+                     for p in profiles]
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    clusters = ", ".join(f"{len(c)} × {int(f) / 1e6:.2f} GHz" if int(f) else f"{len(c)} cores"
+                         for f, c in d["clusters"].items())
+    rows = [
+        ("cpu", d["cpu_model"]),
+        ("cores", f"{d['physical_cores']} physical, {d['logical_cpus']} logical; "
+                  f"allowed CPUs {','.join(map(str, d['affinity']))}"),
+        ("clusters", clusters + (" (big.LITTLE)" if d["big_little"] else "")),
+        ("cpu quota", f"{d['cgroup_cpu_quota']:.2f} CPUs (cgroup)" if d["cgroup_cpu_quota"] else "none"),
+        ("memory", f"{_gb(d['available_memory'])} available of {_gb(d['total_memory'])}"
+                   + (f" (cgroup limit {_gb(d['cgroup_memory_limit'])})" if d["cgroup_memory_limit"] else "")),
+        ("temperature", f"{d['cpu_temperature_c']:.0f} °C" if d["cpu_temperature_c"] else "not readable"),
+        ("default threads", f"{d['default_threads']} (physical cores within affinity and quota)"),
+        ("tuned profiles", ", ".join(f"{p['model']}: {p['threads']}/{p['threads_batch']}" for p in d["profiles"])
+         or "none - run 'edgeinfer tune' to measure this machine"),
+        ("fingerprint", d["fingerprint"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"  {k.ljust(w)}  {v}")
+
+
+def _load_for_measuring(model, n_ctx=2048, **kw):
+    import edgeinfer
+
+    from .chat import ensure_model
+
+    name = ensure_model(model, yes=False)
+    return edgeinfer.load(name, n_ctx=n_ctx, prompt_cache=False, **kw)
+
+
+@click.command("tune")
+@click.argument("model", required=False)
+@click.option("--show", is_flag=True, help="List saved profiles and exit.")
+@click.option("--reps", default=3, show_default=True, help="Timed runs per thread count (median).")
+@click.option("--pp", "n_prompt", default=128, show_default=True, help="Prompt tokens per prefill run.")
+@click.option("--tg", "n_gen", default=32, show_default=True, help="Tokens per decode run.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def tune_cmd(model, show, reps, n_prompt, n_gen, as_json):
+    """Measure prefill and decode speed across thread counts and save the
+    best as this machine's profile for MODEL (default: the catalog default).
+
+    \b
+    The engine then uses the profile on its own; --threads still wins.
+    Example:
+      edgeinfer tune && edgeinfer bench
+    """
+    if show:
+        ps = tuning.list_profiles()
+        if as_json:
+            click.echo(json.dumps([p.to_json() for p in ps], indent=2))
+        elif not ps:
+            click.echo("No profiles yet - run 'edgeinfer tune'")
+        else:
+            here = hardware.fingerprint()
+            for p in ps:
+                click.echo(f"{p.model}  threads {p.threads}  threads_batch {p.threads_batch}  "
+                           f"machine {p.fingerprint}{' (this one)' if p.fingerprint == here else ''}  "
+                           f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(p.created))}")
+        return
+    engine = _load_for_measuring(model)
+    try:
+        if not engine.sha256:
+            raise click.ClickException("tune works on models in the store - import the file first with "
+                                       "'edgeinfer import PATH --name NAME'")
+        cands = tuning.candidates()
+        quiet = as_json or not sys.stderr.isatty()
+        with click.progressbar(length=len(cands) * (reps + 1), label=f"Tuning {engine.name}",
+                               file=sys.stderr, show_pos=True) if not quiet else _NoBar() as bar:
+            def step(done, total, t):
+                bar.update(1)
+                if quiet and not as_json:
+                    click.echo(f"  {done}/{total} runs (threads={t})", err=True)
+            ms = tuning.sweep(engine, threads=cands, n_prompt=n_prompt, n_gen=n_gen, reps=reps, on_step=step)
+        profile = tuning.make_profile(engine, ms)
+        path = tuning.save_profile(profile)
+    finally:
+        engine.close()
+    if as_json:
+        click.echo(json.dumps({**profile.to_json(), "path": str(path)}, indent=2))
+        return
+    click.echo(f"{'threads':>7}  {'prefill tok/s':>13}  {'decode tok/s':>12}")
+    for m in ms:
+        marks = []
+        if m.threads == profile.threads:
+            marks.append("decode choice")
+        if m.threads == profile.threads_batch:
+            marks.append("prefill choice")
+        if m.threads == profile.default_threads:
+            marks.append("default")
+        click.echo(f"{m.threads:>7}  {m.prefill_tps:>13.1f}  {m.decode_tps:>12.1f}  {', '.join(marks)}")
+    for key, g in profile.gaps().items():
+        what = key.split("_")[0]
+        line = f"{what}: chosen is {g['chosen_gap'] * 100:.1f}% from the best measured"
+        if g["default_gap"] is not None:
+            line += f"; the untuned default ({profile.default_threads}) is {g['default_gap'] * 100:.1f}% from it"
+        click.echo(line)
+    click.echo(f"Saved: threads {profile.threads}, threads_batch {profile.threads_batch} -> {path}")
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def update(self, n):
+        pass
+
+
+@click.command("bench")
+@click.argument("model", required=False)
+@click.option("--pp", "n_prompt", default=512, show_default=True, help="Prompt tokens (prefill test).")
+@click.option("--tg", "n_gen", default=128, show_default=True, help="Generated tokens (decode test).")
+@click.option("--reps", default=3, show_default=True, help="Timed runs (median and spread).")
+@click.option("--threads", type=int, help="Decode threads (default: tuned profile, else physical cores).")
+@click.option("--threads-batch", type=int, help="Prefill threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench_cmd(model, n_prompt, n_gen, reps, threads, threads_batch, as_json):
+    """Measure prefill and decode tok/s, time to first token and peak memory.
+
+    \b
+    The table follows llama-bench's pp/tg tests. Example:
+      edgeinfer bench smollm2-135m-instruct --json
+    """
+    kw = {k: v for k, v in dict(threads=threads, threads_batch=threads_batch).items() if v}
+    engine = _load_for_measuring(model, n_ctx=max(2048, n_prompt + n_gen + 8), **kw)
+    try:
+        engine.benchmark(min(32, n_prompt), 4)  # warm-up
+        pre, dec = [], []
+        for _ in range(reps):
+            p_s, d_s = engine.benchmark(n_prompt, n_gen)
+            pre.append(n_prompt / p_s)
+            dec.append(n_gen / d_s)
+        # time to first token: a real request through the sampler
+        ttfts = []
+        for i in range(reps):
+            ev = list(engine.stream(f"Tell me a fact about the number {i}.", max_tokens=1, temperature=0))
+            ttfts.append(ev[-1].stats.ttft_s)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        result = {
+            "model": engine.name, "size": engine.info.file_size, "params": engine.info.parameter_count,
+            "quant": engine.info.file_type, "threads": engine.threads, "threads_batch": engine.threads_batch,
+            "threads_source": engine.threads_source,
+            "tests": [
+                {"test": f"pp{n_prompt}", "tps": statistics.median(pre), "stdev": _sd(pre), "runs": pre},
+                {"test": f"tg{n_gen}", "tps": statistics.median(dec), "stdev": _sd(dec), "runs": dec},
+            ],
+            "ttft_s": statistics.median(ttfts), "peak_rss": peak,
+        }
+    finally:
+        engine.close()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    head = ["model", "size", "params", "threads", "test", "t/s"]
+    rows = [[result["model"], _size(result["size"]), _params(result["params"]),
+             f"{result['threads']}/{result['threads_batch']} ({result['threads_source']})",
+             t["test"], f"{t['tps']:.2f} ± {t['stdev']:.2f}"] for t in result["tests"]]
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    click.echo(line(head))
+    click.echo("| " + " | ".join("-" * w for w in widths) + " |")
+    for r in rows:
+        click.echo(line(r))
+    click.echo(f"time to first token {result['ttft_s'] * 1000:.0f} ms, peak RSS {_size(peak)}, "
+               f"threads from {result['threads_source']}")
+
+
+def _sd(xs):
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+@click.group("cache")
+def cache_group():
+    """The prompt cache on disk: list or clear it."""
+
+
+@cache_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_list(as_json):
+    """List cached prompt prefixes (namespace = model, context, build)."""
+    entries = prompt_cache.disk_entries()
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        click.echo("The prompt cache is empty.")
+        return
+    for e in entries:
+        click.echo(f"{e['namespace']}  {e['tokens']:>6} tokens  {_size(e['bytes']):>9}  "
+                   f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e['modified']))}")
+    click.echo(f"{len(entries)} entries, {_size(sum(e['bytes'] for e in entries))}")
+
+
+@cache_group.command("clear")
+def cache_clear():
+    """Delete every cached prompt prefix on disk."""
+    freed = prompt_cache.clear_disk()
+    click.echo(f"Cleared the prompt cache ({_size(freed)}).")
+
+
+COMMANDS = [doctor_cmd, tune_cmd, bench_cmd, cache_group]

@@ -1,0 +1,407 @@
+#!/usr/bin/env python
+"""Prefill and decode speed of edgeinfer's Engine next to llama-cpp-python's
+high-level ``Llama``, on the same model, threads and token counts.
+
+It mirrors llama-bench's pp512 / tg128:
+
+* pp: evaluate a prompt of ``--pp`` random token ids (control and
+  end-of-generation tokens excluded, the same ids for both runtimes) from an
+  empty KV cache; tok/s = prompt tokens / time.
+* tg: from a one-token prompt, generate ``--tg + 1`` tokens greedily; tok/s
+  is measured over the ``--tg`` tokens after the first, so each timed token is
+  one single-token ``llama_decode`` plus one sample, on both sides.
+
+Each runtime gets one warm-up run per test, then ``--reps`` timed runs,
+interleaved so that load from other processes hits both alike; the table
+shows the median and the standard deviation. With ``--llama-bench PATH`` the
+llama-bench binary built from the same vendored llama.cpp runs too, and the
+0.97x target is checked against it.
+
+    python scripts/bench_engine.py
+    python scripts/bench_engine.py --threads 2 --reps 5 --llama-bench ~/llama.cpp/build/bin/llama-bench
+    python scripts/bench_engine.py --json > bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+
+import edgeinfer
+from edgeinfer import hardware
+from edgeinfer.engine import DoneEvent, Engine, TextEvent
+
+# The issue's targets: at least this fraction of llama-bench, and above Llama.
+TARGET_VS_LLAMA_BENCH = 0.97
+# llama-bench on a 2-core x86-64 box, default model (SmolLM2-135M-Instruct
+# Q4_1), 2 threads (REFERENCE.md). Shown when llama-bench is not run here, as
+# an indication only: another run, maybe another machine.
+REFERENCE_LLAMA_BENCH = {"pp": ("pp512", 332.0), "tg": ("tg128", 137.0)}
+SEED = 1234
+
+
+@dataclass
+class Result:
+    runtime: str
+    test: str                   # "pp" or "tg"
+    n_tokens: int               # tokens that the tok/s figure counts
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.test}{self.n_tokens}"
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else 0.0
+
+    @property
+    def stdev(self) -> float:
+        return statistics.stdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, "test": self.name, "n_tokens": self.n_tokens,
+                "median_tps": round(self.median, 2), "stdev_tps": round(self.stdev, 2),
+                "samples_tps": [round(s, 2) for s in self.samples]}
+
+
+# -- token choice ------------------------------------------------------------
+
+def is_plain(engine: Engine, token: int) -> bool:
+    """A token that renders as text: neither end-of-generation nor a control
+    token (control tokens render as nothing unless ``special=True``)."""
+    if engine.is_eog(token):
+        return False
+    piece = engine.token_bytes(token)
+    return bool(piece) and piece == engine.token_bytes(token, special=True)
+
+
+def plain_tokens(engine: Engine, n: int, rng: random.Random) -> list[int]:
+    out: list[int] = []
+    while len(out) < n:
+        t = rng.randrange(engine.n_vocab)
+        if is_plain(engine, t):
+            out.append(t)
+    return out
+
+
+def bos_prefix(engine: Engine) -> list[int]:
+    """[BOS] when the model adds one (as llama-bench does), else []."""
+    return engine.tokenize("", add_bos=True) if engine.add_bos else []
+
+
+# -- edgeinfer -----------------------------------------------------------------
+
+def engine_run(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[DoneEvent, list[int]]:
+    engine.kv_clear(0)  # forget the KV state, so the prefill is really cold
+    generated: list[int] = []
+    for event in engine.stream_tokens(prompt, max_tokens=max_tokens, temperature=0):
+        if isinstance(event, TextEvent):
+            generated.extend(event.tokens)
+    if event.stats.cached_tokens:
+        raise RuntimeError(f"the engine reused {event.stats.cached_tokens} cached tokens")
+    return event, generated
+
+
+def engine_pp(engine: Engine, prompt: list[int]) -> float:
+    done, _ = engine_run(engine, prompt, 0)
+    return done.stats.prefill_tps
+
+
+def engine_tg(engine: Engine, prompt: list[int], n_gen: int) -> tuple[float, int, list[int]]:
+    """tok/s over the tokens after the first, how many those were, the tokens."""
+    done, generated = engine_run(engine, prompt, n_gen + 1)
+    return done.stats.decode_tps, max(done.stats.generated_tokens - 1, 0), generated
+
+
+# -- llama-cpp-python's Llama --------------------------------------------------
+
+def llama_pp(llm: llama_cpp.Llama, prompt: list[int]) -> float:
+    llm.reset()  # n_tokens = 0: eval() drops the whole KV cache first, no prompt reuse
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    return len(prompt) / (time.perf_counter() - t0)
+
+
+def llama_tg(llm: llama_cpp.Llama, prompt: list[int], n_gen: int) -> tuple[float, list[int]]:
+    """Like engine_tg: n_gen + 1 tokens, timed from the first to the last."""
+    llm.reset()
+    generated: list[int] = []
+    t_first = t_end = 0.0
+    gen = llm.generate(prompt, temp=0, reset=True)
+    for token in gen:  # Llama.generate never stops on EOG by itself
+        generated.append(token)
+        if len(generated) == 1:
+            t_first = time.perf_counter()
+        if len(generated) == n_gen + 1:
+            t_end = time.perf_counter()
+            break
+    gen.close()
+    return n_gen / (t_end - t_first), generated
+
+
+# -- llama-bench ---------------------------------------------------------------
+
+def run_llama_bench(binary: str, model: Path, threads: int, pp: int, tg: int, reps: int) -> tuple[list[Result], dict]:
+    cmd = [binary, "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
+           "-r", str(reps), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    rows = json.loads(proc.stdout)
+    results = []
+    for row in rows:
+        n_prompt, n_gen = int(row.get("n_prompt", 0)), int(row.get("n_gen", 0))
+        test, n = ("pp", n_prompt) if n_gen == 0 else ("tg", n_gen)
+        samples = row.get("samples_ts") or [row.get("avg_ts", 0.0)]
+        results.append(Result("llama-bench", test, n, [float(s) for s in samples]))
+    info = {"command": cmd, "build_commit": rows[0].get("build_commit") if rows else None,
+            "build_number": rows[0].get("build_number") if rows else None}
+    return results, info
+
+
+# -- the run -------------------------------------------------------------------
+
+def resolve(name_or_path: str) -> Path:
+    try:
+        path, _ = edgeinfer.resolve_model(name_or_path)
+    except edgeinfer.ModelNotFoundError as e:
+        raise SystemExit(f"Error: {e.one_line()}") from None
+    return path
+
+
+def pick_tg_prompt(engine: Engine, rng: random.Random, n_gen: int, tries: int = 20) -> tuple[list[int], int, list[int]]:
+    """A one-token prompt (after BOS, if any) from which greedy decoding runs
+    n_gen + 1 tokens without end-of-generation. This is also the warm-up.
+    Returns (prompt, timed token count, generated tokens); if every try hits
+    EOG, the longest one, with its shorter count."""
+    best: tuple[list[int], int, list[int]] | None = None
+    for candidate in plain_tokens(engine, tries, rng):
+        prompt = bos_prefix(engine) + [candidate]
+        _, n, generated = engine_tg(engine, prompt, n_gen)
+        if best is None or n > best[1]:
+            best = (prompt, n, generated)
+        if n == n_gen:
+            break
+    return best
+
+
+def measure(args, model: Path, log) -> dict:
+    n_ctx = args.pp + args.tg + 2
+    # Every prefill must be cold: no prompt cache (where the Engine has one),
+    # and kv_clear() before each run.
+    no_cache = {"prompt_cache": False} if "prompt_cache" in inspect.signature(Engine).parameters else {}
+    engine = Engine(model, n_ctx=n_ctx, threads=args.threads, threads_batch=args.threads,
+                    n_batch=args.batch, **no_cache)
+    llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=args.threads,
+                          n_threads_batch=args.threads, n_batch=args.batch, verbose=False)
+    rng = random.Random(SEED)
+    results: dict[tuple[str, str], Result] = {}
+    notes: list[str] = []
+
+    pp_prompt = []
+    if args.pp:
+        pp_prompt = (bos_prefix(engine) + plain_tokens(engine, args.pp, rng))[:args.pp]
+        for runtime in ("edgeinfer", "Llama"):
+            results[(runtime, "pp")] = Result(runtime, "pp", args.pp)
+        engine_pp(engine, pp_prompt)        # warm-up
+        llama_pp(llm, pp_prompt)
+
+    n_timed, tg_prompt, same_tokens = args.tg, [], None
+    if args.tg:
+        log(f"choosing a tg prompt without end-of-generation in {args.tg + 1} greedy tokens ...")
+        tg_prompt, n_timed, ours = pick_tg_prompt(engine, rng, args.tg)   # also our warm-up
+        if n_timed < args.tg:
+            notes.append(f"every tried prompt hit end-of-generation; tg counts {n_timed} tokens on both sides")
+        if n_timed < 2:
+            notes.append("tg skipped: too few tokens before end-of-generation")
+        else:
+            _, theirs = llama_tg(llm, tg_prompt, n_timed)                  # warm-up
+            same_tokens = ours == theirs
+            for runtime in ("edgeinfer", "Llama"):
+                results[(runtime, "tg")] = Result(runtime, "tg", n_timed)
+    do_tg = ("edgeinfer", "tg") in results
+
+    for rep in range(args.reps):
+        # alternate who goes first, so that a change in load splits evenly
+        order = ("edgeinfer", "Llama") if rep % 2 == 0 else ("Llama", "edgeinfer")
+        for runtime in order:
+            if args.pp:
+                tps = engine_pp(engine, pp_prompt) if runtime == "edgeinfer" else llama_pp(llm, pp_prompt)
+                results[(runtime, "pp")].samples.append(tps)
+            if do_tg:
+                if runtime == "edgeinfer":
+                    tps, n, _ = engine_tg(engine, tg_prompt, n_timed)
+                    if n != n_timed:
+                        raise RuntimeError(f"edgeinfer decoded {n} tokens, expected {n_timed}")
+                else:
+                    tps, _ = llama_tg(llm, tg_prompt, n_timed)
+                results[(runtime, "tg")].samples.append(tps)
+        log(f"rep {rep + 1}/{args.reps} done")
+
+    info = engine.info
+    engine.close()
+    llm.close()
+    return {"results": results, "notes": notes, "n_ctx": n_ctx, "tg_prompt": tg_prompt,
+            "same_greedy_tokens": same_tokens, "info": info}
+
+
+def human_count(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def checks(by_key: dict) -> list[dict]:
+    """One row per target: measured here when possible, else the reference."""
+    rows = []
+    for test in ("pp", "tg"):
+        ours = by_key.get(("edgeinfer", test))
+        if ours is None:
+            continue
+        llama = by_key.get(("Llama", test))
+        if llama is not None:
+            rows.append({"test": ours.name, "target": "edgeinfer > Llama",
+                         "need": llama.median, "have": ours.median, "source": "this run",
+                         "met": ours.median > llama.median})
+        bench = by_key.get(("llama-bench", test))
+        if bench is not None:
+            rows.append({"test": ours.name, "target": f"edgeinfer >= {TARGET_VS_LLAMA_BENCH} x llama-bench",
+                         "need": TARGET_VS_LLAMA_BENCH * bench.median, "have": ours.median,
+                         "source": "this run", "met": ours.median >= TARGET_VS_LLAMA_BENCH * bench.median})
+        else:
+            ref_name, ref = REFERENCE_LLAMA_BENCH[test]
+            rows.append({"test": ours.name, "target": f"edgeinfer >= {TARGET_VS_LLAMA_BENCH} x llama-bench",
+                         "need": TARGET_VS_LLAMA_BENCH * ref, "have": ours.median,
+                         "source": f"reference {ref_name} = {ref:g} tok/s from another run; "
+                                   "pass --llama-bench to measure",
+                         "met": ours.median >= TARGET_VS_LLAMA_BENCH * ref})
+    return rows
+
+
+def print_report(report: dict, by_key: dict) -> None:
+    cfg = report["config"]
+    print(f"# {report['date']}  {cfg['cpu']} ({cfg['cpus']} CPUs)  llama-cpp-python {cfg['llama_cpp_python']}")
+    print(f"# load average before {report['load_before']}, after {report['load_after']}")
+    print(f"# n_ctx {cfg['n_ctx']}, n_batch {cfg['n_batch']}, {cfg['reps']} reps after 1 warm-up; "
+          "edgeinfer: flash attention as llama.cpp decides (auto); Llama and llama-bench: off (their default)")
+    print()
+    head = ("model", "size", "params", "runtime", "threads", "test", "t/s")
+    rows = [(cfg["model_desc"], f"{cfg['model_bytes'] / 2**20:.2f} MiB", cfg["params"], r.runtime,
+             str(cfg["threads"]), r.name, f"{r.median:.2f} ± {r.stdev:.2f}") for r in by_key.values()]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    right = {1, 2, 4, 5, 6}
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                          for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    print(fmt(head))
+    print("|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
+    for row in rows:
+        print(fmt(row))
+    print()
+    for r in report["ratios"]:
+        print(f"{r['test']:>6}: edgeinfer / {r['vs']:<11} = {r['ratio']:.3f}")
+    print()
+    for c in report["checks"]:
+        mark = "met" if c["met"] else "NOT met"
+        print(f"{c['test']:>6}: {c['target']:<34} {c['have']:8.2f} vs {c['need']:8.2f} tok/s  "
+              f"{mark:<8} ({c['source']})")
+    if report["same_greedy_tokens"] is not None:
+        same = "identical" if report["same_greedy_tokens"] else "DIFFERENT (numerics differ, e.g. flash attention)"
+        print(f"\ngreedy tokens of edgeinfer and Llama in the tg test: {same}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_model = edgeinfer.default_entry().name
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n" + __doc__.rsplit("\n\n", 1)[1])
+    p.add_argument("--model", default=default_model,
+                   help=f"a store name or a GGUF path (default: {default_model})")
+    p.add_argument("--threads", type=int, default=hardware.default_threads(),
+                   help="threads for prefill and decode (default: %(default)s, the physical cores)")
+    p.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test (0: skip)")
+    p.add_argument("--tg", type=int, default=128, help="timed tokens for the decode test (0: skip)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
+    p.add_argument("--batch", type=int, default=512, help="n_batch for both runtimes (default: 512)")
+    p.add_argument("--llama-bench", metavar="PATH", help="also run this llama-bench binary")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.pp < 0 or args.tg < 0 or args.threads < 1:
+        p.error("--reps and --threads must be >= 1, --pp and --tg >= 0")
+
+    model = resolve(args.model)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    log(f"benchmarking {model} with {args.threads} threads (load average {load_before}) ...")
+    run = measure(args, model, log)
+    by_key: dict[tuple[str, str], Result] = run["results"]
+    bench_info = None
+    if args.llama_bench:
+        log(f"running {args.llama_bench} ...")
+        bench_results, bench_info = run_llama_bench(args.llama_bench, model, args.threads,
+                                                    args.pp, args.tg, args.reps)
+        for r in bench_results:
+            by_key[("llama-bench", r.test)] = r
+    load_after = [round(x, 2) for x in os.getloadavg()]
+
+    ratios = []
+    for test in ("pp", "tg"):
+        ours = by_key.get(("edgeinfer", test))
+        for other in ("Llama", "llama-bench"):
+            theirs = by_key.get((other, test))
+            if ours and theirs and theirs.median:
+                ratios.append({"test": ours.name, "vs": other, "ratio": ours.median / theirs.median})
+    info = run["info"]
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "config": {"model": str(model), "model_desc": f"{info.architecture} {human_count(info.parameter_count)} {info.file_type}",
+                   "model_bytes": info.file_size, "params": human_count(info.parameter_count),
+                   "threads": args.threads, "pp": args.pp, "tg": args.tg, "reps": args.reps,
+                   "n_ctx": run["n_ctx"], "n_batch": args.batch, "cpu": cpu_model(), "cpus": os.cpu_count(),
+                   "llama_cpp_python": llama_cpp.__version__, "tg_prompt": run["tg_prompt"]},
+        "load_before": load_before, "load_after": load_after,
+        "results": [r.to_dict() for r in by_key.values()],
+        "ratios": ratios,
+        "checks": checks(by_key),
+        "same_greedy_tokens": run["same_greedy_tokens"],
+        "llama_bench": bench_info,
+        "notes": run["notes"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, by_key)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
