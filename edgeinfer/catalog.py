@@ -171,9 +171,11 @@ def lookup(ref: ModelRef) -> CatalogEntry | None:
 def default_entry() -> CatalogEntry:
     """The catalog's default model (the one ``edgeinfer chat`` starts)."""
     entries = load_catalog()
-    for e in entries.values():
-        if e.default_model:
-            return e
+    # The user's own default wins over the shipped one.
+    defaults = sorted((e for e in entries.values() if e.default_model),
+                      key=lambda e: e.defined_in.startswith("catalog/"))
+    if defaults:
+        return defaults[0]
     if not entries:
         raise ModelNotFoundError("the catalog is empty", hint="reinstall edgeinfer")
     return next(iter(entries.values()))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import WheelMember
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, DownloadError, EdgeinferError
 from .progress import NullProgress, Progress
 
 CHUNK = 1 << 20
@@ -85,7 +85,7 @@ def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
     Transient failures (connection resets, 5xx, a stalled body that hits
     ``timeout``) retry with exponential backoff, each retry resuming with a
     Range request. A 200 answer to a Range request means the server cannot
-    resume: the partial is truncated and the body taken whole. A host that
+    resume: the partial is dropped and the file fetched again from byte 0. A host that
     does not resolve or a 4xx fails at once, so the next source takes over
     without waiting.
     """
@@ -100,6 +100,7 @@ def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
         partial.unlink()
         resumed_from = 0
     attempt = 0
+    fresh_retry_done = False
     while True:
         hasher = hashlib.sha256()
         have = _hash_existing(partial, hasher) if partial.exists() else 0
@@ -110,9 +111,18 @@ def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
             size = partial.stat().st_size if partial.exists() else 0
             if total is not None and size < total:
                 raise http.client.IncompleteRead(b"", total - size)
+            result = FetchResult(hasher.hexdigest(), size, fetched, resumed_from)
+            try:
+                verify(url, partial, result, expected_size, expected_sha256)
+            except ChecksumError:
+                if not have or fresh_retry_done:
+                    raise
+                # Bytes kept from an earlier run may be what was wrong:
+                # verify() removed them, so fetch the whole file once more.
+                fresh_retry_done = True
+                continue
             progress.close()
-            return verify(url, partial, FetchResult(hasher.hexdigest(), size, fetched, resumed_from),
-                          expected_size, expected_sha256)
+            return result
         except _Restart:
             partial.unlink(missing_ok=True)
             continue
@@ -127,7 +137,7 @@ def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
                 raise DownloadError(f"{url}: cannot resolve host ({e.reason.strerror or e.reason})") from None
             err = e
         except (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
-            if isinstance(e, DownloadError):
+            if isinstance(e, EdgeinferError):  # wrong bytes, no disk space: retrying cannot help
                 progress.close()
                 if isinstance(e, ChecksumError):
                     partial.unlink(missing_ok=True)
@@ -157,7 +167,7 @@ def _one_request(url, partial, have, hasher, expected_size, timeout, progress, c
         length = resp.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         if have and resp.status == 200:
-            raise _Restart  # the server ignored Range: take the body whole
+            raise _Restart  # the server ignored Range: drop the partial, ask again from byte 0
         if have and resp.status == 206:
             crange = resp.headers.get("Content-Range", "")
             if not crange.startswith(f"bytes {have}-"):

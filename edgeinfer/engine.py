@@ -243,6 +243,8 @@ class Engine:
 
     def close(self) -> None:
         """Free the context and the model; the engine is unusable after."""
+        if getattr(self, "prompt_cache", None) is not None:
+            self.prompt_cache.flush()
         if self._batch is not None:
             lc.llama_batch_free(self._batch)
             self._batch = None
@@ -267,6 +269,7 @@ class Engine:
 
     def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
         """Change the decode and prompt-processing thread counts in place."""
+        self._check_open()
         self.threads = int(threads)
         self.threads_batch = int(threads_batch or threads)
         lc.llama_set_n_threads(self._ctx, self.threads, self.threads_batch)
@@ -275,6 +278,7 @@ class Engine:
         """Time a cold prefill of ``n_prompt`` tokens and ``n_gen`` single-token
         decodes, as llama-bench's pp and tg tests do (fixed tokens, no
         sampling, no prompt cache). Returns (prefill seconds, decode seconds)."""
+        self._check_open()
         self._acquire()
         try:
             self._cancel.clear()
@@ -304,9 +308,14 @@ class Engine:
         self._cancel.set()
 
     # -- tokens ------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._ctx is None:
+            raise EngineError(f"{self.name} is closed", hint="load the model again with edgeinfer.load()")
+
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Text to token ids. With ``special=False`` (the default) text such
         as ``<|im_end|>`` stays plain text and never becomes a control token."""
+        self._check_open()
         data = text.encode("utf-8")
         add = self.add_bos if add_bos is None else add_bos
         cap = len(data) + 8
@@ -423,8 +432,7 @@ class Engine:
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, seq: int = 0, **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent."""
-        if self._ctx is None:
-            raise EngineError("this engine is closed", hint="load the model again with edgeinfer.load()")
+        self._check_open()
         if not tokens:
             tokens = [lc.llama_vocab_bos(self._vocab)]
         if len(tokens) >= self.n_ctx:
@@ -490,6 +498,7 @@ class Engine:
             t_first = None
             pending_ids: list[int] = []
             finish = "length"
+            hit_stop_string = False
             while stats.generated_tokens < max_tokens:
                 if self._cancel.is_set():
                     finish = "cancelled"
@@ -509,6 +518,7 @@ class Engine:
                     pending_ids = []
                 if stopped:
                     finish = "stop"
+                    hit_stop_string = True
                     break
                 if len(kv) >= self.n_ctx:
                     finish = "length"  # the context is full: end cleanly
@@ -518,10 +528,12 @@ class Engine:
                 if self._decode([tok], seq) == 2:
                     finish = "cancelled"
                     break
-            if finish != "stop" or not matcher.stops or matcher.pending:
-                tail = matcher.flush() + utf8.decode(b"", final=True) if finish != "stop" else ""
-                if tail:
-                    yield TextEvent(tail, pending_ids)
+            # Whatever was held back (a possible stop-string prefix, the
+            # bytes of an unfinished character) belongs to the answer unless
+            # a stop string cut it off; every token id is reported once.
+            tail = "" if hit_stop_string else matcher.flush() + utf8.decode(b"", final=True)
+            if tail or pending_ids:
+                yield TextEvent(tail, pending_ids)
             t_end = time.perf_counter()
             if t_first is not None and stats.generated_tokens > 1:
                 stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - t_first, 1e-9)

@@ -77,10 +77,12 @@ def pull(spec: str, *, store: ModelStore | None = None, quiet: bool = False,
         ref = name or sanitize(Path(spec).stem)
         return PullResult(import_file(Path(spec).expanduser(), ref, store=store, progress=progress), f"file {spec}")
     ref = parse_ref(spec)
-    have = store.get(ref)
+    entry = catalog.lookup(ref)
+    # A bare catalog name means the entry's default tag, whatever other
+    # tags of that name the store holds.
+    have = store.get(ref.with_tag(entry.tag) if entry and not ref.tag else ref)
     if have is not None and have.path and have.path.exists():
         return PullResult(have, "store")
-    entry = catalog.lookup(ref)
     if entry is None:
         known = ", ".join(sorted({e.name for e in catalog.load_catalog().values()}))
         raise ModelNotFoundError(f"'{spec}' is not in the catalog (known: {known})",

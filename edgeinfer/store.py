@@ -102,10 +102,16 @@ class ModelStore:
     def _read_manifest(self, path: Path) -> Manifest | None:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            data.pop("path", None)
-            m = Manifest(**data)
-            check_part(m.name)
-            check_part(m.tag, "tag")
+            if not isinstance(data, dict):
+                return None
+            known = Manifest.__dataclass_fields__.keys() - {"path"}
+            # Keys from a newer edgeinfer are ignored rather than hiding the model.
+            m = Manifest(**{k: v for k, v in data.items() if k in known})
+            m.name, m.tag = check_part(m.name), check_part(m.tag, "tag")
+            # A manifest answers only for the name its place in the tree
+            # gives it; a copied or edited file cannot speak for another.
+            if (m.name, m.tag) != (path.parent.name, path.stem):
+                return None
             m.path = self.blob_path(m.sha256)
         except (OSError, ValueError, TypeError, StoreError, InvalidNameError):
             return None  # a damaged manifest is treated as absent, never followed

@@ -403,10 +403,6 @@ def test_disk_space_is_checked_before_any_request(http_server, payload, store, m
     assert_nothing_published(store)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "download.py fetch_http: DiskSpaceError raised by check_space is an OSError but not a "
-    "DownloadError, so it is retried as a transient error and surfaces as "
-    "DownloadError('gave up after N attempts')"))
 def test_url_pull_without_space_raises_disk_space_error(http_server, payload, store, monkeypatch):
     url = http_server.add("/some-model.Q8_0.gguf", payload)
     monkeypatch.setattr(pull_module, "free_bytes", lambda _path: 1_000_000)
@@ -529,10 +525,6 @@ def test_pull_of_a_local_path_imports_it(tiny_model, sha, store):
     assert partials(store) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pull.py pull(): store.get(bare name) raises 'several tags' before the catalog "
-    "default tag is considered, so a catalog model cannot be pulled by bare name once "
-    "two other tags of that name are in the store"))
 def test_bare_name_pull_with_other_tags_in_store(http_server, payload, sha, store, tiny_model):
     from edgeinfer.pull import import_file
     import_file(tiny_model, f"{NAME}:mine", store=store)

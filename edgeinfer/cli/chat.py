@@ -84,6 +84,8 @@ def ensure_model(name: str | None, yes: bool, quiet: bool = False) -> str:
     ref = name or catalog.default_entry().ref
     if os.path.isfile(ref):
         return ref
+    if ref.endswith(".gguf") or os.sep in ref:
+        raise ModelNotFoundError(f"{ref}: no such file", hint="check the path")
     store = ModelStore()
     if store.get(parse_ref(ref)) is not None:
         return ref
@@ -123,32 +125,41 @@ class Repl:
         self.read = read
         self.out = out or sys.stdout
         self.interactive = interactive
+        self.pending_eof = False
 
     def say(self, text: str) -> None:  # messages for the person, never mixed into answers
         print(text, file=self.out if self.interactive else sys.stderr, flush=True)
 
-    def read_turn(self) -> str | None:
+    def read_turn(self) -> tuple[str, bool]:
+        """The next turn and whether it came as a \"\"\" block (a block is
+        always text, even when it starts with '/')."""
         line = self.read(">>> " if self.interactive else "")
         if not line.lstrip().startswith('"""'):
-            return line
+            return line, False
         body = line.lstrip()[3:]
-        lines = []
         if body.rstrip().endswith('"""') and len(body.strip()) >= 3:
-            return body.rstrip()[:-3]
-        lines.append(body)
+            return body.rstrip()[:-3], True
+        lines = [body]
         while True:
-            nxt = self.read("... " if self.interactive else "")
+            try:
+                nxt = self.read("... " if self.interactive else "")
+            except EOFError:
+                # Input ended inside a block: what was typed is still a turn.
+                self.pending_eof = True
+                return "\n".join(lines).strip("\n"), True
             if nxt.rstrip().endswith('"""'):
                 lines.append(nxt.rstrip()[:-3])
-                return "\n".join(lines).strip("\n")
+                return "\n".join(lines).strip("\n"), True
             lines.append(nxt)
 
     def run(self) -> int:
         if self.interactive:
             self.say(f"Chatting with {self.session.engine.name}. /help for commands, Ctrl-D to leave.")
         while True:
+            if self.pending_eof:
+                return 0
             try:
-                text = self.read_turn()
+                text, is_block = self.read_turn()
             except EOFError:
                 if self.interactive:
                     self.say("")
@@ -160,9 +171,9 @@ class Repl:
                 if self.interactive:
                     self.say("")
                 return 0
-            if text is None or not text.strip():
+            if not text.strip():
                 continue
-            if text.startswith("/"):
+            if text.startswith("/") and not is_block:
                 if self.command(text.strip()) == "exit":
                     return 0
                 continue
