@@ -303,6 +303,35 @@ class Engine:
         finally:
             self._lock.release()
 
+    def eval_logits(self, tokens: list[int], seq: int = 0):
+        """Logits for every position of ``tokens`` (at most n_batch of them),
+        evaluated from an empty sequence, as a float32 array of shape
+        (len(tokens), n_vocab). For quality measurements, not generation."""
+        import numpy as np
+
+        self._check_open()
+        if not 0 < len(tokens) <= self.n_batch:
+            raise ValueError(f"eval_logits takes 1..{self.n_batch} tokens")
+        self._acquire()
+        try:
+            self._cancel.clear()
+            self.kv_clear(seq)
+            b = self._batch
+            for i, t in enumerate(tokens):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, 1
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(tokens)
+            rc = lc.llama_decode(self._ctx, b)
+            if rc != 0:
+                self.kv_clear(seq)
+                raise EngineError(f"llama_decode failed with status {rc}")
+            ptr = lc.llama_get_logits(self._ctx)
+            out = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
+            self.kv_clear(seq)
+            return out
+        finally:
+            self._lock.release()
+
     def cancel(self) -> None:
         """Stop the running prefill or decode; safe from any thread."""
         self._cancel.set()

@@ -17,6 +17,7 @@
     ├── EngineError                   llama.cpp refused or failed
     │   ├── ContextOverflowError      prompt longer than the context
     │   └── EngineBusyError           a second call timed out waiting
+    ├── QuantizeError                 quantize/convert refused or failed
     └── TemplateError                 a chat template failed or was hostile
 
 Library code raises these; only the CLI turns them into one-line messages.
@@ -110,6 +111,11 @@ class EngineBusyError(EngineError, TimeoutError):
     """Another generation held the engine for longer than the timeout."""
 
     hint = "wait for the running generation, or cancel it with Engine.cancel()"
+
+
+class QuantizeError(EdgeinferError):
+    """A quantize or convert that was refused (unknown type, requantizing)
+    or that llama.cpp's quantizer failed."""
 
 
 class TemplateError(EdgeinferError):

@@ -14,11 +14,13 @@ merged or extra turn, or a setting that did not take, changes the text.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from click.testing import CliRunner
 import edgeinfer
 from edgeinfer.chat import ChatSession
 from edgeinfer.cli import cli
+from edgeinfer.cli.chat import Repl
 
 SUBPROCESS_TIMEOUT = 300  # the machine is small and shared; a hang still ends
 STATS_LINE = re.compile(r"time to first token \d+ ms, prefill [\d.]+ tok/s, decode [\d.]+ tok/s, "
@@ -318,14 +321,60 @@ def test_a_block_that_starts_with_a_slash_is_text_not_a_command(tiny_model, tmp_
     assert [m["content"] for m in json.loads(conv.read_text(encoding="utf-8"))["messages"]][0] == turn
 
 
-def test_an_unclosed_block_at_end_of_input_is_not_dropped_silently(tiny_model):
+def test_an_unclosed_block_at_end_of_input_is_still_a_turn(tiny_model):
     result = invoke(["chat", tiny_model, "--max-tokens", 3, "--temperature", 0],
                     input='"""\nline one\nline two\n')
 
-    # either answered as a turn, or the user is told what happened
-    answered = result.stdout == transcript(replay(tiny_model, ["line one\nline two"],
-                                                  temperature=0, max_tokens=3)[0])
-    assert answered or '"""' in result.stderr
+    assert result.exit_code == 0
+    assert result.stdout == transcript(replay(tiny_model, ["line one\nline two"], temperature=0, max_tokens=3)[0])
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+
+class InterruptOnWrite(io.StringIO):
+    """A terminal where Ctrl-C lands while the ``at``-th write is printed."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.writes, self.shown = at, 0, None
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.writes == self.at:
+            self.shown = self.getvalue()
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_while_a_piece_is_printed_still_stops_the_generation(tiny_model):
+    out = InterruptOnWrite(at=20)
+    turns = iter(["Tell me a long story"])
+
+    def read(_prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    engine = edgeinfer.load(tiny_model, n_ctx=8192, lock_timeout=5)
+    try:
+        session = ChatSession(engine, temperature=0, max_tokens=100000)
+        assert Repl(session, read, out, interactive=True).run() == 0
+        assert "(stopped)" in out.getvalue()
+        shown = out.shown.split("\n", 1)[1]  # after the banner
+        assert shown
+
+        session.send("and then?", max_tokens=3)  # EngineBusyError after 5 s if it still runs
+
+        assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+        assert session.history[1]["content"].startswith(shown)
+        assert len(session.history[1]["content"]) < len(shown) + 2000
+    finally:
+        engine.cancel()
+        for t in threading.enumerate():
+            if t.name == "edgeinfer-generate":
+                t.join(timeout=300)
+        engine.close()
 
 
 # -- run ------------------------------------------------------------------------------

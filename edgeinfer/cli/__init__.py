@@ -37,9 +37,9 @@ def cli():
 
 
 def _register() -> None:
-    from . import chat, models, system
+    from . import chat, models, quant, system
 
-    for cmd in models.COMMANDS + chat.COMMANDS + system.COMMANDS:
+    for cmd in models.COMMANDS + chat.COMMANDS + system.COMMANDS + quant.COMMANDS:
         cli.add_command(cmd)
 
 

@@ -56,22 +56,28 @@ def stream_cancellable(engine, make_stream):
     t = threading.Thread(target=work, daemon=True, name="edgeinfer-generate")
     t.start()
     interrupted = False
-    while True:
-        try:
-            item = q.get(timeout=0.05)
-        except queue.Empty:
-            continue
-        except KeyboardInterrupt:
-            interrupted = True
+    try:
+        while True:
+            try:
+                item = q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                interrupted = True
+                engine.cancel()
+                continue
+            if item is end:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        # Also when Ctrl-C lands in the caller while it prints a piece (the
+        # generator is closed at its yield): stop the worker and wait, so
+        # the engine is free and the history holds only what was shown.
+        if t.is_alive():
             engine.cancel()
-            continue
-        if item is end:
-            break
-        if isinstance(item, BaseException):
-            t.join()
-            raise item
-        yield item
-    t.join()
+        t.join()
     if interrupted:
         raise KeyboardInterrupt
 
