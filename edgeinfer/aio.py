@@ -11,18 +11,28 @@ from typing import AsyncIterator, Callable, Iterator
 _END = object()
 
 
-async def stream_in_thread(engine, make_stream: Callable[[], Iterator]) -> AsyncIterator:
+async def stream_in_thread(make_stream: Callable[[threading.Event], Iterator]) -> AsyncIterator:
+    """Iterate ``make_stream(stop)`` on a worker thread. ``stop`` is this
+    request's own cancel event: it is set when the consumer goes away, so
+    only this request stops, never another one sharing the engine."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def hand_over(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stop.set()
 
     def worker():
         try:
-            for event in make_stream():
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+            for event in make_stream(stop):
+                hand_over(event)
         except BaseException as e:  # handed to the awaiting side
-            loop.call_soon_threadsafe(queue.put_nowait, e)
+            hand_over(e)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
+            hand_over(_END)
 
     thread = threading.Thread(target=worker, name="edgeinfer-astream", daemon=True)
     thread.start()
@@ -40,6 +50,6 @@ async def stream_in_thread(engine, make_stream: Callable[[], Iterator]) -> Async
     finally:
         if not finished:
             # The consumer went away (task cancelled, loop broken out of):
-            # stop the generation so the engine is free for the next call.
-            engine.cancel()
+            # stop this generation so the engine is free for the next call.
+            stop.set()
             await asyncio.to_thread(thread.join)

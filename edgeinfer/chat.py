@@ -41,7 +41,16 @@ def _environment():
         def raise_exception(message):
             raise TemplateError(f"the chat template refused the messages: {message}")
 
-        _env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        from jinja2.exceptions import SecurityError
+
+        class _StrictSandbox(ImmutableSandboxedEnvironment):
+            # The stock sandbox turns a blocked attribute into an Undefined
+            # that prints as ''; a template that reaches for __globals__
+            # is hostile, so stop it outright.
+            def unsafe_undefined(self, obj, attribute):
+                raise SecurityError(f"access to {attribute!r} of {type(obj).__name__} is not allowed")
+
+        _env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True)
         _env.globals["raise_exception"] = raise_exception
         _env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return _env
@@ -84,8 +93,9 @@ def render_segments(template: str | None, messages: list[dict], add_generation_p
         raise TemplateError(f"the model's chat template tried something unsafe and was stopped: {e}") from None
     except TemplateError:
         raise
-    except (JinjaError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        raise TemplateError(f"the model's chat template failed: {e}") from None
+    except (JinjaError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
+            RecursionError, MemoryError) as e:
+        raise TemplateError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
     segments: list[tuple[str, bool]] = []
     rest = text
     while rest:

@@ -34,6 +34,7 @@ DEFAULT_N_CTX = 4096
 DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                         repeat_penalty=1.0, repeat_last_n=64)
 
+_NEVER = threading.Event()  # a cancel event that is never set
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -105,7 +106,9 @@ def _sampler_chain(vocab_n: int, seed: int, temperature: float, top_k: int, top_
     if min_p and min_p > 0:
         add(lc.llama_sampler_init_min_p(float(min_p), 1))
     add(lc.llama_sampler_init_temp(float(temperature)))
-    add(lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    # 0xFFFFFFFF is LLAMA_DEFAULT_SEED ("pick one at random"): fold every
+    # seed below it so that each one reproduces.
+    add(lc.llama_sampler_init_dist(seed % 0xFFFFFFFF))
     return chain
 
 
@@ -182,7 +185,8 @@ class Engine:
         self.seed = seed
         self.lock_timeout = lock_timeout
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()       # engine.cancel(): whatever is running
+        self._req_cancel = _NEVER               # the running request's own cancel event
         self._model = self._ctx = None
         self._batch = None
         _init_backend()
@@ -204,12 +208,12 @@ class Engine:
         cparams.no_perf = True
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            self.close()
+            self._free()
             raise EngineError(f"llama.cpp could not create a context of {self.n_ctx} tokens",
                               hint="try a smaller n_ctx")
         # The abort callback is polled by ggml between graph nodes, so a
         # cancel lands inside a long prefill, not after it.
-        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._cancel.is_set())
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._cancelled())
         lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
         self._mem = lc.llama_get_memory(self._ctx)
         self._vocab = lc.llama_model_get_vocab(self._model)
@@ -241,8 +245,22 @@ class Engine:
                 f"{have / 1e9:.1f} GB is available",
                 hint=f"use a smaller quant or a smaller context (n_ctx={max(512, self.n_ctx // 4)})")
 
-    def close(self) -> None:
-        """Free the context and the model; the engine is unusable after."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Free the context and the model; the engine is unusable after.
+
+        A generation running on another thread is cancelled first and
+        waited for, so llama.cpp never runs on freed memory."""
+        if getattr(self, "_ctx", None) is None:
+            return
+        self.cancel()
+        if not self._lock.acquire(timeout=timeout):
+            raise EngineBusyError(f"{self.name} is still generating; it could not be closed")
+        try:
+            self._free()
+        finally:
+            self._lock.release()
+
+    def _free(self) -> None:
         if getattr(self, "prompt_cache", None) is not None:
             self.prompt_cache.flush()
         if self._batch is not None:
@@ -262,8 +280,13 @@ class Engine:
         self.close()
 
     def __del__(self):
+        # At garbage collection never wait: free only if nothing holds the lock.
         try:
-            self.close()
+            if getattr(self, "_lock", None) is not None and self._lock.acquire(blocking=False):
+                try:
+                    self._free()
+                finally:
+                    self._lock.release()
         except Exception:
             pass
 
@@ -412,13 +435,15 @@ class Engine:
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._kv_tokens[seq].clear()
 
-    def _kv_truncate(self, seq: int, n: int) -> None:
-        """Keep only the first ``n`` positions of ``seq``."""
+    def _kv_truncate(self, seq: int, n: int) -> int:
+        """Keep only the first ``n`` positions of ``seq``; returns how many
+        it now holds (0 if llama.cpp could not cut the sequence)."""
         if n < len(self._kv_tokens[seq]):
             if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
                 self.kv_clear(seq)
-                return
+                return 0
             del self._kv_tokens[seq][n:]
+        return len(self._kv_tokens[seq])
 
     def _kv_resync(self, seq: int) -> None:
         """After an aborted or failed decode, trust llama.cpp's positions."""
@@ -458,9 +483,16 @@ class Engine:
         if not self._lock.acquire(timeout=timeout):
             raise EngineBusyError(f"{self.name} is busy with another generation")
 
+    def _cancelled(self) -> bool:
+        return self._cancel.is_set() or self._req_cancel.is_set()
+
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
-                      seed: int | None = None, seq: int = 0, **sampling) -> Iterator[TextEvent | DoneEvent]:
-        """Generate from prompt token ids; yields TextEvents, then a DoneEvent."""
+                      seed: int | None = None, seq: int = 0, cancel: threading.Event | None = None,
+                      **sampling) -> Iterator[TextEvent | DoneEvent]:
+        """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
+
+        ``cancel``, an Event of the caller's, stops this request alone
+        (even before it starts), where :meth:`cancel` stops whatever runs."""
         self._check_open()
         if not tokens:
             tokens = [lc.llama_vocab_bos(self._vocab)]
@@ -475,8 +507,10 @@ class Engine:
         self._acquire()
         try:
             self._cancel.clear()
+            self._req_cancel = cancel or _NEVER
             yield from self._run(tokens, int(max_tokens), stops, seed, seq, opts)
         finally:
+            self._req_cancel = _NEVER
             self._lock.release()
 
     def _reuse_prefix(self, tokens: list[int], seq: int) -> int:
@@ -498,8 +532,7 @@ class Engine:
                     else:
                         self.prompt_cache.forget(entry.tokens)
                         n = 0
-        self._kv_truncate(seq, n)
-        return n
+        return self._kv_truncate(seq, n)
 
     def _run(self, tokens, max_tokens, stops, seed, seq, opts):
         stats = Stats(prompt_tokens=len(tokens))
@@ -529,7 +562,7 @@ class Engine:
             finish = "length"
             hit_stop_string = False
             while stats.generated_tokens < max_tokens:
-                if self._cancel.is_set():
+                if self._cancelled():
                     finish = "cancelled"
                     break
                 tok = lc.llama_sampler_sample(chain, self._ctx, -1)
@@ -633,12 +666,12 @@ class Engine:
         the generation."""
         from .aio import stream_in_thread
 
-        async for event in stream_in_thread(self, lambda: self.stream(prompt, **kwargs)):
+        async for event in stream_in_thread(lambda stop: self.stream(prompt, cancel=stop, **kwargs)):
             yield event
 
     async def astream_chat(self, messages: list[dict], **kwargs):
         """Async version of :meth:`stream_chat`."""
         from .aio import stream_in_thread
 
-        async for event in stream_in_thread(self, lambda: self.stream_chat(messages, **kwargs)):
+        async for event in stream_in_thread(lambda stop: self.stream_chat(messages, cancel=stop, **kwargs)):
             yield event

@@ -247,7 +247,11 @@ def _parse_header(f) -> dict | None:
     if len(data) != n:
         return None
     head = json.loads(data)
-    return head if isinstance(head, dict) and isinstance(head.get("tokens"), list) else None
+    if not isinstance(head, dict) or not isinstance(head.get("tokens"), list):
+        return None
+    if not all(type(t) is int for t in head["tokens"]):
+        return None
+    return head
 
 
 def _read_header(path: Path) -> dict | None:

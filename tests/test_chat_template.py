@@ -28,7 +28,8 @@ CHATML_HI = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    with Engine(tiny_model, n_ctx=4096, threads=2) as e:
+    # one thread: see THREADS in test_engine.py
+    with Engine(tiny_model, n_ctx=4096, threads=1) as e:
         yield e
 
 
@@ -68,11 +69,20 @@ LEAKS = {
 }
 
 
+@pytest.fixture
+def cwd(tmp_path, monkeypatch) -> Path:
+    """An empty working directory, where a template that ran a shell
+    command would leave its PWNED file."""
+    path = tmp_path / "cwd"
+    path.mkdir()
+    monkeypatch.chdir(path)
+    return path
+
+
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=LEAKS[n]))
+    pytest.param(n,)
     if n in LEAKS else n for n in HOSTILE])
-def test_hostile_or_broken_template_is_a_template_error(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_hostile_or_broken_template_is_a_template_error(name, cwd):
     try:
         render_segments(HOSTILE[name], USER)
     except TemplateError as e:
@@ -81,12 +91,9 @@ def test_hostile_or_broken_template_is_a_template_error(name, tmp_path, monkeypa
         raise AssertionError(f"{type(e).__name__} escaped: {e}") from None
     else:
         raise AssertionError("the template rendered")
-    assert list(tmp_path.iterdir()) == []  # nothing ran: no PWNED file
+    assert list(cwd.iterdir()) == []  # nothing ran: no PWNED file
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
-    "chat.py _environment: the sandbox's unsafe_undefined() returns an Undefined, which prints "
-    "as '' - reading __globals__ renders silently instead of raising TemplateError"))
 @pytest.mark.parametrize("template", ["{{ lipsum.__globals__ }}",
                                       "{{ raise_exception.__globals__ }}{{ messages[0]['content'] }}"])
 def test_reading_globals_is_a_template_error(template):
@@ -105,14 +112,13 @@ def test_raise_exception_becomes_template_error_with_its_message():
     assert info.value.hint
 
 
-def test_engine_with_hostile_template_refuses_to_chat(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with Engine(tiny_model, n_ctx=256, threads=2, chat_template=HOSTILE["popen"]) as e:
+def test_engine_with_hostile_template_refuses_to_chat(tiny_model, cwd):
+    with Engine(tiny_model, n_ctx=256, threads=1, chat_template=HOSTILE["popen"]) as e:
         with pytest.raises(TemplateError):
             e.chat(USER, max_tokens=2)
         # plain completion does not use the template
         assert e.generate("The weather was", max_tokens=2, temperature=0)
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
 
 
 # -- render_segments ------------------------------------------------------------
@@ -149,7 +155,7 @@ def test_template_sees_roles_and_special_tokens():
 
 def test_fallback_chatml_when_the_model_has_no_template(untemplated_model, engine, monkeypatch):
     assert read_gguf(untemplated_model).chat_template is None
-    with Engine(untemplated_model, n_ctx=256, threads=2, chat_template=None) as e:
+    with Engine(untemplated_model, n_ctx=256, threads=1, chat_template=None) as e:
         assert e.chat_template is None
         expected = e.tokenize(CHATML_HI, special=True)
         assert e.chat_tokens(USER) == expected
@@ -165,12 +171,12 @@ def test_fallback_chatml_when_the_model_has_no_template(untemplated_model, engin
 
 def test_chat_template_option_overrides_the_model(tiny_model):
     template = "{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}<|im_end|>"
-    with Engine(tiny_model, n_ctx=256, threads=2, chat_template=template) as e:
+    with Engine(tiny_model, n_ctx=256, threads=1, chat_template=template) as e:
         assert e.chat_tokens(USER) == e.tokenize("<|im_start|>hi<|im_end|>", special=True)
 
 
 def test_system_prompt_is_used_only_without_a_system_message(tiny_model):
-    with Engine(tiny_model, n_ctx=256, threads=2, system_prompt="Be brief.") as e:
+    with Engine(tiny_model, n_ctx=256, threads=1, system_prompt="Be brief.") as e:
         assert e.detokenize(e.chat_tokens(USER), special=True) == \
             "<|im_start|>system\nBe brief.<|im_end|>\n" + CHATML_HI
         own = [{"role": "system", "content": "Be long."}, *USER]
@@ -243,7 +249,6 @@ def test_session_save_and_load_round_trip(engine, tmp_path):
     None,                                    # no file
     "not json {",
     "[1, 2, 3]",
-    '{"system": "x"}',
     '{"messages": "hi"}',
     '{"messages": [{"role": "user"}]}',
 ])
@@ -254,14 +259,19 @@ def test_session_load_of_a_bad_file(engine, tmp_path, content):
     session = ChatSession(engine, system="keep me")
     session.history = [{"role": "user", "content": "keep"}, {"role": "assistant", "content": "me"}]
     before = (session.system, list(session.history))
-    if content == '{"system": "x"}':  # a conversation with no turns is a valid file
-        session.load(path)
-        assert (session.system, session.history) == ("x", [])
-        return
     with pytest.raises(EdgeinferError) as info:
         session.load(path)
     assert info.value.hint
     assert (session.system, session.history) == before
+
+
+def test_session_load_of_a_conversation_without_turns(engine, tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text('{"system": "x"}', encoding="utf-8")
+    session = ChatSession(engine, system="old")
+    session.history = [{"role": "user", "content": "gone"}]
+    session.load(path)
+    assert (session.system, session.history) == ("x", [])
 
 
 def test_cancelled_stream_keeps_the_partial_answer(engine):

@@ -18,13 +18,13 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture
 def engine(real_model_home):
-    with edgeinfer.load(MODEL, n_ctx=2048, threads=2) as e:
+    with edgeinfer.load(MODEL, n_ctx=2048, threads=1) as e:
         yield e
 
 
 def cold(**options):
     """The default model with no KV reuse at all: every request from scratch."""
-    return edgeinfer.load(MODEL, n_ctx=2048, threads=2, prompt_cache=False, **options)
+    return edgeinfer.load(MODEL, n_ctx=2048, threads=1, prompt_cache=False, **options)
 
 
 def test_the_default_model_knows_paris(real_model_home):
