@@ -109,9 +109,10 @@ def test_event_loop_keeps_ticking_during_generation(engine):
     assert ticks >= 10 and ticks >= 0.25 * possible, f"{ticks} ticks in {elapsed:.2f} s"
 
 
-def test_cancelling_the_consumer_cancels_the_generation(engine, monkeypatch, worker_threads):
+def test_cancelling_the_consumer_cancels_the_generation(engine, worker_threads):
     prompt = "Quantization makes the weights"
     expected = engine.generate(prompt, max_tokens=20, **GREEDY)
+
     async def main():
         got_some = asyncio.Event()
         seen = []
@@ -169,7 +170,7 @@ def test_errors_reach_the_awaiting_side(engine, worker_threads):
         with pytest.raises(exc_type):
             await collect(agen)
         # Keep the loop open until the worker has finished: it may still be
-        # handing over its end marker (the xfail test at the end of this file).
+        # handing over its end marker (the last test of this file).
         await asyncio.to_thread(worker_threads)
 
     asyncio.run(expect(ContextOverflowError, engine.astream(too_long, max_tokens=4)))

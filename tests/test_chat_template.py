@@ -61,12 +61,6 @@ HOSTILE = {
     "syntax": "{% for message in messages %}{{ message['content'] }",
     "unknown-tag": "{% exec 'import os' %}",
 }
-# Template errors that edgeinfer lets through as other exceptions today.
-LEAKS = {
-    "huge-range": "chat.py render_segments: the sandbox's range() limit raises OverflowError, "
-                  "which is not in the caught tuple (JinjaError, TypeError, ValueError, ...)",
-    "zero-division": "chat.py render_segments: ZeroDivisionError from a template is not caught",
-}
 
 
 @pytest.fixture
@@ -79,9 +73,7 @@ def cwd(tmp_path, monkeypatch) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n,)
-    if n in LEAKS else n for n in HOSTILE])
+@pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_or_broken_template_is_a_template_error(name, cwd):
     try:
         render_segments(HOSTILE[name], USER)

@@ -101,6 +101,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
 
 
 def test_the_largest_seed_is_reproducible_too(engine):
+    # 2**32-1 is llama.cpp's "pick a random seed"; a caller's seed never is
     seed = 2**32 - 1
     runs = {engine.generate("The weather was", max_tokens=20, seed=seed, temperature=1.0) for _ in range(3)}
     assert len(runs) == 1
@@ -507,7 +508,7 @@ print(result)
 
 def test_close_while_another_thread_generates(tiny_model):
     # A desktop app closing its window during an answer. In a child
-    # process, because today it usually dies of SIGSEGV.
+    # process: freeing the context under a running decode is a SIGSEGV.
     proc = subprocess.run([sys.executable, "-c", _CLOSE_WHILE_GENERATING, str(tiny_model)],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "GGML_NO_BACKTRACE": "1"})
