@@ -35,6 +35,7 @@ DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                         repeat_penalty=1.0, repeat_last_n=64)
 
 _NEVER = threading.Event()  # a cancel event that is never set
+_NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
 _backend_lock = threading.Lock()
 _backend_ready = False
 
@@ -161,7 +162,7 @@ class Engine:
                  sha256: str | None = None, chat_template: str | None = None,
                  lock_timeout: float | None = None, check_memory: bool = True,
                  system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
-                 cache_disk: bool = True):
+                 cache_disk: bool = True, flash_attn: bool = False):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -206,6 +207,15 @@ class Engine:
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads_batch
         cparams.no_perf = True
+        # Flash attention is off by default: its CPU kernel takes another
+        # path for short batches, so the few tokens evaluated after a
+        # reused prefix would get different logits than in a cold prefill
+        # (up to 0.65 on the default model) and a cache hit could change
+        # the answer. Off, a hit is bit-exact. On is a few % faster.
+        cparams.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.flash_attn = bool(flash_attn)
+        self._kv_types = (cparams.type_k, cparams.type_v)
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             self._free()
@@ -215,6 +225,7 @@ class Engine:
         # cancel lands inside a long prefill, not after it.
         self._abort_cb = lc.ggml_abort_callback(lambda _data: self._cancelled())
         lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
+        self._abort_on = True
         self._mem = lc.llama_get_memory(self._ctx)
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
@@ -231,7 +242,7 @@ class Engine:
         if isinstance(prompt_cache, PromptCache):
             self.prompt_cache: PromptCache | None = prompt_cache
         elif prompt_cache:
-            self.prompt_cache = PromptCache(self.cache_namespace(cparams), disk=cache_disk)
+            self.prompt_cache = PromptCache(self.cache_namespace(), disk=cache_disk)
         else:
             self.prompt_cache = None
 
@@ -344,6 +355,7 @@ class Engine:
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, 1
                 b.seq_id[i][0] = seq
             b.n_tokens = len(tokens)
+            self._abort_during(True)
             rc = lc.llama_decode(self._ctx, b)
             if rc != 0:
                 self.kv_clear(seq)
@@ -395,7 +407,7 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.token_bytes(token_id, special=True).decode("utf-8", "replace")
 
-    def cache_namespace(self, cparams=None) -> str:
+    def cache_namespace(self) -> str:
         """A hash of everything that makes a saved KV state valid here."""
         ident = self.sha256
         if not ident:  # a bare path: identify the file by name, size and time
@@ -404,22 +416,28 @@ class Engine:
         lib = getattr(lc.llama_cpp, "_lib", None)
         parts = [ident, str(self.n_ctx), str(self.n_seq_max), lc.__version__,
                  lc.llama_print_system_info().decode(errors="replace"),
-                 str(getattr(cparams, "type_k", "")), str(getattr(cparams, "type_v", "")),
+                 str(self._kv_types[0]), str(self._kv_types[1]), f"fa={self.flash_attn}",
                  str(getattr(lib, "_name", ""))]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
     # -- KV state (every call names its sequence) ---------------------------
-    def seq_state(self, seq: int = 0) -> bytes:
-        """The KV state of sequence ``seq`` as bytes."""
+    def seq_state(self, seq: int = 0) -> bytearray:
+        """The KV state of sequence ``seq``."""
         size = lc.llama_state_seq_get_size(self._ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        n = lc.llama_state_seq_get_data(self._ctx, buf, size, seq)
-        return ctypes.string_at(buf, n)
+        out = bytearray(size)  # llama.cpp writes straight into it: one copy
+        view = (ctypes.c_uint8 * size).from_buffer(out)
+        n = lc.llama_state_seq_get_data(self._ctx, view, size, seq)
+        del view
+        del out[n:]
+        return out
 
-    def restore_seq_state(self, state: bytes, tokens: list[int], seq: int = 0) -> bool:
+    def restore_seq_state(self, state: bytes | bytearray, tokens: list[int], seq: int = 0) -> bool:
         """Load a state saved by seq_state() for ``tokens`` into ``seq``."""
         self.kv_clear(seq)
-        ptr = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
+        if isinstance(state, bytearray):
+            ptr = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        else:  # bytes read back from disk: borrow the buffer, no copy
+            ptr = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
         if lc.llama_state_seq_set_data(self._ctx, ptr, len(state), seq) != len(state) or \
                 lc.llama_memory_seq_pos_max(self._mem, seq) != len(tokens) - 1:
             self.kv_clear(seq)
@@ -450,6 +468,15 @@ class Engine:
         pos_max = lc.llama_memory_seq_pos_max(self._mem, seq)
         del self._kv_tokens[seq][max(pos_max + 1, 0):]
 
+    def _abort_during(self, on: bool) -> None:
+        """ggml polls the abort callback at every graph node (~500 times a
+        token here), which costs a few % of decode speed. Single-token
+        decodes are short, and cancel is checked between them, so the
+        callback is installed only for multi-token batches (prefill)."""
+        if on != self._abort_on:
+            lc.llama_set_abort_callback(self._ctx, self._abort_cb if on else _NO_ABORT, None)
+            self._abort_on = on
+
     def _decode(self, tokens: list[int], seq: int, logits_last: bool = True) -> int:
         """Evaluate ``tokens`` after what ``seq`` holds, in n_batch chunks.
         Returns 0, or 2 when cancelled; raises EngineError on failure."""
@@ -467,6 +494,7 @@ class Engine:
             if logits_last and start + len(chunk) == len(tokens):
                 b.logits[len(chunk) - 1] = 1
             b.n_tokens = len(chunk)
+            self._abort_during(len(chunk) > 1)
             rc = lc.llama_decode(self._ctx, b)
             if rc != 0:
                 self._kv_resync(seq)
@@ -545,10 +573,10 @@ class Engine:
         chain = _sampler_chain(self.n_vocab, seed, **opts)
         try:
             rc = self._decode(tokens[n:], seq)
-            if rc == 0 and self.prompt_cache is not None and len(tokens) > n:
-                self.prompt_cache.put(tokens, self.seq_state(seq))
             t_prefill = time.perf_counter()
             stats.prefill_tps = (len(tokens) - n) / max(t_prefill - t0, 1e-9)
+            if rc == 0 and self.prompt_cache is not None and len(tokens) > n:
+                self.prompt_cache.put(tokens, self.seq_state(seq))
             if rc == 2:
                 stats.finish_reason = "cancelled"
                 stats.total_s = time.perf_counter() - t0

@@ -181,7 +181,7 @@ class PromptCache:
             name = hashlib.sha256(struct.pack(f"<{len(key)}i", *key)).hexdigest()[:32]
             path = self.dir / f"{name}.kv"
             head = json.dumps({"namespace": self.namespace, "tokens": list(key),
-                               "size": len(state), "crc32": zlib.crc32(state)}).encode()
+                               "size": len(state), "crc32": _checksum(key, state)}).encode()
             tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(head)) + head)
@@ -203,7 +203,7 @@ class PromptCache:
                         head.get("namespace") != self.namespace:
                     raise ValueError("header")
                 state = f.read(head["size"] + 1)
-            if len(state) != head["size"] or zlib.crc32(state) != head["crc32"]:
+            if len(state) != head["size"] or _checksum(key, state) != head["crc32"]:
                 raise ValueError("body")
             os.utime(path)  # LRU by file time
             return state
@@ -232,6 +232,12 @@ class PromptCache:
                     for k, v in list(self._disk.items()):
                         if v == p:
                             del self._disk[k]
+
+
+def _checksum(tokens: tuple[int, ...], state) -> int:
+    """crc32 over the token ids and the state: a damaged token id in the
+    header must not pass the state off as another prefix's."""
+    return zlib.crc32(state, zlib.crc32(struct.pack(f"<{len(tokens)}i", *tokens)))
 
 
 def _parse_header(f) -> dict | None:

@@ -17,6 +17,10 @@ shows the median and the standard deviation. With ``--llama-bench PATH`` the
 llama-bench binary built from the same vendored llama.cpp runs too, and the
 0.97x target is checked against it.
 
+Flash attention is off by default for the Engine (so prompt-cache hits are
+bit-exact), for Llama and for llama-bench; ``--flash-attn`` turns it on for
+all three.
+
     python scripts/bench_engine.py
     python scripts/bench_engine.py --threads 2 --reps 5 --llama-bench ~/llama.cpp/build/bin/llama-bench
     python scripts/bench_engine.py --json > bench.json
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -155,9 +158,10 @@ def llama_tg(llm: llama_cpp.Llama, prompt: list[int], n_gen: int) -> tuple[float
 
 # -- llama-bench ---------------------------------------------------------------
 
-def run_llama_bench(binary: str, model: Path, threads: int, pp: int, tg: int, reps: int) -> tuple[list[Result], dict]:
+def run_llama_bench(binary: str, model: Path, threads: int, pp: int, tg: int, reps: int,
+                    flash_attn: bool) -> tuple[list[Result], dict]:
     cmd = [binary, "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
-           "-r", str(reps), "-o", "json"]
+           "-r", str(reps), "-o", "json"] + (["-fa", "1"] if flash_attn else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -175,12 +179,13 @@ def run_llama_bench(binary: str, model: Path, threads: int, pp: int, tg: int, re
 
 # -- the run -------------------------------------------------------------------
 
-def resolve(name_or_path: str) -> Path:
+def resolve(name_or_path: str) -> tuple[Path, bool]:
+    """The GGUF path, and whether it is the catalog's default model."""
     try:
-        path, _ = edgeinfer.resolve_model(name_or_path)
+        path, manifest = edgeinfer.resolve_model(name_or_path)
     except edgeinfer.ModelNotFoundError as e:
         raise SystemExit(f"Error: {e.one_line()}") from None
-    return path
+    return path, manifest is not None and manifest.sha256 == edgeinfer.default_entry().sha256
 
 
 def pick_tg_prompt(engine: Engine, rng: random.Random, n_gen: int, tries: int = 20) -> tuple[list[int], int, list[int]]:
@@ -203,11 +208,11 @@ def measure(args, model: Path, log) -> dict:
     n_ctx = args.pp + args.tg + 2
     # Every prefill must be cold: no prompt cache (where the Engine has one),
     # and kv_clear() before each run.
-    no_cache = {"prompt_cache": False} if "prompt_cache" in inspect.signature(Engine).parameters else {}
     engine = Engine(model, n_ctx=n_ctx, threads=args.threads, threads_batch=args.threads,
-                    n_batch=args.batch, **no_cache)
+                    n_batch=args.batch, prompt_cache=False, flash_attn=args.flash_attn)
     llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_batch=args.batch, verbose=False)
+                          n_threads_batch=args.threads, n_batch=args.batch,
+                          flash_attn=args.flash_attn, verbose=False)
     rng = random.Random(SEED)
     results: dict[tuple[str, str], Result] = {}
     notes: list[str] = []
@@ -278,8 +283,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def checks(by_key: dict) -> list[dict]:
-    """One row per target: measured here when possible, else the reference."""
+def checks(by_key: dict, reference: bool) -> list[dict]:
+    """One row per target: measured here when possible, else (for the
+    default model at 2 threads) the reference figures."""
     rows = []
     for test in ("pp", "tg"):
         ours = by_key.get(("edgeinfer", test))
@@ -287,15 +293,17 @@ def checks(by_key: dict) -> list[dict]:
             continue
         llama = by_key.get(("Llama", test))
         if llama is not None:
+            noise = max(ours.stdev, llama.stdev)
             rows.append({"test": ours.name, "target": "edgeinfer > Llama",
-                         "need": llama.median, "have": ours.median, "source": "this run",
+                         "need": llama.median, "have": ours.median,
+                         "source": "this run" + (", within one stdev" if abs(ours.median - llama.median) < noise else ""),
                          "met": ours.median > llama.median})
         bench = by_key.get(("llama-bench", test))
         if bench is not None:
             rows.append({"test": ours.name, "target": f"edgeinfer >= {TARGET_VS_LLAMA_BENCH} x llama-bench",
                          "need": TARGET_VS_LLAMA_BENCH * bench.median, "have": ours.median,
                          "source": "this run", "met": ours.median >= TARGET_VS_LLAMA_BENCH * bench.median})
-        elif REFERENCE_LLAMA_BENCH[test][0] == ours.name:
+        elif reference and REFERENCE_LLAMA_BENCH[test][0] == ours.name:
             ref_name, ref = REFERENCE_LLAMA_BENCH[test]
             rows.append({"test": ours.name, "target": f"edgeinfer >= {TARGET_VS_LLAMA_BENCH} x llama-bench",
                          "need": TARGET_VS_LLAMA_BENCH * ref, "have": ours.median,
@@ -309,12 +317,17 @@ def print_report(report: dict, by_key: dict) -> None:
     cfg = report["config"]
     print(f"# {report['date']}  {cfg['cpu']} ({cfg['cpus']} CPUs)  llama-cpp-python {cfg['llama_cpp_python']}")
     print(f"# load average before {report['load_before']}, after {report['load_after']}")
-    print(f"# n_ctx {cfg['n_ctx']}, n_batch {cfg['n_batch']}, {cfg['reps']} reps after 1 warm-up; "
-          "edgeinfer: flash attention as llama.cpp decides (auto); Llama and llama-bench: off (their default)")
+    print(f"# n_ctx {cfg['n_ctx']}, n_batch {cfg['n_batch']}, {cfg['reps']} reps after 1 warm-up; flash attention: "
+          f"{'on' if cfg['flash_attn'] else 'off'} for all")
+    if report["load_before"][0] >= cfg["cpus"]:
+        print(f"# WARNING: the 1-minute load average ({report['load_before'][0]}) was at or above "
+              f"the CPU count; other processes were competing and the figures are unreliable")
     print()
     head = ("model", "size", "params", "runtime", "threads", "test", "t/s")
+    runtimes = ("edgeinfer", "Llama", "llama-bench")
+    ordered = sorted(by_key.values(), key=lambda r: (r.test, runtimes.index(r.runtime)))
     rows = [(cfg["model_desc"], f"{cfg['model_bytes'] / 2**20:.2f} MiB", cfg["params"], r.runtime,
-             str(cfg["threads"]), r.name, f"{r.median:.2f} ± {r.stdev:.2f}") for r in by_key.values()]
+             str(cfg["threads"]), r.name, f"{r.median:.2f} ± {r.stdev:.2f}") for r in ordered]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     right = {1, 2, 4, 5, 6}
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
@@ -347,17 +360,19 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"a store name or a GGUF path (default: {default_model})")
     p.add_argument("--threads", type=int, default=hardware.default_threads(),
                    help="threads for prefill and decode (default: %(default)s, the physical cores)")
-    p.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test (0: skip)")
-    p.add_argument("--tg", type=int, default=128, help="timed tokens for the decode test (0: skip)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
+    p.add_argument("--pp", type=int, default=512, help="prompt tokens for the prefill test (default: 512; 0: skip)")
+    p.add_argument("--tg", type=int, default=128, help="timed tokens for the decode test (default: 128; 0: skip)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default: 3)")
     p.add_argument("--batch", type=int, default=512, help="n_batch for both runtimes (default: 512)")
     p.add_argument("--llama-bench", metavar="PATH", help="also run this llama-bench binary")
+    p.add_argument("--flash-attn", action="store_true",
+                   help="flash attention on for all three runtimes (default: off for all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    if args.reps < 1 or args.pp < 0 or args.tg < 0 or args.threads < 1:
-        p.error("--reps and --threads must be >= 1, --pp and --tg >= 0")
+    if args.reps < 1 or args.pp < 0 or args.tg < 0 or args.threads < 1 or not (args.pp or args.tg):
+        p.error("--reps and --threads must be >= 1, --pp and --tg >= 0 and not both 0")
 
-    model = resolve(args.model)
+    model, is_default_model = resolve(args.model)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"benchmarking {model} with {args.threads} threads (load average {load_before}) ...")
@@ -367,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_bench:
         log(f"running {args.llama_bench} ...")
         bench_results, bench_info = run_llama_bench(args.llama_bench, model, args.threads,
-                                                    args.pp, args.tg, args.reps)
+                                                    args.pp, args.tg, args.reps, args.flash_attn)
         for r in bench_results:
             by_key[("llama-bench", r.test)] = r
     load_after = [round(x, 2) for x in os.getloadavg()]
@@ -386,12 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": str(model), "model_desc": f"{info.architecture} {human_count(info.parameter_count)} {info.file_type}",
                    "model_bytes": info.file_size, "params": human_count(info.parameter_count),
                    "threads": args.threads, "pp": args.pp, "tg": args.tg, "reps": args.reps,
-                   "n_ctx": run["n_ctx"], "n_batch": args.batch, "cpu": cpu_model(), "cpus": os.cpu_count(),
+                   "n_ctx": run["n_ctx"], "n_batch": args.batch, "flash_attn": args.flash_attn, "cpu": cpu_model(), "cpus": os.cpu_count(),
                    "llama_cpp_python": llama_cpp.__version__, "tg_prompt": run["tg_prompt"]},
         "load_before": load_before, "load_after": load_after,
         "results": [r.to_dict() for r in by_key.values()],
         "ratios": ratios,
-        "checks": checks(by_key),
+        "checks": checks(by_key, reference=is_default_model and args.threads == 2),
         "same_greedy_tokens": run["same_greedy_tokens"],
         "llama_bench": bench_info,
         "notes": run["notes"],

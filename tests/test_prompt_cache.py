@@ -31,8 +31,8 @@ GREEDY = dict(temperature=0)
 MAX_TOKENS = 24
 SUBPROCESS_TIMEOUT = 120
 
-# About 330 tokens of the tiny model's vocabulary: longer than the disk
-# threshold (128 tokens) and shared by every question below.
+# About 860 tokens of the tiny model's vocabulary: longer than the disk
+# threshold (128 tokens) and than one batch (512), shared by every question.
 SYSTEM = " ".join(
     f"Rule {i}: when a person asks about the {topic}, answer with the facts you have read, "
     f"keep the answer short, and say so when the model does not know."
@@ -42,6 +42,11 @@ QUESTIONS = ["What does the program read first?", "Why is a long conversation qu
              "How many cores does the small computer have?"]
 
 
+# Why some cache hits answer differently from a cold prefill (see the report
+# in test_prompt_cache_real.py): llama.cpp's default flash attention
+# ("auto", on for CPUs) computes a batch of fewer than 64 tokens on another
+# path than a larger one, so a prompt's tail evaluated after a reused prefix
+# gets slightly different logits than in a cold prefill.
 def messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
 
@@ -236,10 +241,6 @@ def test_a_corrupt_file_is_deleted_and_ignored(tmp_path, corrupt):
     assert PromptCache("ns", root=tmp_path).nearest(tokens)[1].state == b"fresh"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "prompt_cache._disk_index: tuple(head['tokens']) of a header whose token list holds "
-    "lists is unhashable, and the TypeError escapes nearest()/put() instead of the file "
-    "being deleted"))
 def test_a_header_whose_tokens_are_not_numbers_is_deleted_and_ignored(tmp_path):
     tokens = list(range(100, 140))
     writer = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
@@ -442,6 +443,10 @@ def in_fresh_process(model: Path, tokens: list[int]) -> dict:
     return json.loads(proc.stdout)
 
 
+def other_prefix(tokens: list[int]) -> list[int]:
+    return list(reversed(tokens[:50]))
+
+
 def test_disk_hit_in_a_fresh_process(tiny_model, cached, plain, prompts):
     a, b = prompts[0], prompts[1]
     run(cached, a)
@@ -453,10 +458,6 @@ def test_disk_hit_in_a_fresh_process(tiny_model, cached, plain, prompts):
 
     assert warm["cached_tokens"] == common(a, b) > 0
     assert (warm["text"], warm["ids"]) == expected(plain, b)
-
-
-def other_prefix(tokens: list[int]) -> list[int]:
-    return list(reversed(tokens[:50]))
 
 
 CORRUPT_KV = {
@@ -488,24 +489,24 @@ def test_a_corrupt_disk_file_never_changes_output(tiny_model, plain, prompts, co
     assert not path.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "prompt_cache: the crc32 in the header covers only the state bytes, not the header's token "
-    "list, so a damaged token id in the header makes the cache serve the state of other tokens"))
-def test_a_damaged_token_id_in_the_header_never_changes_output(tiny_model, plain, prompts):
+def test_a_damaged_token_id_in_the_header_is_not_trusted(tiny_model, plain, prompts):
     a = prompts[0]
     with Engine(tiny_model, n_ctx=N_CTX, threads=2) as first:
         run(first, a)
         first.prompt_cache.flush()
     [path] = kv_files(first.prompt_cache.dir)
     head, state = split_file(path.read_bytes())
-    # One token id early in the prompt turns into another (as one bad digit would).
-    i = 20
-    damaged = list(head["tokens"])
-    damaged[i] = a[i] + 1 if a[i] + 1 < plain.n_vocab else a[i] - 1
+    # One token id in the header turns into another, as one bad digit would
+    # (the JSON stays valid): the state is still a's, the header names other tokens.
+    i = 200
+    damaged = list(a)
+    damaged[i] = a[i] + 1
     path.write_bytes(join_file({**head, "tokens": damaged}, state))
 
     with Engine(tiny_model, n_ctx=N_CTX, threads=2) as second:
         text, ids, cached_tokens = run(second, damaged)
+    # No state on disk was ever computed for damaged[i], so nothing past it can be reused.
+    assert cached_tokens <= i
     assert (text, ids) == expected(plain, damaged)
 
 
@@ -533,7 +534,7 @@ def test_cache_disk_false_keeps_the_cache_in_memory(tiny_model, plain, prompts, 
 
 
 def test_an_engine_takes_a_prompt_cache_object(tiny_model, plain, prompts, tmp_path):
-    a, c = prompts[0], prompts[2]
+    a, c = prompts[0], prompts[1]
     with Engine(tiny_model, n_ctx=N_CTX, threads=2) as default:
         namespace = default.prompt_cache.namespace
     cache = PromptCache(namespace, root=tmp_path / "pc")
@@ -549,9 +550,6 @@ def test_an_engine_takes_a_prompt_cache_object(tiny_model, plain, prompts, tmp_p
     assert (text, ids) == expected(plain, c)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.Engine.cache_namespace() without arguments hashes empty type_k/type_v, while "
-    "__init__ hashes the context params', so it is not the namespace of the engine's own cache"))
 def test_cache_namespace_is_the_namespace_of_the_engines_cache(cached):
     assert cached.cache_namespace() == cached.prompt_cache.namespace
 
