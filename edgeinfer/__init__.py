@@ -20,10 +20,10 @@ from pathlib import Path
 from .catalog import CatalogEntry, default_entry, load_catalog
 from .chat import ChatSession
 from .engine import DoneEvent, Engine, Stats, TextEvent
-from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, ContextOverflowError,
-                     DiskSpaceError, DownloadError, EdgeinferError, EngineBusyError, EngineError,
-                     GGUFError, InvalidNameError, MemoryFitError, ModelNotFoundError, StoreError,
-                     TemplateError)
+from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, CompareError,
+                     ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
+                     EngineBusyError, EngineError, GGUFError, InvalidNameError, MemoryFitError,
+                     ModelNotFoundError, QuantizeError, StoreError, TemplateError)
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
 from .store import Manifest, ModelStore
@@ -37,7 +37,7 @@ __all__ = [
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError",
-    "TemplateError",
+    "TemplateError", "QuantizeError", "CompareError",
 ]
 
 

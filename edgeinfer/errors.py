@@ -18,6 +18,7 @@
     │   ├── ContextOverflowError      prompt longer than the context
     │   └── EngineBusyError           a second call timed out waiting
     ├── QuantizeError                 quantize/convert refused or failed
+    ├── CompareError (ValueError)     models that cannot be compared
     └── TemplateError                 a chat template failed or was hostile
 
 Library code raises these; only the CLI turns them into one-line messages.
@@ -116,6 +117,12 @@ class EngineBusyError(EngineError, TimeoutError):
 class QuantizeError(EdgeinferError):
     """A quantize or convert that was refused (unknown type, requantizing)
     or that llama.cpp's quantizer failed."""
+
+
+class CompareError(EdgeinferError, ValueError):
+    """Models with different vocabularies, or too little evaluation text."""
+
+    hint = "compare quants of one model: they share a tokenizer"
 
 
 class TemplateError(EdgeinferError):

@@ -12,13 +12,13 @@ class Progress(Protocol):
     """start() on an active reporter only updates its total, so a retried
     transfer keeps one bar."""
 
-    def start(self, total: int | None, desc: str, initial: int = 0) -> None: ...
+    def start(self, total: int | None, desc: str, initial: int = 0, unit: str = "B") -> None: ...
     def update(self, n: int) -> None: ...
     def close(self) -> None: ...
 
 
 class NullProgress:
-    def start(self, total, desc, initial=0): pass
+    def start(self, total, desc, initial=0, unit="B"): pass
     def update(self, n): pass
     def close(self): pass
 
@@ -39,15 +39,18 @@ class LineProgress:
         self.every = every
         self.active = False
 
-    def start(self, total, desc, initial=0):
+    def start(self, total, desc, initial=0, unit="B"):
         if self.active:
             self.total = total or self.total
             return
-        self.total, self.desc, self.done = total, desc, initial
+        self.total, self.desc, self.done, self.unit = total, desc, initial, unit
         self.t0 = self.last = time.monotonic()
         self.base = initial
         self.active = True
-        print(f"{desc}: starting" + (f" at {_human(initial)}" if initial else ""), file=self.stream, flush=True)
+        print(f"{desc}: starting" + (f" at {self._fmt(initial)}" if initial else ""), file=self.stream, flush=True)
+
+    def _fmt(self, n: float) -> str:
+        return _human(n) if self.unit == "B" else f"{n:.0f} {self.unit}"
 
     def update(self, n):
         if not self.active:
@@ -60,10 +63,10 @@ class LineProgress:
 
     def _line(self, now):
         rate = (self.done - self.base) / max(now - self.t0, 1e-6)
-        text = f"{self.desc}: {_human(self.done)}"
+        text = f"{self.desc}: {self._fmt(self.done)}"
         if self.total:
-            text += f" / {_human(self.total)} ({100 * self.done / self.total:.0f}%)"
-        text += f", {_human(rate)}/s"
+            text += f" / {self._fmt(self.total)} ({100 * self.done / self.total:.0f}%)"
+        text += f", {self._fmt(rate) if self.unit == 'B' else f'{rate:.1f} {self.unit}'}/s"
         if self.total and rate > 0:
             text += f", ETA {max(self.total - self.done, 0) / rate:.0f}s"
         print(text, file=self.stream, flush=True)
@@ -81,7 +84,7 @@ class BarProgress:
         self.stream = stream or sys.stderr
         self.bar = None
 
-    def start(self, total, desc, initial=0):
+    def start(self, total, desc, initial=0, unit="B"):
         from tqdm import tqdm
 
         if self.bar is not None:
@@ -89,7 +92,7 @@ class BarProgress:
                 self.bar.total = total
                 self.bar.refresh()
             return
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit == "B",
                         unit_divisor=1000, file=self.stream, dynamic_ncols=True, leave=True)
 
     def update(self, n):

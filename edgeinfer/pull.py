@@ -97,7 +97,7 @@ def _locked(store: ModelStore, key: str, log: Log) -> FileLock:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log(f"another pull of this model is running; waiting for it to finish")
+        log("another pull of this model is running; waiting for it to finish")
         lock.acquire()
     return lock
 

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import CompareError
+
 EVAL_MODULES = ["json", "argparse", "collections", "textwrap", "string", "pathlib", "functools",
                 "itertools", "subprocess", "threading", "logging", "csv", "datetime", "decimal",
                 "fractions", "heapq", "bisect", "shutil", "tempfile", "zipfile", "tarfile", "random",
@@ -83,10 +85,11 @@ def compare(engines: list, *, text: str | None = None, chunk: int = 512, max_chu
     tokens = ref.tokenize(text, add_bos=False)
     for e in engines[1:]:
         if e.n_vocab != ref.n_vocab or e.tokenize(text, add_bos=False) != tokens:
-            raise ValueError(f"{e.name} has a different vocabulary from {ref.name}; compare needs one tokenizer")
+            raise CompareError(f"{e.name} has a different vocabulary from {ref.name}; compare needs one tokenizer")
     n_chunks = min(max_chunks, len(tokens) // chunk)
     if n_chunks < 1:
-        raise ValueError(f"the evaluation text has only {len(tokens)} tokens; need {chunk}")
+        raise CompareError(f"the evaluation text has only {len(tokens)} tokens; need {chunk}",
+                           hint="use a smaller chunk")
     first = chunk // 2
     nll = [0.0] * len(engines)
     kl = [0.0] * len(engines)

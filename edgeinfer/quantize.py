@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
 
 from . import hardware
@@ -66,11 +69,17 @@ def llama_build() -> str:
     return f"llama-cpp-python {lc.__version__}"
 
 
-def _target_ref(parent: Manifest, to: str, name: str | None) -> ModelRef:
+def _target_ref(store: ModelStore, parent: Manifest, to: str, name: str | None) -> ModelRef:
+    """Where the result goes; never over a model that is already there."""
     if name:
         ref = parse_ref(name)
-        return ref if ref.tag else ModelRef(ref.name, check_part(to.lower(), "tag"))
-    return ModelRef(parent.name, check_part(to.lower(), "tag"))
+        ref = ref if ref.tag else ModelRef(ref.name, check_part(to.lower(), "tag"))
+    else:
+        ref = ModelRef(parent.name, check_part(to.lower(), "tag"))
+    if store.get(ref) is not None:
+        raise QuantizeError(f"{ref} is already in the store",
+                            hint=f"pick another --name, or remove it first with 'edgeinfer rm {ref}'")
+    return ref
 
 
 def _check_resources(store: ModelStore, out_bytes: int, mem_bytes: int) -> None:
@@ -153,7 +162,7 @@ def quantize(model: str, to: str, *, name: str | None = None, threads: int | Non
         except KeyError:
             raise QuantizeError(f"unknown tensor type {output_tensor_type!r}",
                                 hint="use a ggml type name such as q8_0, q6_k or f16") from None
-    ref = _target_ref(parent, qtype, name)
+    ref = _target_ref(store, parent, qtype, name)
     bits = 32 if qtype == "F32" else 16 if qtype in ("F16", "BF16") else 9
     _check_resources(store, max(parent.size, info.parameter_count * bits // 8),
                      parent.size + info.parameter_count * bits // 8 // 4)
@@ -174,20 +183,24 @@ def quantize(model: str, to: str, *, name: str | None = None, threads: int | Non
 def _run_child(args: dict, tmp: Path, progress: Progress, desc: str) -> None:
     cmd = [sys.executable, "-m", "edgeinfer.quantize", json.dumps(args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    err_tail: list[str] = []
+    # stderr is drained on its own thread: llama.cpp can log more than a
+    # pipe holds, and a full pipe would block the child forever.
+    err_tail: deque[str] = deque(maxlen=3)
+    drain = threading.Thread(target=lambda: err_tail.extend(proc.stderr), daemon=True)
+    drain.start()
     try:
         started = False
         for line in proc.stdout:
             m = re.match(r"PROGRESS (\d+) (\d+)", line)
             if m:
-                done, total = int(m.group(1)), int(m.group(2))
+                total = int(m.group(2))
                 if not started:
-                    progress.start(total, desc)
+                    progress.start(total, desc, unit="tensors")
                     started = True
                 progress.update(1)
         progress.close()
-        err_tail = proc.stderr.read().strip().splitlines()[-3:]
         rc = proc.wait()
+        drain.join()
     except BaseException:  # Ctrl-C or anything else: stop the child, leave nothing behind
         proc.kill()
         proc.wait()
@@ -195,7 +208,7 @@ def _run_child(args: dict, tmp: Path, progress: Progress, desc: str) -> None:
         raise
     if rc != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
-        detail = " ".join(err_tail) or f"exit status {rc}"
+        detail = " ".join(line.strip() for line in err_tail) or f"exit status {rc}"
         raise QuantizeError(f"llama.cpp's quantizer failed: {detail}",
                             hint="run with EDGEINFER_DEBUG=1 to see llama.cpp's log")
 
@@ -208,15 +221,27 @@ def _child_main(raw: str) -> int:
 
     a = json.loads(raw)
     debug = os.environ.get("EDGEINFER_DEBUG") == "1"
+    if sys.platform.startswith("linux"):
+        # Die with the parent: a killed `edgeinfer quantize` must not leave
+        # an orphan quantizing into scratch.
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() == 1:
+            return 1
 
     @lc.llama_log_callback
     def on_log(level, text, _data):
         s = (text or b"").decode(errors="replace")
         m = re.search(r"\[\s*(\d+)/\s*(\d+)\]", s)
-        if m:
-            print(f"PROGRESS {m.group(1)} {m.group(2)}", flush=True)
-        if debug or level == 2:  # GGML_LOG_LEVEL_ERROR
-            sys.stderr.write(s)
+        try:
+            if m:
+                print(f"PROGRESS {m.group(1)} {m.group(2)}", flush=True)
+            if debug or level == 4:  # GGML_LOG_LEVEL_ERROR
+                sys.stderr.write(s)
+        except BrokenPipeError:  # the parent is gone
+            os._exit(1)
 
     lc.llama_log_set(on_log, ctypes.c_void_p(0))
     lc.llama_backend_init()
@@ -256,7 +281,7 @@ def convert(model: str, to: str = "f16", *, name: str | None = None, store: Mode
                             hint="use --to f16, f32 or bf16 (and 'edgeinfer quantize' for quantized types)")
     parent = store.resolve(model)
     info = read_gguf(parent.path)  # bounds-checked before gguf-py memory-maps it
-    ref = _target_ref(parent, target, name)
+    ref = _target_ref(store, parent, target, name)
     bpe = 4 if target == "F32" else 2
     _check_resources(store, info.parameter_count * bpe, parent.size + 2 * info.parameter_count * bpe)
     store.ensure_dirs()
@@ -273,7 +298,7 @@ def convert(model: str, to: str = "f16", *, name: str | None = None, store: Mode
             sub = GGUFValueType(field.types[-1]) if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
             writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
         writer.add_file_type(int(ftype))
-        progress.start(len(reader.tensors), str(ref))
+        progress.start(len(reader.tensors), str(ref), unit="tensors")
         for t in reader.tensors:
             data = dequantize(t.data, T(t.tensor_type)).astype(np.float32, copy=False)
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
@@ -283,7 +308,7 @@ def convert(model: str, to: str = "f16", *, name: str | None = None, store: Mode
             elif target == "F16":
                 writer.add_tensor(t.name, data.astype(np.float16))
             else:
-                writer.add_tensor(t.name, gquantize(data, T.BF16), raw_shape=shape, raw_dtype=T.BF16)
+                writer.add_tensor(t.name, gquantize(data, T.BF16), raw_dtype=T.BF16)
             progress.update(1)
         progress.close()
         writer.write_header_to_file()
