@@ -146,6 +146,11 @@ def _from_json(d: dict) -> Profile:
     d = dict(d)
     d.pop("gaps", None)
     d["measurements"] = [Measurement(**m) for m in d["measurements"]]
+    for key in ("threads", "threads_batch", "default_threads"):
+        v = d.get(key)
+        # A hand-edited or damaged profile must not reach llama.cpp.
+        if type(v) is not int or not 1 <= v <= 1024:
+            raise ValueError(f"{key} {v!r} is not a thread count")
     return Profile(**d)
 
 
