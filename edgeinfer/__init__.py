@@ -58,7 +58,8 @@ def load(name_or_path: str | os.PathLike, **options) -> Engine:
 
     Options: ``n_ctx``, ``threads``, ``threads_batch``, ``n_batch``,
     ``seed``, ``mmap``, ``mlock``, ``chat_template``, ``system_prompt``
-    (used when a chat has no system message), ``lock_timeout``,
+    (used when a chat has no system message), ``sampling`` (default
+    temperature, top_p, ... for this model), ``lock_timeout``,
     ``prompt_cache`` (False: no KV reuse at all), ``flash_attn`` (off by
     default so prompt-cache hits are bit-exact; on is a few % faster).
     A name that is not in the store raises ModelNotFoundError whose hint
@@ -72,4 +73,6 @@ def load(name_or_path: str | os.PathLike, **options) -> Engine:
         options.setdefault("sha256", manifest.sha256)
         if manifest.system:
             options.setdefault("system_prompt", manifest.system)
+        if manifest.sampling:
+            options.setdefault("sampling", manifest.sampling)
     return Engine(path, **options)

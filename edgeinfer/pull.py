@@ -108,7 +108,7 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
     try:
         blob = store.blob_path(entry.sha256)
         manifest = Manifest(entry.name, entry.tag, entry.sha256, entry.size, file=entry.file,
-                            license=entry.license, system=entry.system)
+                            license=entry.license, system=entry.system, sampling=entry.sampling or None)
         if blob.exists():  # published by an earlier or concurrent pull, so already verified
             manifest.source = "store"
             manifest.facts = list_facts(read_gguf(blob))

@@ -124,8 +124,8 @@ def _publish(store: ModelStore, tmp: Path, ref: ModelRef, parent: Manifest, opti
         m = import_file(tmp, str(ref), store=store, parent=parent.sha256, options=options, source=source)
     finally:
         tmp.unlink(missing_ok=True)
-    if parent.system and not m.system:
-        m.system = parent.system
+    if (parent.system and not m.system) or (parent.sampling and not m.sampling):
+        m.system, m.sampling = m.system or parent.system, m.sampling or parent.sampling
         store.put(m)
     return m
 

@@ -45,6 +45,7 @@ class Manifest:
     options: dict | None = None     # how it was made (quant type, flags, llama.cpp build)
     facts: dict | None = None       # GGUF facts read at publish time, for `list`
     system: str = ""                # default system prompt for chats
+    sampling: dict | None = None    # default sampling options (temperature, top_p, ...)
     path: Path | None = field(default=None, compare=False)
 
     @property

@@ -132,7 +132,7 @@ def test_sweep_with_given_threads_and_reps(model):
 # -- profiles and the engine ------------------------------------------------------------
 
 def test_a_saved_profile_is_used_by_load(model):
-    profile, path = save(model.sha256, threads=1, threads_batch=2)
+    _, path = save(model.sha256, threads=1, threads_batch=2)
     assert path.parent == tuning.profiles_dir()
     loaded = tuning.load_profile(model.sha256)
     assert (loaded.threads, loaded.threads_batch, loaded.fingerprint) == (1, 2, hardware.fingerprint())
