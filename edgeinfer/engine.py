@@ -19,7 +19,6 @@ import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,7 +27,9 @@ import llama_cpp as lc
 from . import hardware
 from .errors import ContextOverflowError, EngineBusyError, EngineError, MemoryFitError
 from .gguf_file import GGUFInfo, read_gguf
+from .events import DoneEvent, Stats, TextEvent
 from .prompt_cache import PromptCache, common_prefix
+from .sampling import StopMatcher, sampler_chain
 
 DEFAULT_N_CTX = 4096
 DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
@@ -53,94 +54,6 @@ def _init_backend() -> None:
             lc.llama_log_set(_quiet_log, ctypes.c_void_p(0))
             lc.llama_backend_init()
             _backend_ready = True
-
-
-@dataclass
-class Stats:
-    """Figures for one generation."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0        # prompt tokens whose KV state was reused
-    generated_tokens: int = 0
-    ttft_s: float = 0.0           # request start to first token
-    prefill_tps: float = 0.0      # prompt tokens evaluated per second
-    decode_tps: float = 0.0       # generated tokens per second after the first
-    finish_reason: str = ""       # "stop", "length" or "cancelled"
-    total_s: float = 0.0
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class TextEvent:
-    """A piece of generated text and the token ids that produced it."""
-
-    text: str
-    tokens: list[int] = field(default_factory=list)
-
-
-@dataclass
-class DoneEvent:
-    """The last event of a stream; ``text`` is empty so that joining the
-    ``.text`` of every event gives the answer."""
-
-    stats: Stats
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-
-
-def _sampler_chain(vocab_n: int, seed: int, temperature: float, top_k: int, top_p: float,
-                   min_p: float, repeat_penalty: float, repeat_last_n: int):
-    """llama.cpp's native sampler chain; greedy when temperature <= 0."""
-    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
-    if repeat_penalty and repeat_penalty != 1.0:
-        add(lc.llama_sampler_init_penalties(repeat_last_n, repeat_penalty, 0.0, 0.0))
-    if temperature is None or temperature <= 0:
-        add(lc.llama_sampler_init_greedy())
-        return chain
-    if top_k and top_k > 0:
-        add(lc.llama_sampler_init_top_k(int(top_k)))
-    if top_p is not None and 0 < top_p < 1:
-        add(lc.llama_sampler_init_top_p(float(top_p), 1))
-    if min_p and min_p > 0:
-        add(lc.llama_sampler_init_min_p(float(min_p), 1))
-    add(lc.llama_sampler_init_temp(float(temperature)))
-    # 0xFFFFFFFF is LLAMA_DEFAULT_SEED ("pick one at random"): fold every
-    # seed below it so that each one reproduces.
-    add(lc.llama_sampler_init_dist(seed % 0xFFFFFFFF))
-    return chain
-
-
-class _StopMatcher:
-    """Holds back text that might be the start of a stop string."""
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, stopped)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        cut = max(0, len(self.pending) - self.keep)
-        # keep back only a tail that is a prefix of some stop string
-        while cut < len(self.pending) and not any(s.startswith(self.pending[cut:]) for s in self.stops):
-            cut += 1
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class Engine:
@@ -575,7 +488,7 @@ class Engine:
         stats.cached_tokens = n
         if seed is None:
             seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
-        chain = _sampler_chain(self.n_vocab, seed, **opts)
+        chain = sampler_chain(seed, **opts)
         try:
             rc = self._decode(tokens[n:], seq)
             t_prefill = time.perf_counter()
@@ -589,7 +502,7 @@ class Engine:
                 yield DoneEvent(stats)
                 return
             utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-            matcher = _StopMatcher(stops)
+            matcher = StopMatcher(stops)
             t_first = None
             pending_ids: list[int] = []
             finish = "length"

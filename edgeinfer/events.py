@@ -1,0 +1,42 @@
+"""What a generation stream yields: text events, then one done event
+carrying the figures. Every front end (REPL, Python API, server) reads
+these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    """Figures for one generation."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0        # prompt tokens whose KV state was reused
+    generated_tokens: int = 0
+    ttft_s: float = 0.0           # request start to first token
+    prefill_tps: float = 0.0      # prompt tokens evaluated per second
+    decode_tps: float = 0.0       # generated tokens per second after the first
+    finish_reason: str = ""       # "stop", "length" or "cancelled"
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TextEvent:
+    """A piece of generated text and the token ids that produced it."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DoneEvent:
+    """The last event of a stream; ``text`` is empty so that joining the
+    ``.text`` of every event gives the answer."""
+
+    stats: Stats
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
