@@ -579,3 +579,15 @@ def test_chat_yes_pulls_the_default_model_and_answers(real_store, edgeinfer_home
     assert f"pulled {shipped.ref}" in proc.stderr
     assert "Paris" in proc.stdout
     assert (edgeinfer_home / "blobs" / f"sha256-{shipped.sha256}").stat().st_size == shipped.size
+
+
+def test_run_raw_continues_the_prompt_without_the_chat_template(tiny_model):
+    result = invoke(["run", tiny_model, "Tell me a story", "--raw", "--json", "--max-tokens", 6,
+                     "--temperature", 0])
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    with edgeinfer.load(tiny_model, prompt_cache=False) as engine:
+        expected = engine.generate("Tell me a story", max_tokens=6, temperature=0)
+        assert data["stats"]["prompt_tokens"] == len(engine.tokenize("Tell me a story"))
+    assert data["text"] == expected

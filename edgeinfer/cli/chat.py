@@ -360,14 +360,17 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and its stats as JSON.")
+@click.option("--raw", is_flag=True, help="Continue PROMPT as plain text, without the chat template "
+                                          "(for base models).")
 @_with_model_opts
-def run_cmd(model, prompt, as_json, n_ctx, threads, threads_batch, temperature, top_k, top_p,
+def run_cmd(model, prompt, as_json, raw, n_ctx, threads, threads_batch, temperature, top_k, top_p,
             max_tokens, seed, system):
     """Answer one PROMPT with MODEL and exit (PROMPT '-' reads stdin).
 
     \b
-    Example:
+    Examples:
       edgeinfer run smollm2-135m-instruct "What is the capital of France?" --temperature 0
+      edgeinfer run gemma-3-270m "The capital of France is" --raw
     """
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -377,7 +380,8 @@ def run_cmd(model, prompt, as_json, n_ctx, threads, threads_batch, temperature, 
                    [{"role": "user", "content": prompt}]
         opts = _sampling(temperature, top_k, top_p, max_tokens or 1024, seed)
         parts, stats = [], None
-        for ev in stream_cancellable(engine, lambda: engine.stream_chat(messages, **opts)):
+        make = (lambda: engine.stream(prompt, **opts)) if raw else (lambda: engine.stream_chat(messages, **opts))
+        for ev in stream_cancellable(engine, make):
             if isinstance(ev, DoneEvent):
                 stats = ev.stats
             else:
