@@ -161,7 +161,8 @@ def llama_tg(llm: llama_cpp.Llama, prompt: list[int], n_gen: int) -> tuple[float
 def run_llama_bench(binary: str, model: Path, threads: int, pp: int, tg: int, reps: int,
                     flash_attn: bool) -> tuple[list[Result], dict]:
     cmd = [binary, "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
-           "-r", str(reps), "-o", "json"] + (["-fa", "1"] if flash_attn else [])
+           "-r", str(reps), "-o", "json", "-fa", "1" if flash_attn else "0"]
+    # -fa is explicit: llama-bench's own default is "auto", which is on for CPUs.
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"llama-bench failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -376,15 +377,29 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"benchmarking {model} with {args.threads} threads (load average {load_before}) ...")
-    run = measure(args, model, log)
-    by_key: dict[tuple[str, str], Result] = run["results"]
+    # A shared or virtual machine's speed drifts over minutes, so llama-bench
+    # runs both before and after the Python runtimes and its samples are
+    # pooled: all three are measured over the same stretch of time.
+    bench_runs = []
     bench_info = None
     if args.llama_bench:
-        log(f"running {args.llama_bench} ...")
-        bench_results, bench_info = run_llama_bench(args.llama_bench, model, args.threads,
-                                                    args.pp, args.tg, args.reps, args.flash_attn)
-        for r in bench_results:
-            by_key[("llama-bench", r.test)] = r
+        log(f"running {args.llama_bench} (before) ...")
+        bench_runs.append(run_llama_bench(args.llama_bench, model, args.threads, args.pp, args.tg,
+                                          args.reps, args.flash_attn))
+    run = measure(args, model, log)
+    by_key: dict[tuple[str, str], Result] = run["results"]
+    if args.llama_bench:
+        log(f"running {args.llama_bench} (after) ...")
+        bench_runs.append(run_llama_bench(args.llama_bench, model, args.threads, args.pp, args.tg,
+                                          args.reps, args.flash_attn))
+        bench_info = bench_runs[0][1]
+        for results, _ in bench_runs:
+            for r in results:
+                key = ("llama-bench", r.test)
+                if key in by_key:
+                    by_key[key].samples.extend(r.samples)
+                else:
+                    by_key[key] = r
     load_after = [round(x, 2) for x in os.getloadavg()]
 
     ratios = []
