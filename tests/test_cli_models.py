@@ -180,3 +180,19 @@ def test_real_model_truncated_import_is_refused(real_model_home, tmp_path):
 
     assert store_files(real_model_home) == before
     assert ModelStore(real_model_home).get("smollm2-cut") is None
+
+
+def test_list_catalog_shows_what_can_be_pulled(tiny_model):
+    from edgeinfer.cli import cli
+
+    result = CliRunner().invoke(cli, ["list", "--catalog", "--json"])
+    assert result.exit_code == 0, result.output
+    entries = {e["name"]: e for e in json.loads(result.output)}
+    assert entries["smollm2-135m-instruct:q4_1"]["default"] is True
+    assert entries["smollm2-135m-instruct:q4_1"]["sha256"].startswith("b179c952")
+    assert entries["gemma-3-270m:q4_k_m"]["license"] == "Gemma"
+    assert not any(e["pulled"] for e in entries.values())
+
+    text = CliRunner().invoke(cli, ["list", "--catalog"]).output
+    assert text.splitlines()[0].split() == ["NAME", "SIZE", "LICENSE", "DESCRIPTION"]
+    assert any(line.startswith("smollm2-135m-instruct:q4_1") and "default" in line for line in text.splitlines())

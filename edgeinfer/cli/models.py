@@ -50,10 +50,33 @@ def pull_cmd(model, name, quiet):
         click.echo(f"{m.ref} pulled from {result.source} ({_size(m.size)}, sha256 {m.sha256[:12]})")
 
 
+def _list_catalog(as_json: bool) -> None:
+    from .. import catalog
+
+    entries = sorted(catalog.load_catalog().values(), key=lambda e: e.ref)
+    have = {m.sha256 for m in ModelStore().list()}
+    if as_json:
+        click.echo(json.dumps([{"name": e.ref, "size": e.size, "sha256": e.sha256, "license": e.license,
+                                "description": e.description, "default": e.default_model,
+                                "pulled": e.sha256 in have} for e in entries], indent=2))
+        return
+    rows = [("NAME", "SIZE", "LICENSE", "", "DESCRIPTION")]
+    for e in entries:
+        mark = "pulled" if e.sha256 in have else ("default" if e.default_model else "")
+        rows.append((e.ref, _size(e.size), e.license, mark, e.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 @click.command("list")
+@click.option("--catalog", "show_catalog", is_flag=True, help="List what can be pulled by name instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_cmd(as_json):
-    """List the models in the store."""
+def list_cmd(show_catalog, as_json):
+    """List the models in the store (or, with --catalog, those that can be pulled)."""
+    if show_catalog:
+        _list_catalog(as_json)
+        return
     models = ModelStore().list()
     if as_json:
         click.echo(json.dumps([m.to_json() for m in models], indent=2))
