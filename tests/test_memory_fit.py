@@ -1,0 +1,79 @@
+"""Memory fit: a pull warns (and still pulls) when the model will not fit,
+and a load refuses before llama.cpp allocates anything."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import edgeinfer
+from edgeinfer import hardware
+from edgeinfer.cli import cli
+from edgeinfer.engine import Engine
+from edgeinfer.gguf_file import read_gguf
+
+
+def _catalog_entry(config: Path, model: Path) -> None:
+    data = model.read_bytes()
+    (config / "models").mkdir(parents=True, exist_ok=True)
+    (config / "models" / "tiny.toml").write_text(
+        f'name = "tiny"\ntag = "f16"\ndefault_tag = true\nfile = "{model.name}"\nsize = {len(data)}\n'
+        f'sha256 = "{hashlib.sha256(data).hexdigest()}"\nlicense = "MIT"\n\n'
+        f'[[sources]]\nkind = "file"\npath = "{model}"\n', encoding="utf-8")
+
+
+def test_estimate_grows_with_the_context(tiny_model):
+    info = read_gguf(tiny_model)
+    assert info.memory_estimate(512) < info.memory_estimate(4096) < info.memory_estimate(8192)
+    assert info.memory_estimate(4096) - info.memory_estimate(512) >= info.kv_cache_bytes(4096) - info.kv_cache_bytes(512)
+
+
+def test_pull_warns_with_a_suggestion_and_still_pulls(tiny_model, monkeypatch):
+    _catalog_entry(Path(os.environ["EDGEINFER_CONFIG"]), tiny_model)
+    monkeypatch.setattr(hardware, "available_memory", lambda: 1_000_000)
+
+    result = CliRunner().invoke(cli, ["pull", "tiny"])
+
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any("smaller quant" in w and "n_ctx=" in w for w in warning), result.stderr
+    assert edgeinfer.ModelStore().get("tiny:f16") is not None
+
+
+def test_pull_is_quiet_about_memory_when_it_fits(tiny_model):
+    _catalog_entry(Path(os.environ["EDGEINFER_CONFIG"]), tiny_model)
+    result = CliRunner().invoke(cli, ["pull", "tiny"])
+    assert result.exit_code == 0
+    assert "warning:" not in result.stderr
+
+
+def test_load_refuses_before_llama_cpp_when_it_will_not_fit(tiny_model, monkeypatch):
+    need = read_gguf(tiny_model).memory_estimate(4096)
+    monkeypatch.setattr(hardware, "available_memory", lambda: need - 1)
+    monkeypatch.setattr("llama_cpp.llama_model_load_from_file",
+                        lambda *a: pytest.fail("llama.cpp was asked to load a model that does not fit"))
+
+    with pytest.raises(edgeinfer.MemoryFitError) as err:
+        Engine(tiny_model, n_ctx=4096)
+    assert "n_ctx=" in err.value.hint and "smaller" in err.value.hint
+
+
+def test_a_smaller_context_fits_where_a_larger_one_does_not(tiny_model, monkeypatch):
+    info = read_gguf(tiny_model)
+    monkeypatch.setattr(hardware, "available_memory", lambda: info.memory_estimate(1024))
+    with pytest.raises(edgeinfer.MemoryFitError):
+        Engine(tiny_model, n_ctx=8192, threads=1)
+    with Engine(tiny_model, n_ctx=1024, threads=1, prompt_cache=False) as engine:
+        assert engine.generate("hello", max_tokens=2, temperature=0) is not None
+
+
+def test_cli_run_says_what_to_do_when_it_will_not_fit(tiny_model, monkeypatch):
+    monkeypatch.setattr(hardware, "available_memory", lambda: 1_000)
+    result = CliRunner().invoke(cli, ["run", str(tiny_model), "hi"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "n_ctx=" in lines[0]
