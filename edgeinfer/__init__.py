@@ -60,7 +60,9 @@ def load(name_or_path: str | os.PathLike, **options) -> Engine:
     ``seed``, ``mmap``, ``mlock``, ``chat_template``, ``system_prompt``
     (used when a chat has no system message), ``sampling`` (default
     temperature, top_p, ... for this model), ``lock_timeout``,
-    ``prompt_cache`` (False: no KV reuse at all), ``flash_attn`` (off by
+    ``prompt_cache`` (False: no KV reuse at all), ``cache_disk`` (False:
+    memory only), ``cache_memory_budget`` / ``cache_disk_budget`` (bytes;
+    defaults: an eighth of RAM up to 4 GiB, and 1 GiB), ``flash_attn`` (off by
     default so prompt-cache hits are bit-exact; on is a few % faster).
     A name that is not in the store raises ModelNotFoundError whose hint
     says to run ``edgeinfer pull NAME``.

@@ -75,7 +75,9 @@ class Engine:
                  sha256: str | None = None, chat_template: str | None = None,
                  lock_timeout: float | None = None, check_memory: bool = True,
                  system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
-                 cache_disk: bool = True, flash_attn: bool = False, sampling: dict | None = None):
+                 cache_disk: bool = True, cache_memory_budget: int | None = None,
+                 cache_disk_budget: int | None = None, flash_attn: bool = False,
+                 sampling: dict | None = None):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -160,7 +162,9 @@ class Engine:
         if isinstance(prompt_cache, PromptCache):
             self.prompt_cache: PromptCache | None = prompt_cache
         elif prompt_cache:
-            self.prompt_cache = PromptCache(self.cache_namespace(), disk=cache_disk)
+            budgets = {k: v for k, v in (("memory_budget", cache_memory_budget),
+                                         ("disk_budget", cache_disk_budget)) if v is not None}
+            self.prompt_cache = PromptCache(self.cache_namespace(), disk=cache_disk, **budgets)
         else:
             self.prompt_cache = None
 

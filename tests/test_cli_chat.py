@@ -591,3 +591,19 @@ def test_run_raw_continues_the_prompt_without_the_chat_template(tiny_model):
         expected = engine.generate("Tell me a story", max_tokens=6, temperature=0)
         assert data["stats"]["prompt_tokens"] == len(engine.tokenize("Tell me a story"))
     assert data["text"] == expected
+
+
+def test_reset_keeps_the_system_prompt_prefix_warm(tiny_model):
+    system = "You answer questions about small computers. " * 8
+    lines = ["first question about cores", "second question", "/reset", "a new question", "/stats"]
+    result = invoke(["chat", tiny_model, "--max-tokens", 4, "--temperature", 0, "--system", system],
+                    input="\n".join(lines) + "\n")
+
+    assert result.exit_code == 0, result.stderr
+    stats = [line for line in stderr_lines(result) if line.startswith("time to first token")]
+    cached = int(re.search(r"\((\d+) cached\)", stats[-1]).group(1))
+    prompt = int(re.search(r"prompt (\d+) tokens", stats[-1]).group(1))
+    with edgeinfer.load(tiny_model, prompt_cache=False) as engine:
+        system_part = len(engine.chat_tokens([{"role": "system", "content": system}], add_generation_prompt=False))
+    # after /reset the new prompt reuses at least the system prompt's tokens
+    assert system_part - 2 <= cached < prompt

@@ -604,3 +604,13 @@ def test_cache_list_and_clear(cached, prompts, edgeinfer_home):
     assert kv_files(edgeinfer_home) == []
     assert json.loads(invoke("cache", "list", "--json").stdout) == []
     assert "empty" in invoke("cache", "list").stdout
+
+
+def test_cache_budgets_are_options_of_load(tiny_model):
+    import edgeinfer
+
+    with edgeinfer.load(tiny_model, threads=1, cache_memory_budget=12345, cache_disk_budget=678) as e:
+        assert (e.prompt_cache.memory_budget, e.prompt_cache.disk_budget) == (12345, 678)
+    with edgeinfer.load(tiny_model, threads=1) as e:
+        assert e.prompt_cache.memory_budget == pc.default_memory_budget()
+        assert e.prompt_cache.disk_budget == pc.DEFAULT_DISK_BUDGET
