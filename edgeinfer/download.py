@@ -101,12 +101,19 @@ def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
         resumed_from = 0
     attempt = 0
     fresh_retry_done = False
+    hasher, have, got_box = None, -1, [0]
     while True:
-        hasher = hashlib.sha256()
-        have = _hash_existing(partial, hasher) if partial.exists() else 0
+        on_disk = partial.stat().st_size if partial.exists() else 0
+        # A retry after a cut body resumes the running hash; the partial is
+        # read again only when it is not exactly what was hashed on the way
+        # in (first attempt, restart, or bytes from an earlier run).
+        if hasher is None or on_disk != have + got_box[0]:
+            hasher = hashlib.sha256()
+            on_disk = _hash_existing(partial, hasher) if partial.exists() else 0
+        have, got_box = on_disk, [0]
         try:
             got, total = _one_request(url, partial, have, hasher, expected_size, timeout,
-                                      progress, check_space, desc or partial.stem)
+                                      progress, check_space, desc or partial.stem, got_box)
             fetched += got
             size = partial.stat().st_size if partial.exists() else 0
             if total is not None and size < total:
@@ -150,8 +157,11 @@ def fetch_http(url: str, partial: Path, *, expected_size: int | None = None,
         time.sleep(min(backoff * 2 ** (attempt - 1), 8.0))
 
 
-def _one_request(url, partial, have, hasher, expected_size, timeout, progress, check_space, desc):
-    """One GET (ranged when ``have``); returns (bytes received, total size or None)."""
+def _one_request(url, partial, have, hasher, expected_size, timeout, progress, check_space, desc,
+                 got_box):
+    """One GET (ranged when ``have``); returns (bytes received, total size or
+    None). ``got_box[0]`` counts the bytes written and hashed so far, also
+    when the body is cut."""
     if expected_size is not None and have == expected_size:
         return 0, expected_size  # nothing left to fetch; the caller verifies
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
@@ -189,6 +199,7 @@ def _one_request(url, partial, have, hasher, expected_size, timeout, progress, c
                 out.write(chunk)
                 hasher.update(chunk)
                 got += len(chunk)
+                got_box[0] = got
                 progress.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())

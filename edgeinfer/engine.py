@@ -26,12 +26,12 @@ import llama_cpp as lc
 
 from . import hardware
 from .errors import ContextOverflowError, EngineBusyError, EngineError, MemoryFitError
+from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .events import DoneEvent, Stats, TextEvent
 from .prompt_cache import PromptCache, common_prefix
 from .sampling import StopMatcher, sampler_chain
 
-DEFAULT_N_CTX = 4096
 DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                         repeat_penalty=1.0, repeat_last_n=64)
 
@@ -170,13 +170,9 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------
     def _check_memory(self) -> None:
-        need = self.info.memory_estimate(self.n_ctx)
-        have = hardware.available_memory()
-        if need > have:
-            raise MemoryFitError(
-                f"{self.name} needs about {need / 1e9:.1f} GB at n_ctx={self.n_ctx}, "
-                f"{have / 1e9:.1f} GB is available",
-                hint=f"use a smaller quant or a smaller context (n_ctx={max(512, self.n_ctx // 4)})")
+        short = memory_shortfall(self.info, self.n_ctx)
+        if short:
+            raise MemoryFitError(f"{self.name} {short}", hint=fit_hint(self.n_ctx))
 
     def close(self, timeout: float = 30.0) -> None:
         """Free the context and the model; the engine is unusable after.

@@ -23,7 +23,8 @@ class NullProgress:
     def close(self): pass
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1000-based sizes, as people read them: 98.4 MB."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -50,7 +51,7 @@ class LineProgress:
         print(f"{desc}: starting" + (f" at {self._fmt(initial)}" if initial else ""), file=self.stream, flush=True)
 
     def _fmt(self, n: float) -> str:
-        return _human(n) if self.unit == "B" else f"{n:.0f} {self.unit}"
+        return human_bytes(n) if self.unit == "B" else f"{n:.0f} {self.unit}"
 
     def update(self, n):
         if not self.active:

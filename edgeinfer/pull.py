@@ -18,15 +18,16 @@ from filelock import FileLock, Timeout
 
 from . import catalog, hardware
 from .catalog import CatalogEntry, Source
-from .download import FetchResult, copy_file, fetch_http, fetch_wheels, free_bytes
+from . import download
+from .download import FetchResult, copy_file, fetch_http, fetch_wheels
 from .errors import (AllSourcesFailedError, DiskSpaceError, DownloadError, GGUFError,
                      ModelNotFoundError)
+from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .names import ModelRef, check_part, parse_ref, sanitize
 from .progress import Progress, make_progress
 from .store import Manifest, ModelStore
 
-DEFAULT_N_CTX = 4096
 DISK_MARGIN = 64 * 1024 * 1024  # leave room for manifests, logs and the OS
 
 Log = Callable[[str], None]
@@ -47,20 +48,16 @@ class PullResult:
 def memory_warning(info: GGUFInfo, n_ctx: int = DEFAULT_N_CTX) -> str | None:
     """A warning with a suggestion when the model will not fit, else None."""
     ctx = min(n_ctx, info.context_length or n_ctx)
-    need = info.memory_estimate(ctx)
-    have = hardware.available_memory()
-    if need <= have:
-        return None
-    return (f"this model needs about {need / 1e9:.1f} GB at context {ctx} but {have / 1e9:.1f} GB "
-            f"is available; try a smaller quant (e.g. q4_k_m or q4_0) or a smaller context "
-            f"(n_ctx={max(512, ctx // 4)})")
+    short = memory_shortfall(info, ctx)
+    return f"this model {short}; {fit_hint(ctx)}" if short else None
 
 
 def check_disk(store: ModelStore, need: int) -> None:
-    free = free_bytes(store.root)
+    """Raise DiskSpaceError unless ``need`` bytes (and a margin) are free."""
+    free = download.free_bytes(store.root)
     if need + DISK_MARGIN > free:
         raise DiskSpaceError(
-            f"not enough disk space in {store.root}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free",
+            f"not enough disk space in {store.root}: need {need / 1e9:.2f} GB and {free / 1e9:.2f} GB is free",
             hint="free some space, remove models with 'edgeinfer rm NAME', or set EDGEINFER_HOME to a larger disk")
 
 

@@ -114,9 +114,9 @@ def compare(engines: list, *, text: str | None = None, chunk: int = 512, max_chu
     for i, e in enumerate(engines):
         pp = dec = 0.0
         if speed:
-            e.benchmark(32, 4)
-            p_s, d_s = e.benchmark(128, 32)
-            pp, dec = 128 / p_s, 32 / d_s
+            from .tuning import measure
+
+            (pp,), (dec,) = measure(e, 128, 32, reps=1)
         reports.append(ModelReport(e.name, e.info.file_size, e.info.file_type, scored,
                                    float(np.exp(nll[i] / scored)), max(kl[i] / scored, 0.0),
                                    agree[i] / scored, pp, dec))

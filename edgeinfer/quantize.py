@@ -21,7 +21,7 @@ from collections import deque
 from pathlib import Path
 
 from . import hardware
-from .errors import DiskSpaceError, MemoryFitError, QuantizeError
+from .errors import MemoryFitError, QuantizeError
 from .gguf_file import GGUFInfo, read_gguf
 from .names import ModelRef, check_part, parse_ref
 from .progress import Progress, make_progress
@@ -83,13 +83,9 @@ def _target_ref(store: ModelStore, parent: Manifest, to: str, name: str | None) 
 
 
 def _check_resources(store: ModelStore, out_bytes: int, mem_bytes: int) -> None:
-    from .download import free_bytes
-    from .pull import DISK_MARGIN
+    from .pull import check_disk
 
-    free = free_bytes(store.root)
-    if out_bytes + DISK_MARGIN > free:
-        raise DiskSpaceError(f"the result needs about {out_bytes / 1e9:.2f} GB and {free / 1e9:.2f} GB is free",
-                             hint="free some space or remove models with 'edgeinfer rm NAME'")
+    check_disk(store, out_bytes)
     have = hardware.available_memory()
     if mem_bytes > have:
         raise MemoryFitError(f"this needs about {mem_bytes / 1e9:.1f} GB of memory, {have / 1e9:.1f} GB is available",

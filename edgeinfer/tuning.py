@@ -88,6 +88,24 @@ def choose(ms: list[Measurement], key: str) -> int:
     return min(m.threads for m in ms if getattr(m, key) >= best * (1 - TIE))
 
 
+def measure(engine, n_prompt: int, n_gen: int, reps: int, on_rep: Callable[[], None] | None = None
+            ) -> tuple[list[float], list[float]]:
+    """A warm-up, then ``reps`` llama-bench-style runs: (prefill tok/s,
+    decode tok/s) of each run. ``on_rep`` is called after every run,
+    warm-up included."""
+    engine.benchmark(min(n_prompt, 32), min(n_gen, 4))  # warm-up: caches, thread pool
+    if on_rep:
+        on_rep()
+    pre, dec = [], []
+    for _ in range(reps):
+        p_s, d_s = engine.benchmark(n_prompt, n_gen)
+        pre.append(n_prompt / p_s)
+        dec.append(n_gen / d_s)
+        if on_rep:
+            on_rep()
+    return pre, dec
+
+
 def sweep(engine, *, threads: list[int] | None = None, n_prompt: int = 128, n_gen: int = 32,
           reps: int = 3, on_step: Callable[[int, int, int], None] | None = None) -> list[Measurement]:
     """Measure prefill and decode tok/s at each thread count on ``engine``.
@@ -100,18 +118,14 @@ def sweep(engine, *, threads: list[int] | None = None, n_prompt: int = 128, n_ge
     try:
         for t in threads:
             engine.set_threads(t, t)
-            engine.benchmark(min(n_prompt, 32), min(n_gen, 4))  # warm-up: caches, thread pool
-            done += 1
-            if on_step:
-                on_step(done, total, t)
-            pre, dec = [], []
-            for _ in range(reps):
-                p_s, d_s = engine.benchmark(n_prompt, n_gen)
-                pre.append(n_prompt / p_s)
-                dec.append(n_gen / d_s)
+
+            def step(t=t):
+                nonlocal done
                 done += 1
                 if on_step:
                     on_step(done, total, t)
+
+            pre, dec = measure(engine, n_prompt, n_gen, reps, on_rep=step)
             out.append(Measurement(t, statistics.median(pre), statistics.median(dec), pre, dec))
     finally:
         engine.set_threads(*saved)

@@ -68,7 +68,9 @@ def test_a_smaller_context_fits_where_a_larger_one_does_not(tiny_model, monkeypa
     with pytest.raises(edgeinfer.MemoryFitError):
         Engine(tiny_model, n_ctx=8192, threads=1)
     with Engine(tiny_model, n_ctx=1024, threads=1, prompt_cache=False) as engine:
-        assert engine.generate("hello", max_tokens=2, temperature=0) is not None
+        assert engine.n_ctx == 1024
+        assert engine.last_stats is None and engine.generate("hello", max_tokens=2, temperature=0) == \
+            engine.generate("hello", max_tokens=2, temperature=0)
 
 
 def test_cli_run_says_what_to_do_when_it_will_not_fit(tiny_model, monkeypatch):

@@ -393,7 +393,7 @@ def test_model_already_in_store_makes_no_request(http_server, payload, store):
 def test_disk_space_is_checked_before_any_request(http_server, payload, store, monkeypatch):
     url = http_server.add(PATH, payload)
     write_entry(payload, [https(url)])
-    monkeypatch.setattr(pull_module, "free_bytes", lambda _path: 1_000_000)
+    monkeypatch.setattr(pull_module.download, "free_bytes", lambda _path: 1_000_000)
 
     with pytest.raises(DiskSpaceError) as exc:
         pull_quiet()
@@ -405,7 +405,7 @@ def test_disk_space_is_checked_before_any_request(http_server, payload, store, m
 
 def test_url_pull_without_space_raises_disk_space_error(http_server, payload, store, monkeypatch):
     url = http_server.add("/some-model.Q8_0.gguf", payload)
-    monkeypatch.setattr(pull_module, "free_bytes", lambda _path: 1_000_000)
+    monkeypatch.setattr(pull_module.download, "free_bytes", lambda _path: 1_000_000)
     monkeypatch.setenv("EDGEINFER_HTTP_RETRIES", "2")
 
     with pytest.raises(DiskSpaceError):

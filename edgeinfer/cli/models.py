@@ -8,16 +8,17 @@ import time
 import click
 
 from ..gguf_file import read_gguf
-from ..pull import DEFAULT_N_CTX, import_file, pull
+from ..progress import human_bytes
+from ..fit import DEFAULT_N_CTX
+from ..pull import import_file, pull
 from ..store import ModelStore
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+def print_columns(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, the first row a header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _params(n: int | None) -> str:
@@ -45,9 +46,9 @@ def pull_cmd(model, name, quiet):
     result = pull(model, quiet=quiet, name=name)
     m = result.manifest
     if result.source == "store":
-        click.echo(f"{m.ref} is already in the store ({_size(m.size)}, sha256 {m.sha256[:12]})")
+        click.echo(f"{m.ref} is already in the store ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
     else:
-        click.echo(f"{m.ref} pulled from {result.source} ({_size(m.size)}, sha256 {m.sha256[:12]})")
+        click.echo(f"{m.ref} pulled from {result.source} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
 
 
 def _list_catalog(as_json: bool) -> None:
@@ -63,10 +64,8 @@ def _list_catalog(as_json: bool) -> None:
     rows = [("NAME", "SIZE", "LICENSE", "", "DESCRIPTION")]
     for e in entries:
         mark = "pulled" if e.sha256 in have else ("default" if e.default_model else "")
-        rows.append((e.ref, _size(e.size), e.license, mark, e.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        rows.append((e.ref, human_bytes(e.size), e.license, mark, e.description))
+    print_columns(rows)
 
 
 @click.command("list")
@@ -87,11 +86,9 @@ def list_cmd(show_catalog, as_json):
     rows = [("NAME", "SIZE", "QUANT", "PARAMS", "MODIFIED")]
     for m in models:
         f = m.facts or {}
-        rows.append((m.ref, _size(m.size), f.get("quant") or "-", _params(f.get("parameter_count")),
+        rows.append((m.ref, human_bytes(m.size), f.get("quant") or "-", _params(f.get("parameter_count")),
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_columns(rows)
 
 
 def show_facts(m, n_ctx: int = DEFAULT_N_CTX) -> dict:
@@ -134,11 +131,11 @@ def show_cmd(model, as_json):
         ("vocab size", f"{f['vocab_size']:,}" if f["vocab_size"] else "-"),
         ("chat template", "yes" if f["chat_template_present"] else "no"),
         ("license", f["license"]),
-        ("size", f"{_size(f['size'])} ({f['size']:,} bytes)"),
+        ("size", f"{human_bytes(f['size'])} ({f['size']:,} bytes)"),
         ("sha256", f["sha256"]),
         ("path", f["path"]),
-        ("memory", f"about {_size(mem['bytes'])} at context {mem['n_ctx']:,} "
-                   f"(KV cache {_size(mem['kv_cache_bytes'])})"),
+        ("memory", f"about {human_bytes(mem['bytes'])} at context {mem['n_ctx']:,} "
+                   f"(KV cache {human_bytes(mem['kv_cache_bytes'])})"),
         ("source", f["source"] or "-"),
     ]
     if f["parent"]:
@@ -172,7 +169,7 @@ def import_cmd(path, name):
       edgeinfer import ./my-model.Q4_K_M.gguf --name my-model:q4_k_m
     """
     m = import_file(path, name)
-    click.echo(f"imported {m.ref} ({_size(m.size)}, sha256 {m.sha256[:12]})")
+    click.echo(f"imported {m.ref} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
 
 
 COMMANDS = [pull_cmd, list_cmd, show_cmd, rm_cmd, import_cmd]

@@ -11,7 +11,8 @@ from .. import hardware
 from ..progress import make_progress
 from ..quantize import convert, parse_type, quant_types, quantize
 from ..store import ModelStore
-from .models import _size
+from ..progress import human_bytes
+from .models import print_columns
 
 
 def _log(msg: str) -> None:
@@ -49,7 +50,7 @@ def quantize_cmd(model, to, ladder, name, threads, pure, output_tensor_type, lea
                 log=None if quiet else _log)
     if to:
         m = quantize(model, to, name=name, progress=make_progress(quiet), **opts)
-        click.echo(f"{m.ref} made from {model} ({_size(m.size)}, sha256 {m.sha256[:12]})")
+        click.echo(f"{m.ref} made from {model} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
         return
     types = [parse_type(t) for t in ladder.split(",") if t.strip()]
     store = ModelStore()
@@ -75,7 +76,7 @@ def convert_cmd(model, to, name, quiet):
     the new model's provenance).
     """
     m = convert(model, to, name=name, progress=make_progress(quiet), log=None if quiet else _log)
-    click.echo(f"{m.ref} made from {model} ({_size(m.size)}, sha256 {m.sha256[:12]})")
+    click.echo(f"{m.ref} made from {model} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
 
 
 def _compare(refs, *, max_kl, as_json, quiet, chunks=8):
@@ -101,11 +102,9 @@ def _compare(refs, *, max_kl, as_json, quiet, chunks=8):
         click.echo(json.dumps(report_json(reports, meta, rec, max_kl), indent=2))
         return
     head = ["model", "size", "ppl", "KL vs ref", "top-1", "prefill t/s", "decode t/s"]
-    rows = [[r.model, _size(r.size), f"{r.perplexity:.3f}", f"{r.kl_divergence:.4f}",
+    rows = [[r.model, human_bytes(r.size), f"{r.perplexity:.3f}", f"{r.kl_divergence:.4f}",
              f"{r.top1_agreement * 100:.1f}%", f"{r.prefill_tps:.1f}", f"{r.decode_tps:.1f}"] for r in reports]
-    widths = [max(len(x[i]) for x in [head] + rows) for i in range(len(head))]
-    for row in [head] + rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print_columns([head] + rows)
     click.echo(f"reference: {meta['reference']}; {meta['scored']} tokens scored of standard-library "
                f"docstrings (sha256 {meta['eval_text_sha256'][:12]})")
     if len(reports) > 1:

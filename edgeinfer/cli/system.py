@@ -11,7 +11,8 @@ import time
 import click
 
 from .. import hardware, prompt_cache, tuning
-from .models import _params, _size
+from ..progress import human_bytes
+from .models import _params
 
 
 def _gb(n: int | None) -> str:
@@ -157,12 +158,7 @@ def bench_cmd(model, n_prompt, n_gen, reps, threads, threads_batch, as_json):
     kw = {k: v for k, v in dict(threads=threads, threads_batch=threads_batch).items() if v}
     engine = _load_for_measuring(model, n_ctx=max(2048, n_prompt + n_gen + 8), **kw)
     try:
-        engine.benchmark(min(32, n_prompt), 4)  # warm-up
-        pre, dec = [], []
-        for _ in range(reps):
-            p_s, d_s = engine.benchmark(n_prompt, n_gen)
-            pre.append(n_prompt / p_s)
-            dec.append(n_gen / d_s)
+        pre, dec = tuning.measure(engine, n_prompt, n_gen, reps)
         # time to first token: a real request through the sampler
         ttfts = []
         for i in range(reps):
@@ -185,7 +181,7 @@ def bench_cmd(model, n_prompt, n_gen, reps, threads, threads_batch, as_json):
         click.echo(json.dumps(result, indent=2))
         return
     head = ["model", "size", "params", "threads", "test", "t/s"]
-    rows = [[result["model"], _size(result["size"]), _params(result["params"]),
+    rows = [[result["model"], human_bytes(result["size"]), _params(result["params"]),
              f"{result['threads']}/{result['threads_batch']} ({result['threads_source']})",
              t["test"], f"{t['tps']:.2f} ± {t['stdev']:.2f}"] for t in result["tests"]]
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -194,7 +190,7 @@ def bench_cmd(model, n_prompt, n_gen, reps, threads, threads_batch, as_json):
     click.echo("| " + " | ".join("-" * w for w in widths) + " |")
     for r in rows:
         click.echo(line(r))
-    click.echo(f"time to first token {result['ttft_s'] * 1000:.0f} ms, peak RSS {_size(peak)}, "
+    click.echo(f"time to first token {result['ttft_s'] * 1000:.0f} ms, peak RSS {human_bytes(peak)}, "
                f"threads from {result['threads_source']}")
 
 
@@ -219,16 +215,16 @@ def cache_list(as_json):
         click.echo("The prompt cache is empty.")
         return
     for e in entries:
-        click.echo(f"{e['namespace']}  {e['tokens']:>6} tokens  {_size(e['bytes']):>9}  "
+        click.echo(f"{e['namespace']}  {e['tokens']:>6} tokens  {human_bytes(e['bytes']):>9}  "
                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(e['modified']))}")
-    click.echo(f"{len(entries)} entries, {_size(sum(e['bytes'] for e in entries))}")
+    click.echo(f"{len(entries)} entries, {human_bytes(sum(e['bytes'] for e in entries))}")
 
 
 @cache_group.command("clear")
 def cache_clear():
     """Delete every cached prompt prefix on disk."""
     freed = prompt_cache.clear_disk()
-    click.echo(f"Cleared the prompt cache ({_size(freed)}).")
+    click.echo(f"Cleared the prompt cache ({human_bytes(freed)}).")
 
 
 COMMANDS = [doctor_cmd, tune_cmd, bench_cmd, cache_group]
