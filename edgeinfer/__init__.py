@@ -63,7 +63,12 @@ def load(name_or_path: str | os.PathLike, **options) -> Engine:
     ``prompt_cache`` (False: no KV reuse at all), ``cache_disk`` (False:
     memory only), ``cache_memory_budget`` / ``cache_disk_budget`` (bytes;
     defaults: an eighth of RAM up to 4 GiB, and 1 GiB), ``flash_attn`` (off by
-    default so prompt-cache hits are bit-exact; on is a few % faster).
+    default so prompt-cache hits are bit-exact; on is a few % faster),
+    ``native`` (force a native setting, "full", "no_amx" or "plain",
+    instead of the one the self-test chose; also ``$EDGEINFER_NATIVE``).
+    The first load of a file on a machine tests it in a child process
+    first (see ``edgeinfer doctor``); a file that crashes llama.cpp there
+    raises GGUFError instead of taking this process down.
     A name that is not in the store raises ModelNotFoundError whose hint
     says to run ``edgeinfer pull NAME``.
 

@@ -24,7 +24,8 @@ from typing import Iterable, Iterator
 
 import llama_cpp as lc
 
-from . import hardware
+from . import hardware, selftest
+from . import native as _native
 from .errors import ContextOverflowError, EngineBusyError, EngineError, MemoryFitError
 from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
@@ -37,23 +38,6 @@ DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
 
 _NEVER = threading.Event()  # a cancel event that is never set
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-@lc.llama_log_callback
-def _quiet_log(level, text, user_data):  # llama.cpp logs to stderr unless told otherwise
-    if os.environ.get("EDGEINFER_DEBUG") == "1":
-        os.write(2, text or b"")
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            lc.llama_log_set(_quiet_log, ctypes.c_void_p(0))
-            lc.llama_backend_init()
-            _backend_ready = True
 
 
 class Engine:
@@ -77,7 +61,7 @@ class Engine:
                  system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
                  cache_disk: bool = True, cache_memory_budget: int | None = None,
                  cache_disk_budget: int | None = None, flash_attn: bool = False,
-                 sampling: dict | None = None):
+                 sampling: dict | None = None, native: str | None = None):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -105,13 +89,15 @@ class Engine:
         self._req_cancel = _NEVER               # the running request's own cancel event
         self._model = self._ctx = None
         self._batch = None
-        _init_backend()
-
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        mparams.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mlock else lc.LLAMA_LOAD_MODE_MMAP) \
-            if mmap else (lc.LLAMA_LOAD_MODE_MLOCK if mlock else lc.LLAMA_LOAD_MODE_NONE)
-        self._model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+        # Native code is tried in a child process before this one trusts it
+        # (selftest.py): the first load of a file on a machine costs a test
+        # run, later loads read the record.
+        self.native: selftest.Verdict = selftest.ensure(
+            self.path, sha256=sha256, name=self.name, forced=_native.forced_setting(native),
+            threads=self.threads, threads_batch=self.threads_batch, mmap=mmap, size=self.info.file_size)
+        _native.init_backend()
+        self._mparams = _native.ModelParams(self.native.setting, self.info, mmap=mmap, mlock=mlock)
+        self._model = lc.llama_model_load_from_file(str(self.path).encode(), self._mparams.params)
         if not self._model:
             raise EngineError(f"llama.cpp could not load {self.path}",
                               hint="run with EDGEINFER_DEBUG=1 to see llama.cpp's log")
@@ -335,6 +321,7 @@ class Engine:
         parts = [ident, str(self.n_ctx), str(self.n_seq_max), lc.__version__,
                  lc.llama_print_system_info().decode(errors="replace"),
                  str(self._kv_types[0]), str(self._kv_types[1]), f"fa={self.flash_attn}",
+                 f"native={self.native.setting}",
                  str(getattr(lib, "_name", ""))]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
@@ -481,7 +468,7 @@ class Engine:
         return self._kv_truncate(seq, n)
 
     def _run(self, tokens, max_tokens, stops, seed, seq, opts):
-        stats = Stats(prompt_tokens=len(tokens))
+        stats = Stats(prompt_tokens=len(tokens), native=self.native.setting)
         t0 = time.perf_counter()
         n = self._reuse_prefix(tokens, seq)
         kv = self._kv_tokens[seq]

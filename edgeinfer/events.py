@@ -19,6 +19,7 @@ class Stats:
     decode_tps: float = 0.0       # generated tokens per second after the first
     finish_reason: str = ""       # "stop", "length" or "cancelled"
     total_s: float = 0.0
+    native: str = ""              # the native setting in force (see edgeinfer.native)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -246,8 +246,64 @@ def _read_kv(r: _Reader, n_kv: int) -> dict[str, Any]:
         # aborts the process on any other type.
         if key == "general.alignment" and vtype != 4:
             raise GGUFError(f"general.alignment has value type {vtype}; it must be a uint32")
-        metadata[key] = _read_value(r, vtype, f"key {key!r}")
+        if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
+            metadata[key] = _read_vocab(r, key)
+        else:
+            metadata[key] = _read_value(r, vtype, f"key {key!r}")
     return metadata
+
+
+def _read_vocab(r: _Reader, key: str):
+    """Read the token strings and refuse what makes llama.cpp abort.
+
+    llama.cpp reads each token with gguf_get_arr_str, a C string, and maps
+    text to id: a NUL byte cuts "e\0berg" to "e", two ids collapse into
+    one and ``GGML_ASSERT(id_to_token.size() == token_to_id.size())`` kills
+    the process (llama-vocab.cpp). A token array of another type trips the
+    type assert in gguf_get_arr_str. So: strings only, no NUL, no two alike
+    (an empty token is renamed "[EMPTY_i]" there, as here)."""
+    what = f"key {key!r}"
+    etype = r.u32(f"element type of {what}")
+    n = r.u64(f"length of {what}")
+    if etype != _STRING:
+        raise GGUFError(f"{what} is an array of value type {etype}; the vocabulary must be strings")
+    if n > MAX_ARRAY_LEN:
+        raise _over(what, n, MAX_ARRAY_LEN, "elements")
+    if n * 8 > r.left():
+        raise GGUFError(f"{what} claims {n:,} elements ({n * 8:,}+ bytes) but the file has "
+                        f"{r.left():,} bytes left; it is truncated or damaged")
+    r.charge(n, 0, what)
+    seen: dict[bytes, int] = {}
+    kept = [] if n <= SMALL_ARRAY else None
+    buf, pos, end = r.buf, r.pos, len(r.buf)
+    for i in range(n):  # the hot loop of every header read: kept tight, as skip_strings
+        if pos + 8 > end:
+            r.pos = pos
+            r.need(8, f"length of {what}[{i}]")
+            buf, pos, end = r.buf, r.pos, len(r.buf)
+        (size,) = _U64(buf, pos)
+        if size > MAX_STRING_BYTES:
+            raise _over(f"{what}[{i}]", size, MAX_STRING_BYTES, "bytes")
+        if pos + 8 + size > end:
+            r.pos = pos + 8
+            r.need(size, f"{what}[{i}]")
+            buf, pos, end = r.buf, r.pos - 8, len(r.buf)
+        b = buf[pos + 8:pos + 8 + size]
+        pos += 8 + size
+        if b"\0" in b:
+            raise GGUFError(f"vocabulary token #{i} {b!r} contains a NUL byte; llama.cpp would "
+                            "abort loading this file")
+        j = seen.setdefault(b or f"[EMPTY_{i}]".encode(), i)
+        if j != i:
+            raise GGUFError(f"vocabulary tokens #{j} and #{i} are both {b.decode(errors='replace')!r}; "
+                            "llama.cpp would abort loading this file")
+        if kept is not None:
+            kept.append(b.decode("utf-8", errors="replace"))
+    r.pos = pos
+    if kept is not None:
+        r.charge(0, 8 * n, what)
+        return kept
+    return ArrayInfo(etype, n)
 
 
 def _read_tensor_info(r: _Reader, i: int, file_size: int) -> TensorInfo:

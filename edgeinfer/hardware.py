@@ -109,6 +109,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: x86 'flags', Arm 'Features' in /proc/cpuinfo."""
+    text = _read(Path("/proc/cpuinfo")) or ""
+    for key in ("flags", "Features"):
+        for line in text.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == key:
+                return frozenset(v.split())
+    return frozenset()
+
+
 def core_clusters() -> dict[int, list[int]]:
     """Allowed CPUs grouped by maximum frequency (kHz), fastest first.
 

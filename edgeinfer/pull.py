@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from filelock import FileLock, Timeout
 
-from . import catalog, hardware
+from . import catalog, hardware, selftest
 from .catalog import CatalogEntry, Source
 from . import download
 from .download import FetchResult, copy_file, fetch_http, fetch_wheels
@@ -187,6 +187,7 @@ def _pull_url(url: str, store: ModelStore, progress: Progress, log: Log, name: s
                             check_space=lambda n: check_disk(store, n))
         try:
             info = read_gguf(partial)
+            selftest.check_file(partial, url)  # a file from anywhere: llama.cpp reads it in a child first
         except GGUFError:
             partial.unlink(missing_ok=True)
             raise
@@ -226,6 +227,7 @@ def import_file(path: Path, name: str, *, store: ModelStore | None = None,
     try:
         result = copy_file(path, partial, progress=progress)
         read_gguf(partial)  # the copy, not just the original, is what we publish
+        selftest.check_file(partial, path.name)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

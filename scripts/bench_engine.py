@@ -44,7 +44,7 @@ from pathlib import Path
 import llama_cpp
 
 import edgeinfer
-from edgeinfer import hardware
+from edgeinfer import hardware, native
 from edgeinfer.engine import DoneEvent, Engine, TextEvent
 
 # The targets: at least this fraction of llama-bench, and above Llama.
@@ -211,12 +211,15 @@ def measure(args, model: Path, log) -> dict:
     # and kv_clear() before each run.
     engine = Engine(model, n_ctx=n_ctx, threads=args.threads, threads_batch=args.threads,
                     n_batch=args.batch, prompt_cache=False, flash_attn=args.flash_attn)
-    llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_batch=args.batch,
-                          flash_attn=args.flash_attn, verbose=False)
+    # Llama gets the native setting the engine's self-test chose: on a
+    # machine whose AMX matmul crashes, a plain Llama dies on its first decode.
+    with native.llama_defaults(engine.native.setting, engine.info):
+        llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=args.threads,
+                              n_threads_batch=args.threads, n_batch=args.batch,
+                              flash_attn=args.flash_attn, verbose=False)
     rng = random.Random(SEED)
     results: dict[tuple[str, str], Result] = {}
-    notes: list[str] = []
+    notes: list[str] = [f"native setting for both runtimes: {engine.native.setting}"]
 
     pp_prompt = []
     if args.pp:

@@ -25,13 +25,34 @@ def load_script(name: str):
     return mod
 
 
+@pytest.fixture(scope="session")
+def shared_selftest(tmp_path_factory) -> Path:
+    """One native self-test record for the whole session: each model file
+    is tested in a child once per run rather than once per test. Tests of
+    the self-test itself use a home of their own (``fresh_selftest``)."""
+    return tmp_path_factory.mktemp("selftest")
+
+
 @pytest.fixture(autouse=True)
-def edgeinfer_home(tmp_path, monkeypatch) -> Path:
+def edgeinfer_home(tmp_path, monkeypatch, shared_selftest) -> Path:
     home = tmp_path / "home"
+    home.mkdir()
+    (home / "selftest").symlink_to(shared_selftest, target_is_directory=True)
     monkeypatch.setenv("EDGEINFER_HOME", str(home))
     monkeypatch.setenv("EDGEINFER_CONFIG", str(tmp_path / "config"))
     monkeypatch.delenv("EDGEINFER_DEBUG", raising=False)
+    monkeypatch.delenv("EDGEINFER_NATIVE", raising=False)
+    monkeypatch.delenv("EDGEINFER_SELFTEST_FAULT", raising=False)
     return home
+
+
+@pytest.fixture
+def fresh_selftest(edgeinfer_home) -> Path:
+    """A self-test record of this test's own, empty."""
+    link = edgeinfer_home / "selftest"
+    link.unlink()
+    link.mkdir()
+    return link
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +80,10 @@ def real_store(tmp_path_factory):
 
 
 @pytest.fixture
-def real_model_home(real_store, monkeypatch) -> Path:
+def real_model_home(real_store, monkeypatch, shared_selftest) -> Path:
     """Point EDGEINFER_HOME at the store that holds the real default model."""
+    link = real_store.root / "selftest"
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(shared_selftest, target_is_directory=True)
     monkeypatch.setenv("EDGEINFER_HOME", str(real_store.root))
     return real_store.root

@@ -524,7 +524,7 @@ def test_not_a_gguf_fails_before_llama_cpp(tmp_path, tiny_model, monkeypatch, co
         raise AssertionError("llama.cpp was called")
 
     monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", untouchable)
-    monkeypatch.setattr(engine_module, "_init_backend", untouchable)
+    monkeypatch.setattr(edgeinfer.native, "init_backend", untouchable)
     path = tmp_path / "model.gguf"
     path.write_bytes(tiny_model.read_bytes()[:4096] if content == "truncated" else content)
 

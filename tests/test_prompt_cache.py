@@ -286,6 +286,7 @@ def test_the_disk_budget_evicts_the_least_recently_used_files(tmp_path):
 
 
 def test_disk_entries_and_clear_disk(tmp_path):
+    tmp_path = tmp_path / "prompt"
     cache = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
     for k in (10, 20):
         cache.put(list(range(k)), state_for(list(range(k)), 1000))

@@ -6,7 +6,9 @@ messages that say what to do next; ``EDGEINFER_DEBUG=1`` shows tracebacks.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 
 import click
 
@@ -46,5 +48,20 @@ def _register() -> None:
 _register()
 
 
+# Commands that run llama.cpp in this process, and so leave a marker while
+# they run (runs.py).
+NATIVE_COMMANDS = {"run", "chat", "bench", "tune", "compare", "doctor", "serve"}
+
+
 def main() -> None:
-    cli(prog_name="edgeinfer")
+    # A crash inside native code still names the Python frame it came from.
+    faulthandler.enable()
+    from . import runs
+
+    for m in runs.unfinished():
+        click.echo(runs.warning(m), err=True)
+    marker = runs.begin(sys.argv) if len(sys.argv) > 1 and sys.argv[1] in NATIVE_COMMANDS else None
+    try:
+        cli(prog_name="edgeinfer")
+    finally:
+        runs.end(marker)

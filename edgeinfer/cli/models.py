@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import click
@@ -91,6 +92,18 @@ def list_cmd(show_catalog, as_json):
     print_columns(rows)
 
 
+def native_facts(m) -> dict:
+    """The native setting the self-test chose for this model on this machine."""
+    from .. import selftest
+
+    rec = selftest.load_record()
+    key = selftest.model_key(m.path, m.sha256)
+    entry = rec["models"].get(key) or {}
+    return {"setting": entry.get("setting"), "refused": key in rec["refused"],
+            "forced": os.environ.get("EDGEINFER_NATIVE") or None,
+            "tested_here": bool(entry) or key in rec["refused"]}
+
+
 def show_facts(m, n_ctx: int = DEFAULT_N_CTX) -> dict:
     info = read_gguf(m.path)
     ctx = min(n_ctx, info.context_length or n_ctx)
@@ -101,6 +114,7 @@ def show_facts(m, n_ctx: int = DEFAULT_N_CTX) -> dict:
         "source": m.source, "parent": m.parent, "options": m.options,
         "memory_estimate": {"n_ctx": ctx, "bytes": info.memory_estimate(ctx),
                             "kv_cache_bytes": info.kv_cache_bytes(ctx)},
+        "native": native_facts(m),
     })
     return facts
 
@@ -137,12 +151,20 @@ def show_cmd(model, as_json):
         ("memory", f"about {human_bytes(mem['bytes'])} at context {mem['n_ctx']:,} "
                    f"(KV cache {human_bytes(mem['kv_cache_bytes'])})"),
         ("source", f["source"] or "-"),
+        ("native", _native_line(f["native"])),
     ]
     if f["parent"]:
         lines.append(("parent", f["parent"]))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         click.echo(f"  {k.ljust(width)}  {v}")
+
+
+def _native_line(n: dict) -> str:
+    if n["refused"]:
+        return "refused here: it crashed llama.cpp in the self-test ('edgeinfer doctor' says how)"
+    line = n["setting"] or "not tested on this machine yet (the first load runs the self-test)"
+    return line + (f"; {n['forced']} forced by EDGEINFER_NATIVE" if n["forced"] else "")
 
 
 @click.command("rm")

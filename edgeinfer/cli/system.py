@@ -19,14 +19,96 @@ def _gb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f} GiB"
 
 
+def _native_report() -> dict:
+    """What the self-test learned on this machine, as data."""
+    from .. import native, selftest
+
+    rec = selftest.load_record()
+    forced = None
+    try:
+        forced = native.forced_setting()
+    except ValueError as e:
+        forced = f"invalid: {e}"
+    return {
+        "machine_id": native.machine_id(), "llama_cpp_python": native.build_id()["llama_cpp_python"],
+        "extra_buffer_types": list(native.extra_buffer_types()), "ladder": native.ladder(),
+        "amx_on_cpu_and_build": native.amx_on_cpu_and_build(), "forced": forced,
+        "record": str(selftest.record_path()),
+        "models": [{"model": v.get("name"), "key": k, "setting": v.get("setting"), "passed": v.get("passed"),
+                    "trials": v.get("trials", [])} for k, v in rec["models"].items()],
+        "refused": [{"model": v.get("name"), "key": k, "trials": v.get("trials", [])}
+                    for k, v in rec["refused"].items()],
+        "crashed": rec["crashed"],
+    }
+
+
+def _verdict_line(setting: str | None, trials: list) -> str:
+    from ..selftest import Trial
+
+    ts = [Trial(**t) if isinstance(t, dict) else t for t in trials]
+    off = [f"{t.setting} {t.why()}" for t in ts if t.outcome != "ok" and t.setting != setting]
+    ok = next((t for t in ts if t.outcome == "ok" and t.setting == setting), None)
+    head = f"{setting}" + (f" (passed in {ok.seconds:.1f} s)" if ok else "")
+    return head + "".join(f"; {o}" for o in off)
+
+
+def _rerun_selftest(models: tuple[str, ...]) -> list[dict]:
+    """Forget this machine's record and test each model again."""
+    from .. import resolve_model, selftest
+    from ..store import ModelStore
+
+    before = selftest.load_record()
+    names = list(models) or [v.get("name") for v in (*before["models"].values(), *before["refused"].values())]
+    store = ModelStore()
+    names = [n for n in dict.fromkeys(names) if n]
+    if not names:
+        from .. import catalog
+
+        default = catalog.default_entry().ref
+        if store.get(default) is None:
+            raise click.ClickException(f"no model to test yet - run 'edgeinfer pull {default}' first")
+        names = [default]
+    selftest.forget()
+    out = []
+    for n in names:
+        try:
+            path, m = resolve_model(n, store)
+        except Exception as e:  # a model removed since it was tested
+            out.append({"model": n, "error": str(e)})
+            continue
+        t0 = time.perf_counter()
+        try:
+            v = selftest.ensure(path, sha256=m.sha256 if m else None, name=m.ref if m else n,
+                                threads=hardware.default_threads(), size=path.stat().st_size, rerun=True)
+            out.append({"model": n, **v.to_dict()})
+        except Exception as e:  # GGUFError: refused; reported, not raised, so the rest run
+            out.append({"model": n, "error": str(e), "seconds": time.perf_counter() - t0})
+    return out
+
+
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def doctor_cmd(as_json):
-    """Show what this machine has and what edgeinfer will do by default."""
+@click.option("--selftest", "rerun", is_flag=True,
+              help="Run the native self-test again (for MODELS, else every model tested here).")
+@click.argument("models", nargs=-1)
+def doctor_cmd(as_json, rerun, models):
+    """Show what this machine has and what edgeinfer will do by default.
+
+    \b
+    The native self-test runs by itself at the first load of each model;
+    --selftest forgets what it learned on this machine and runs it again:
+      edgeinfer doctor --selftest
+    """
+    if models and not rerun:
+        raise click.UsageError("MODELS are for --selftest: edgeinfer doctor --selftest MODEL")
+    retested = _rerun_selftest(models) if rerun else None
     d = hardware.describe()
     profiles = [p for p in tuning.list_profiles() if p.fingerprint == d["fingerprint"]]
     d["profiles"] = [{"model": p.model, "threads": p.threads, "threads_batch": p.threads_batch}
                      for p in profiles]
+    d["native"] = _native_report()
+    if retested is not None:
+        d["native"]["retested"] = retested
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -46,9 +128,34 @@ def doctor_cmd(as_json):
          or "none - run 'edgeinfer tune' to measure this machine"),
         ("fingerprint", d["fingerprint"]),
     ]
+    n = d["native"]
+    rows.append(("llama.cpp", f"llama-cpp-python {n['llama_cpp_python']}; extra buffer types: "
+                              f"{', '.join(n['extra_buffer_types']) or 'none'}"
+                              + ("; AMX on this CPU and build" if n["amx_on_cpu_and_build"] else "")))
+    if n["forced"]:
+        rows.append(("native setting", f"{n['forced']} (forced by EDGEINFER_NATIVE)"))
+    tested = [f"{m['model']}: {_verdict_line(m['setting'], m['trials'])}" for m in n["models"] if m["setting"]]
+    if not tested:
+        tested = ["not run yet - it runs at the first load of each model; "
+                  "'edgeinfer doctor --selftest' runs it now"]
+    rows += [("self-test" if i == 0 else "", line) for i, line in enumerate(tested)]
+    for m in n["refused"]:
+        rows.append(("refused", f"{m['model']}: crashed llama.cpp with every setting ("
+                                + "; ".join(f"{t['setting']} {_why(t)}" for t in m["trials"]) + ")"))
+    for s_, c in n["crashed"].items():
+        rows.append(("turned off", f"{s_}: {c.get('why')} with {c.get('model')}"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"  {k.ljust(w)}  {v}")
+    for r in retested or []:
+        if "error" in r:
+            click.echo(f"self-test of {r['model']} failed: {r['error']}")
+
+
+def _why(t: dict) -> str:
+    from ..selftest import Trial
+
+    return Trial(**t).why()
 
 
 def _load_for_measuring(model, n_ctx=2048, **kw):
@@ -169,6 +276,7 @@ def bench_cmd(model, n_prompt, n_gen, reps, threads, threads_batch, as_json):
             "model": engine.name, "size": engine.info.file_size, "params": engine.info.parameter_count,
             "quant": engine.info.file_type, "threads": engine.threads, "threads_batch": engine.threads_batch,
             "threads_source": engine.threads_source,
+            "native": {"setting": engine.native.setting, "source": engine.native.source},
             "tests": [
                 {"test": f"pp{n_prompt}", "tps": statistics.median(pre), "stdev": _sd(pre), "runs": pre},
                 {"test": f"tg{n_gen}", "tps": statistics.median(dec), "stdev": _sd(dec), "runs": dec},
@@ -191,7 +299,7 @@ def bench_cmd(model, n_prompt, n_gen, reps, threads, threads_batch, as_json):
     for r in rows:
         click.echo(line(r))
     click.echo(f"time to first token {result['ttft_s'] * 1000:.0f} ms, peak RSS {human_bytes(peak)}, "
-               f"threads from {result['threads_source']}")
+               f"threads from {result['threads_source']}, native setting {result['native']['setting']}")
 
 
 def _sd(xs):

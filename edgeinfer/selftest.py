@@ -1,0 +1,461 @@
+"""Native code is tried in a child process before the caller trusts it.
+
+The first time a model file is loaded on a machine (CPU model and flags,
+llama.cpp build: :func:`edgeinfer.native.machine`), a child process loads
+it with a native setting, prefills a few dozen tokens and decodes a few
+greedy steps. If the child dies by a signal or hangs, the next safer
+setting is tried (``full``, then ``no_amx``, then ``plain``). The first that
+survives is remembered in ``$EDGEINFER_HOME/selftest/<machine>.json``, so
+later loads of that file pay one small read.
+
+A file that kills the child with every setting is refused with GGUFError
+and remembered as refused: llama.cpp aborts the process on some damage
+that a header check cannot see, and the caller's process must outlive it.
+
+Where the CPU and the build both have AMX, ``full`` is skipped without
+paying for a crash; a setting that crashed here once is skipped for later
+models too. A setting forced with ``native=`` or ``$EDGEINFER_NATIVE`` wins
+over the record; it is still tried in a child once per file.
+
+Tests drive the fallback on any CPU with ``$EDGEINFER_SELFTEST_FAULT``:
+``SETTING:KIND[,SETTING:KIND]`` makes the child die by ``segv`` or ``abort``,
+or ``hang``, after its prefill when it runs that setting (``*`` for all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+
+from . import native, paths
+from .errors import EngineError, GGUFError
+
+RECORD_VERSION = 1
+FAULT_ENV = "EDGEINFER_SELFTEST_FAULT"
+TIMEOUT_ENV = "EDGEINFER_SELFTEST_TIMEOUT"
+PROMPT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles "
+          "begins with a single step. To be, or not to be, that is the question.")
+N_PREFILL = 32
+N_DECODE = 4
+
+
+@dataclass
+class Trial:
+    """One run of the child with one setting."""
+
+    setting: str
+    outcome: str           # ok, signal, hang, error (llama.cpp refused cleanly), skipped
+    seconds: float = 0.0
+    signal: str | None = None
+    stage: str = ""        # the last stage the child reached: started, loaded, prefilled, decoded
+    detail: str = ""       # the child's last words, or why the setting was skipped
+
+    @property
+    def crashed(self) -> bool:
+        return self.outcome in ("signal", "hang")
+
+    def why(self) -> str:
+        if self.outcome == "signal":
+            what = f"died by {self.signal}"
+        elif self.outcome == "hang":
+            what = f"hung for {self.seconds:.0f} s"
+        elif self.outcome == "skipped":
+            return f"skipped: {self.detail}"
+        else:
+            what = self.outcome
+        where = f" after stage '{self.stage}'" if self.stage else ""
+        return what + where + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Verdict:
+    """The setting a load uses, and how it was decided."""
+
+    setting: str
+    source: str                     # self-test (ran now), record (remembered), forced
+    trials: list[Trial] = field(default_factory=list)
+    seconds: float = 0.0            # what deciding cost this load
+
+    @property
+    def turned_off(self) -> list[Trial]:
+        return [t for t in self.trials if t.outcome != "ok" and t.setting != self.setting]
+
+    def describe(self) -> str:
+        off = "; ".join(f"{t.setting} {t.why()}" for t in self.turned_off)
+        return f"{self.setting} ({self.source}{'; ' + off if off else ''})"
+
+    def to_dict(self) -> dict:
+        return {"setting": self.setting, "source": self.source, "seconds": round(self.seconds, 3),
+                "trials": [asdict(t) for t in self.trials]}
+
+
+# -- the record -----------------------------------------------------------------
+
+def record_dir() -> Path:
+    return paths.home() / "selftest"
+
+
+def record_path() -> Path:
+    return record_dir() / f"{native.machine_id()}.json"
+
+
+def _empty_record() -> dict:
+    return {"version": RECORD_VERSION, "machine": native.machine(), "models": {}, "refused": {},
+            "crashed": {}}
+
+
+def load_record() -> dict:
+    """This machine's record; a missing, damaged or stale one counts as empty."""
+    try:
+        rec = json.loads(record_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return _empty_record()
+    if not (isinstance(rec, dict) and rec.get("version") == RECORD_VERSION
+            and rec.get("machine") == native.machine()
+            and all(isinstance(rec.get(k), dict) for k in ("models", "refused", "crashed"))):
+        return _empty_record()
+    # Drop entries that do not have the shape this code writes.
+    rec["models"] = {k: v for k, v in rec["models"].items()
+                     if isinstance(v, dict) and isinstance(v.get("passed"), list)
+                     and v.get("setting") in (None, *native.SETTINGS)}
+    rec["crashed"] = {k: v for k, v in rec["crashed"].items() if k in native.SETTINGS and isinstance(v, dict)}
+    return rec
+
+
+def save_record(rec: dict) -> None:
+    path = record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _lock() -> FileLock:
+    record_dir().mkdir(parents=True, exist_ok=True)
+    return FileLock(str(record_dir() / ".lock"))
+
+
+def model_key(path: str | os.PathLike, sha256: str | None) -> str:
+    """A blob by its sha256; a bare file by its path, size and time."""
+    if sha256:
+        return f"sha256:{sha256}"
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"file:{p}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def forget(sha256: str | None = None, path: str | os.PathLike | None = None) -> None:
+    """Drop what is remembered about one model, or (no arguments) everything."""
+    with _lock():
+        rec = load_record()
+        if sha256 is None and path is None:
+            rec = _empty_record()
+        else:
+            key = model_key(path, sha256)
+            rec["models"].pop(key, None)
+            rec["refused"].pop(key, None)
+        save_record(rec)
+
+
+def trials_of(entry: dict) -> list[Trial]:
+    out = []
+    for t in entry.get("trials", []):
+        try:
+            out.append(Trial(**t))
+        except TypeError:
+            continue
+    return out
+
+
+# -- deciding ---------------------------------------------------------------------
+
+def candidates(rec: dict | None = None) -> list[tuple[str, str | None]]:
+    """The settings to try here, in order, each with a reason to skip it
+    (None: try it). The safest is never skipped."""
+    rec = rec if rec is not None else load_record()
+    ladder = native.ladder()
+    out = []
+    for s in ladder:
+        reason = None
+        if s != ladder[-1]:
+            if s == "full" and "no_amx" in ladder and native.amx_on_cpu_and_build():
+                reason = ("AMX on this CPU and in this build, whose matmul is known to crash "
+                          "on virtualised Xeons (ggml-org/llama.cpp#20824)")
+            elif s in rec["crashed"]:
+                c = rec["crashed"][s]
+                reason = f"it crashed here before ({c.get('why', 'crashed')}, with {c.get('model', 'a model')})"
+        out.append((s, reason))
+    return out
+
+
+def ensure(path: str | os.PathLike, *, sha256: str | None = None, name: str | None = None,
+           forced: str | None = None, threads: int = 1, threads_batch: int | None = None,
+           mmap: bool = True, size: int | None = None, rerun: bool = False) -> Verdict:
+    """The native setting to load ``path`` with, testing it in a child first
+    if this machine has not seen this file. Raises GGUFError for a file that
+    crashes llama.cpp with every setting, EngineError for a forced setting
+    that crashes."""
+    t0 = time.perf_counter()
+    key = model_key(path, sha256)
+    label = name or Path(path).name
+    run = dict(threads=threads, threads_batch=threads_batch or threads, mmap=mmap,
+               timeout=_timeout(size if size is not None else Path(path).stat().st_size))
+    with _lock():
+        rec = load_record()
+        entry = rec["models"].get(key)
+        if forced:
+            if not rerun and entry and forced in entry["passed"]:
+                return Verdict(forced, "forced", trials_of(entry), time.perf_counter() - t0)
+            trial = run_trial(path, forced, **run)
+            if trial.crashed:
+                raise EngineError(
+                    f"the native setting '{forced}' that was forced crashed a test process loading "
+                    f"{label}: it {trial.why()}",
+                    hint=f"unset {native.ENV} (or pass native='auto') to let the self-test choose, "
+                         "or force 'plain'")
+            if trial.outcome == "ok":
+                _remember(rec, key, label, None, [trial])
+                save_record(rec)
+            return Verdict(forced, "forced", [trial], time.perf_counter() - t0)
+        if not rerun:
+            if key in rec["refused"]:
+                raise _refusal(label, trials_of(rec["refused"][key]), remembered=True)
+            if entry and entry.get("setting") in native.ladder():
+                return Verdict(entry["setting"], "record", trials_of(entry), time.perf_counter() - t0)
+        trials: list[Trial] = []
+        for setting, skip in candidates(rec):
+            if skip:
+                trials.append(Trial(setting, "skipped", detail=skip))
+                continue
+            trial = run_trial(path, setting, **run)
+            trials.append(trial)
+            if trial.outcome == "error":
+                # llama.cpp refused the file cleanly; the load in this process
+                # will raise with its reason. Nothing to remember.
+                return Verdict(setting, "self-test", trials, time.perf_counter() - t0)
+            if trial.outcome == "ok":
+                _remember(rec, key, label, setting, trials)
+                rec["refused"].pop(key, None)
+                save_record(rec)
+                return Verdict(setting, "self-test", trials, time.perf_counter() - t0)
+        rec["refused"][key] = {"name": label, "trials": [asdict(t) for t in trials], "at": time.time()}
+        rec["models"].pop(key, None)
+        save_record(rec)
+        raise _refusal(label, trials)
+
+
+def _remember(rec: dict, key: str, label: str, setting: str | None, trials: list[Trial]) -> None:
+    entry = rec["models"].setdefault(key, {"name": label, "passed": []})
+    entry["name"] = label
+    entry["at"] = time.time()
+    if setting is not None:
+        entry["setting"] = setting
+        entry["trials"] = [asdict(t) for t in trials]
+    passed = [t.setting for t in trials if t.outcome == "ok"]
+    entry["passed"] = sorted(set(entry["passed"]) | set(passed))
+    # A setting that crashed where a later one passed is the machine's
+    # fault, not the file's: later models skip it.
+    if any(t.outcome == "ok" for t in trials):
+        for t in trials:
+            if t.crashed:
+                rec["crashed"][t.setting] = {"why": t.why(), "model": label, "at": time.time()}
+
+
+def _refusal(label: str, trials: list[Trial], remembered: bool = False) -> GGUFError:
+    tried = [t for t in trials if t.outcome != "skipped"]
+    how = "; ".join(f"{t.setting}: {t.why()}" for t in tried)
+    when = "in an earlier test process" if remembered else "in a test process"
+    return GGUFError(
+        f"llama.cpp crashed loading {label} {when}, with every native setting it was tried with "
+        f"({how}); the file is damaged or this llama.cpp cannot run it",
+        hint="pull the model again, or after updating llama-cpp-python run 'edgeinfer doctor --selftest'")
+
+
+def _timeout(size: int) -> float:
+    env = os.environ.get(TIMEOUT_ENV)
+    if env:
+        try:
+            return max(0.1, float(env))
+        except ValueError:
+            pass
+    # Loading pages the weights in: allow a slow SD card (20 MB/s) on top
+    # of a minute for the few dozen tokens a Pi evaluates slowly.
+    return 60.0 + size / 20e6
+
+
+def check_file(path: str | os.PathLike, name: str | None = None) -> Trial:
+    """Load only the vocabulary in a child: the cheap check for a file that
+    has not been loaded yet (an import, a pull by URL). Raises GGUFError if
+    the child crashes; a clean refusal is left to the first real load."""
+    size = Path(path).stat().st_size
+    trial = run_trial(path, "plain", timeout=_timeout(size), mode="vocab")
+    if trial.crashed:
+        raise GGUFError(f"llama.cpp crashed reading the vocabulary of {name or Path(path).name} "
+                        f"in a test process: it {trial.why()}",
+                        hint="the file is damaged or not a model this llama.cpp can run; "
+                             "download it again")
+    return trial
+
+
+# -- the parent's side of a trial ---------------------------------------------------
+
+def run_trial(path: str | os.PathLike, setting: str, *, threads: int = 1, threads_batch: int | None = None,
+              mmap: bool = True, timeout: float = 120.0, mode: str = "decode") -> Trial:
+    """Run the child once with ``setting``; never raises for what the child does."""
+    args = {"path": str(path), "setting": setting, "threads": int(threads),
+            "threads_batch": int(threads_batch or threads), "mmap": bool(mmap), "mode": mode}
+    env = dict(os.environ, GGML_NO_BACKTRACE="1")  # ggml would attach gdb to print one
+    cmd = [sys.executable, "-m", "edgeinfer.selftest", json.dumps(args)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        out, err, rc = p.stdout, p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:  # run() has killed the child
+        return Trial(setting, "hang", time.perf_counter() - t0, stage=_stage(e.stdout),
+                     detail=f"no answer within {timeout:.0f} s")
+    seconds = time.perf_counter() - t0
+    stage = _stage(out)
+    if rc == 0 and b"\nOK" in b"\n" + (out or b""):
+        return Trial(setting, "ok", seconds, stage=stage)
+    detail = _last_words(err)
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return Trial(setting, "signal", seconds, signal=name, stage=stage, detail=detail)
+    return Trial(setting, "error", seconds, stage=stage, detail=detail or f"exit status {rc}")
+
+
+def _stage(out) -> str:
+    if isinstance(out, str):
+        out = out.encode()
+    stages = [ln.split(None, 1)[1].decode(errors="replace").strip()
+              for ln in (out or b"").splitlines() if ln.startswith(b"STAGE ")]
+    return stages[-1] if stages else ""
+
+
+def _last_words(err: bytes | None) -> str:
+    """The line that says what went wrong, out of the child's stderr."""
+    lines = [ln.strip() for ln in (err or b"").decode(errors="replace").splitlines() if ln.strip()]
+    for marker in ("GGML_ASSERT", "GGML_ABORT", "error", "Error", "Fatal Python error"):
+        hit = [ln for ln in lines if marker in ln]
+        if hit:
+            return hit[0][:300]
+    return lines[-1][:300] if lines else ""
+
+
+# -- the child ------------------------------------------------------------------------
+
+def _say(what: str) -> None:
+    os.write(1, f"STAGE {what}\n".encode())
+
+
+def _fault_for(setting: str) -> str | None:
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        s, _, kind = item.strip().partition(":")
+        if kind and s in (setting, "*"):
+            return kind
+    return None
+
+
+def _fault(kind: str | None) -> None:
+    if kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "abort":
+        os.abort()
+    elif kind == "hang":
+        time.sleep(3600)
+
+
+def _child(raw: str) -> int:
+    import ctypes
+    import faulthandler
+
+    import llama_cpp as lc
+    import numpy as np
+
+    from .gguf_file import read_gguf
+
+    faulthandler.enable()  # a crash names its frame on stderr, which the parent keeps
+    a = json.loads(raw)
+    if sys.platform.startswith("linux"):
+        try:  # die with the parent: a killed caller leaves no test running
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    fault = _fault_for(a["setting"])
+    _say("started")
+    info = read_gguf(a["path"])
+    mp = native.ModelParams(a["setting"], info, mmap=a["mmap"], vocab_only=a["mode"] == "vocab")
+    model = lc.llama_model_load_from_file(a["path"].encode(), mp.params)
+    if not model:
+        print("error: llama.cpp could not load the model", file=sys.stderr)
+        return 3
+    _say("loaded")
+    if a["mode"] == "vocab":
+        print("OK", flush=True)
+        return 0
+    cp = lc.llama_context_default_params()
+    cp.n_ctx = 256
+    cp.n_batch = cp.n_ubatch = 64
+    cp.n_threads, cp.n_threads_batch = a["threads"], a["threads_batch"]
+    cp.no_perf = True
+    ctx = lc.llama_init_from_model(model, cp)
+    if not ctx:
+        print("error: llama.cpp could not create a context", file=sys.stderr)
+        return 3
+    vocab = lc.llama_model_get_vocab(model)
+    n_vocab = lc.llama_vocab_n_tokens(vocab)
+    data = PROMPT.encode()
+    buf = (lc.llama_token * (len(data) + 8))()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, len(buf), True, False)
+    tokens = list(buf[:max(n, 0)])[:N_PREFILL] or [0]
+    batch = lc.llama_batch_init(64, 0, 1)
+
+    def decode(toks: list[int], pos0: int) -> None:
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos0 + i, 1, 0
+            batch.seq_id[i][0] = 0
+        batch.logits[len(toks) - 1] = 1
+        batch.n_tokens = len(toks)
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            print(f"error: llama_decode returned {rc}", file=sys.stderr)
+            sys.exit(3)
+
+    def argmax() -> int:
+        row = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        if not np.isfinite(row).all():
+            print("error: the logits are not finite numbers", file=sys.stderr)
+            sys.exit(4)
+        return int(row.argmax())
+
+    decode(tokens, 0)
+    _say("prefilled")
+    _fault(fault)
+    pos = len(tokens)
+    out = []
+    for _ in range(N_DECODE):
+        tok = argmax()
+        out.append(tok)
+        decode([tok], pos)
+        pos += 1
+    _say("decoded")
+    print("OK " + json.dumps({"tokens": out, "repacked": mp.repacked}), flush=True)
+    lc.llama_batch_free(batch)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))
