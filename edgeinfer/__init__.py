@@ -23,7 +23,8 @@ from .engine import DoneEvent, Engine, Stats, TextEvent
 from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, CompareError,
                      ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
                      EngineBusyError, EngineError, GGUFError, InvalidNameError, MemoryFitError,
-                     ModelNotFoundError, QuantizeError, StoreError, TemplateError)
+                     ModelNotFoundError, NativeSettingError, QuantizeError, StoreError,
+                     TemplateError)
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
 from .store import Manifest, ModelStore
@@ -36,7 +37,7 @@ __all__ = [
     "CatalogEntry", "GGUFInfo",
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
-    "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError",
+    "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",
     "TemplateError", "QuantizeError", "CompareError",
 ]
 

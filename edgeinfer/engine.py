@@ -93,8 +93,8 @@ class Engine:
         # (selftest.py): the first load of a file on a machine costs a test
         # run, later loads read the record.
         self.native: selftest.Verdict = selftest.ensure(
-            self.path, sha256=sha256, name=self.name, forced=_native.forced_setting(native),
-            threads=self.threads, threads_batch=self.threads_batch, mmap=mmap, size=self.info.file_size)
+            self.path, self.info, sha256=sha256, name=self.name, forced=_native.forced_setting(native),
+            threads=self.threads, threads_batch=self.threads_batch, mmap=mmap)
         _native.init_backend()
         self._mparams = _native.ModelParams(self.native.setting, self.info, mmap=mmap, mlock=mlock)
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), self._mparams.params)

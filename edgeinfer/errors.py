@@ -16,7 +16,9 @@
     │   └── AllSourcesFailedError     every source of an entry failed
     ├── EngineError                   llama.cpp refused or failed
     │   ├── ContextOverflowError      prompt longer than the context
-    │   └── EngineBusyError           a second call timed out waiting
+    │   ├── EngineBusyError           a second call timed out waiting
+    │   └── NativeSettingError (ValueError)
+    │                                 an unknown native setting was forced
     ├── QuantizeError                 quantize/convert refused or failed
     ├── CompareError (ValueError)     models that cannot be compared
     └── TemplateError                 a chat template failed or was hostile
@@ -112,6 +114,10 @@ class EngineBusyError(EngineError, TimeoutError):
     """Another generation held the engine for longer than the timeout."""
 
     hint = "wait for the running generation, or cancel it with Engine.cancel()"
+
+
+class NativeSettingError(EngineError, ValueError):
+    """``native=`` or ``$EDGEINFER_NATIVE`` names no native setting."""
 
 
 class QuantizeError(EdgeinferError):

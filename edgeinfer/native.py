@@ -34,6 +34,7 @@ from pathlib import Path
 import llama_cpp as lc
 
 from . import hardware
+from .errors import NativeSettingError
 
 SETTINGS = ("full", "no_amx", "plain")
 ENV = "EDGEINFER_NATIVE"  # force a setting: full, no_amx, plain (or auto)
@@ -63,7 +64,8 @@ def check_setting(name: str | None) -> str | None:
     if name is None or name == "" or name == "auto":
         return None
     if name not in SETTINGS:
-        raise ValueError(f"unknown native setting {name!r}; use one of: auto, {', '.join(SETTINGS)}")
+        raise NativeSettingError(f"unknown native setting {name!r}",
+                                 hint=f"use one of: auto, {', '.join(SETTINGS)} (in native= or ${ENV})")
     return name
 
 
@@ -193,7 +195,8 @@ def override_patterns(names: list[str]) -> list[str]:
     layers: dict[str, list[str]] = {}
     for n in names:
         m = _MATMUL_WEIGHT.fullmatch(n)
-        layers.setdefault(m.group(2), []).append(m.group(1))
+        if m:  # anything else is never moved
+            layers.setdefault(m.group(2), []).append(m.group(1))
     return [rf"^blk\.(?:{'|'.join(ls)})\.{kind}\.weight$" for kind, ls in sorted(layers.items())]
 
 
@@ -205,7 +208,9 @@ class ModelParams:
     """llama_model_params for a setting, with the memory they point to."""
 
     def __init__(self, setting: str, info=None, *, mmap: bool = True, mlock: bool = False,
-                 vocab_only: bool = False):
+                 vocab_only: bool = False, repack: list[str] | None = None):
+        """``info`` (a GGUFInfo) or ``repack`` (its repack_tensors()) says
+        which weights no_amx points at CPU_REPACK."""
         if setting not in SETTINGS:
             raise ValueError(f"unknown native setting {setting!r}")
         init_backend()
@@ -218,15 +223,15 @@ class ModelParams:
         self.repacked = 0  # weights pointed at CPU_REPACK (no_amx only)
         if setting != "full":
             p.use_extra_bufts = False
-        repack = extra_buffer_types().get("CPU_REPACK")
-        if setting == "no_amx" and repack and info is not None:
-            names = repack_tensors(info)
+        buft = extra_buffer_types().get("CPU_REPACK")
+        if setting == "no_amx" and buft:
+            names = repack if repack is not None else (repack_tensors(info) if info is not None else [])
             pats = override_patterns(names)
             if pats:
                 arr = (_Override * (len(pats) + 1))()
                 self._keep = [p_.encode() for p_ in pats]
                 for i, pat in enumerate(self._keep):
-                    arr[i].pattern, arr[i].buft = pat, repack
+                    arr[i].pattern, arr[i].buft = pat, buft
                 arr[len(pats)].pattern, arr[len(pats)].buft = None, None
                 self._overrides = arr
                 p.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)

@@ -130,7 +130,26 @@ def load_record() -> dict:
     return rec
 
 
+MAX_ENTRIES = 256  # models remembered per machine; the oldest go first
+
+
+def _current(key: str) -> bool:
+    """False for a bare file's entry once the file is gone or has changed."""
+    if not key.startswith("file:"):
+        return True
+    name, size, mtime = key[5:].rsplit(":", 2)
+    try:
+        st = os.stat(name)
+    except OSError:
+        return False
+    return f"{st.st_size}:{st.st_mtime_ns}" == f"{size}:{mtime}"
+
+
 def save_record(rec: dict) -> None:
+    for part in ("models", "refused"):
+        kept = sorted(((k, v) for k, v in rec[part].items() if _current(k)),
+                      key=lambda kv: kv[1].get("at", 0), reverse=True)[:MAX_ENTRIES]
+        rec[part] = dict(kept)
     path = record_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -196,18 +215,21 @@ def candidates(rec: dict | None = None) -> list[tuple[str, str | None]]:
     return out
 
 
-def ensure(path: str | os.PathLike, *, sha256: str | None = None, name: str | None = None,
+def ensure(path: str | os.PathLike, info=None, *, sha256: str | None = None, name: str | None = None,
            forced: str | None = None, threads: int = 1, threads_batch: int | None = None,
-           mmap: bool = True, size: int | None = None, rerun: bool = False) -> Verdict:
+           mmap: bool = True, rerun: bool = False) -> Verdict:
     """The native setting to load ``path`` with, testing it in a child first
-    if this machine has not seen this file. Raises GGUFError for a file that
-    crashes llama.cpp with every setting, EngineError for a forced setting
-    that crashes."""
+    if this machine has not seen this file. ``info`` is its GGUFInfo (read
+    here if not given). Raises GGUFError for a file that crashes llama.cpp
+    with every setting, EngineError for a forced setting that crashes."""
+    from .gguf_file import read_gguf
+
     t0 = time.perf_counter()
     key = model_key(path, sha256)
     label = name or Path(path).name
+    info = info if info is not None else read_gguf(path)
     run = dict(threads=threads, threads_batch=threads_batch or threads, mmap=mmap,
-               timeout=_timeout(size if size is not None else Path(path).stat().st_size))
+               timeout=_timeout(info.file_size), repack=native.repack_tensors(info))
     with _lock():
         rec = load_record()
         entry = rec["models"].get(key)
@@ -308,10 +330,14 @@ def check_file(path: str | os.PathLike, name: str | None = None) -> Trial:
 # -- the parent's side of a trial ---------------------------------------------------
 
 def run_trial(path: str | os.PathLike, setting: str, *, threads: int = 1, threads_batch: int | None = None,
-              mmap: bool = True, timeout: float = 120.0, mode: str = "decode") -> Trial:
-    """Run the child once with ``setting``; never raises for what the child does."""
+              mmap: bool = True, timeout: float = 120.0, mode: str = "decode",
+              repack: list[str] | None = None) -> Trial:
+    """Run the child once with ``setting``; never raises for what the child
+    does. The child trusts nothing it reads itself: ``repack`` (the weights
+    no_amx moves) comes from the parent's own checked header."""
     args = {"path": str(path), "setting": setting, "threads": int(threads),
-            "threads_batch": int(threads_batch or threads), "mmap": bool(mmap), "mode": mode}
+            "threads_batch": int(threads_batch or threads), "mmap": bool(mmap), "mode": mode,
+            "repack": list(repack or [])}
     env = dict(os.environ, GGML_NO_BACKTRACE="1")  # ggml would attach gdb to print one
     cmd = [sys.executable, "-m", "edgeinfer.selftest", json.dumps(args)]
     t0 = time.perf_counter()
@@ -383,8 +409,6 @@ def _child(raw: str) -> int:
     import llama_cpp as lc
     import numpy as np
 
-    from .gguf_file import read_gguf
-
     faulthandler.enable()  # a crash names its frame on stderr, which the parent keeps
     a = json.loads(raw)
     if sys.platform.startswith("linux"):
@@ -394,8 +418,8 @@ def _child(raw: str) -> int:
             pass
     fault = _fault_for(a["setting"])
     _say("started")
-    info = read_gguf(a["path"])
-    mp = native.ModelParams(a["setting"], info, mmap=a["mmap"], vocab_only=a["mode"] == "vocab")
+    mp = native.ModelParams(a["setting"], mmap=a["mmap"], vocab_only=a["mode"] == "vocab",
+                            repack=a["repack"])
     model = lc.llama_model_load_from_file(a["path"].encode(), mp.params)
     if not model:
         print("error: llama.cpp could not load the model", file=sys.stderr)
