@@ -146,6 +146,15 @@ def _current(key: str) -> bool:
 
 
 def save_record(rec: dict) -> None:
+    """Write the record; a store that cannot be written only costs the
+    next load another test."""
+    try:
+        _write_record(rec)
+    except OSError:
+        pass
+
+
+def _write_record(rec: dict) -> None:
     for part in ("models", "refused"):
         kept = sorted(((k, v) for k, v in rec[part].items() if _current(k)),
                       key=lambda kv: kv[1].get("at", 0), reverse=True)[:MAX_ENTRIES]
@@ -157,9 +166,18 @@ def save_record(rec: dict) -> None:
     os.replace(tmp, path)
 
 
-def _lock() -> FileLock:
-    record_dir().mkdir(parents=True, exist_ok=True)
-    return FileLock(str(record_dir() / ".lock"))
+def _lock():
+    """Serialises tests of one machine's record across processes."""
+    try:
+        record_dir().mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(record_dir() / ".lock"))
+        lock.acquire()
+        lock.release()
+        return lock
+    except OSError:  # a read-only store: test every time, remember nothing
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def model_key(path: str | os.PathLike, sha256: str | None) -> str:
