@@ -40,20 +40,25 @@ def model_path(tmp_path_factory) -> pathlib.Path:
     return builder.build(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
-def open_llama(path: pathlib.Path, **kwargs) -> llama_cpp.Llama:
+def open_llama(path: pathlib.Path, home: pathlib.Path | None = None, **kwargs) -> llama_cpp.Llama:
     """llama-cpp-python's own Llama, with the native setting the engine's
     self-test chose for this file (on a machine whose AMX matmul crashes,
-    a plain Llama dies on its first decode)."""
+    a plain Llama dies on its first decode). ``home`` is the store the
+    self-test records in, for callers outside a test's own home."""
     from edgeinfer import native, read_gguf, selftest
 
-    verdict = selftest.ensure(path, threads=1)
+    with pytest.MonkeyPatch.context() as mp:
+        if home is not None:
+            mp.setenv("EDGEINFER_HOME", str(home))
+        verdict = selftest.ensure(path, threads=1)
     with native.llama_defaults(verdict.setting, read_gguf(path)):
         return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def llm(model_path) -> llama_cpp.Llama:
-    model = open_llama(model_path, n_ctx=8192, seed=0)
+def llm(model_path, tmp_path_factory) -> llama_cpp.Llama:
+    # Module-scoped, so it is built before the per-test home exists.
+    model = open_llama(model_path, home=tmp_path_factory.mktemp("llm-home"), n_ctx=8192, seed=0)
     yield model
     model.close()
 
