@@ -104,17 +104,15 @@ def _parse_source(raw: dict, where: str) -> Source:
     return Source(kind, parts=tuple(parts))
 
 
-SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
-                 "repeat_penalty": float, "repeat_last_n": int}
-
-
 def _parse_sampling(raw, where: str) -> dict:
-    if not isinstance(raw, dict) or set(raw) - set(SAMPLING_KEYS):
-        raise CatalogError(f"{where}: [sampling] takes only {', '.join(SAMPLING_KEYS)}")
+    from .sampling import OPTIONS, check_options
+
+    if not isinstance(raw, dict) or set(raw) - set(OPTIONS):
+        raise CatalogError(f"{where}: [sampling] takes only {', '.join(OPTIONS)}")
     try:
-        return {k: SAMPLING_KEYS[k](v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise CatalogError(f"{where}: [sampling] values must be numbers") from None
+        return check_options(raw, f"{where}: [sampling]")
+    except (TypeError, ValueError) as e:
+        raise CatalogError(str(e)) from None
 
 
 def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:

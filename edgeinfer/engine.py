@@ -31,10 +31,8 @@ from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .events import DoneEvent, Stats, TextEvent
 from .prompt_cache import PromptCache, common_prefix
-from .sampling import StopMatcher, sampler_chain
-
-DEFAULT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                        repeat_penalty=1.0, repeat_last_n=64)
+from .sampling import DEFAULTS as DEFAULT_SAMPLING
+from .sampling import StopMatcher, check_options, sampler_chain
 
 _NEVER = threading.Event()  # a cancel event that is never set
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
@@ -136,11 +134,8 @@ class Engine:
         self._kv_tokens: dict[int, list[int]] = {s: [] for s in range(self.n_seq_max)}
         self.chat_template = chat_template if chat_template is not None else self.info.chat_template
         self.system_prompt = system_prompt or None
-        bad = set(sampling or {}) - set(DEFAULT_SAMPLING)
-        if bad:
-            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(bad))}")
         # The model's own defaults (from its catalog entry) over ours.
-        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
+        self.sampling = {**DEFAULT_SAMPLING, **check_options(sampling or {})}
         self.last_stats: Stats | None = None
         # prompt_cache=False turns off every reuse of KV state, so each
         # request prefills from scratch (the baseline the cache must match).
@@ -432,10 +427,7 @@ class Engine:
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(tokens):,} tokens but the context holds {self.n_ctx:,}")
-        unknown = set(sampling) - set(DEFAULT_SAMPLING)
-        if unknown:
-            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        opts = {**self.sampling, **{k: v for k, v in sampling.items() if v is not None}}
+        opts = {**self.sampling, **check_options({k: v for k, v in sampling.items() if v is not None})}
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         self._acquire()
         try:
@@ -475,7 +467,7 @@ class Engine:
         stats.cached_tokens = n
         if seed is None:
             seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
-        chain = sampler_chain(seed, **opts)
+        chain = sampler_chain(seed, n_vocab=self.n_vocab, vocab=self._vocab, n_ctx=self.n_ctx, **opts)
         try:
             rc = self._decode(tokens[n:], seq)
             t_prefill = time.perf_counter()

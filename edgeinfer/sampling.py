@@ -2,27 +2,77 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Iterable
 
 import llama_cpp as lc
 
 
-def sampler_chain(seed: int, temperature: float, top_k: int, top_p: float,
-                  min_p: float, repeat_penalty: float, repeat_last_n: int):
-    """llama.cpp's native sampler chain; greedy when temperature <= 0."""
+# Every sampling option: its type and its neutral value (the engine's
+# default; a catalog entry's [sampling] sets a model's own). The REPL's
+# /set, the catalog parser and the engine all read this table.
+OPTIONS: dict[str, tuple[type, float | int]] = {
+    "temperature": (float, 0.8),        # 0 = greedy
+    "top_k": (int, 40),                 # 0 = off
+    "top_p": (float, 0.95),             # 1 = off
+    "min_p": (float, 0.05),             # 0 = off
+    "repeat_penalty": (float, 1.0),     # 1 = off; divides the logits of recent tokens
+    "repeat_last_n": (int, 64),         # how many recent tokens the penalties see
+    "frequency_penalty": (float, 0.0),  # minus this much per earlier use
+    "presence_penalty": (float, 0.0),   # minus this much once used
+    "dry_multiplier": (float, 0.0),     # 0 = off; DRY: penalise extending a repeated span
+    "dry_base": (float, 1.75),
+    "dry_allowed_length": (int, 2),     # a repeat this long is free
+    "dry_last_n": (int, -1),            # tokens DRY looks back over; -1 = the whole context
+}
+DEFAULTS = {k: v for k, (_, v) in OPTIONS.items()}
+# llama.cpp's default DRY sequence breakers: a repeat that crosses one of
+# these (a new line, a quote) is not followed further.
+DRY_BREAKERS = ("\n", ":", "\"", "*")
+
+
+def check_options(opts: dict, where: str = "sampling") -> dict:
+    """``opts`` with each value converted to its option's type; raises
+    TypeError for an unknown name and ValueError for a bad value."""
+    unknown = set(opts) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+    out = {}
+    for k, v in opts.items():
+        kind = OPTIONS[k][0]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            raise ValueError(f"{where}: {k} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
+        out[k] = kind(v)
+    return out
+
+
+def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096, **opts):
+    """llama.cpp's native sampler chain; greedy when temperature <= 0.
+
+    Order as in llama.cpp's own: penalties, DRY, top-k, top-p, min-p,
+    temperature, then the draw."""
+    o = {**DEFAULTS, **opts}
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
-    if repeat_penalty and repeat_penalty != 1.0:
-        add(lc.llama_sampler_init_penalties(repeat_last_n, repeat_penalty, 0.0, 0.0))
+    if (o["repeat_penalty"] != 1.0 or o["frequency_penalty"] or o["presence_penalty"]) and o["repeat_last_n"]:
+        last_n = n_ctx if o["repeat_last_n"] < 0 else o["repeat_last_n"]
+        add(lc.llama_sampler_init_penalties(n_vocab, last_n, o["repeat_penalty"],
+                                            o["frequency_penalty"], o["presence_penalty"]))
+    if o["dry_multiplier"] > 0 and vocab is not None:
+        breakers = (ctypes.c_char_p * len(DRY_BREAKERS))(*(b.encode() for b in DRY_BREAKERS))
+        last_n = n_ctx if o["dry_last_n"] < 0 else o["dry_last_n"]
+        add(lc.llama_sampler_init_dry(vocab, o["dry_multiplier"], o["dry_base"], o["dry_allowed_length"],
+                                      last_n, breakers, len(DRY_BREAKERS)))
+    temperature = o["temperature"]
     if temperature is None or temperature <= 0:
         add(lc.llama_sampler_init_greedy())
         return chain
-    if top_k and top_k > 0:
-        add(lc.llama_sampler_init_top_k(int(top_k)))
-    if top_p is not None and 0 < top_p < 1:
-        add(lc.llama_sampler_init_top_p(float(top_p), 1))
-    if min_p and min_p > 0:
-        add(lc.llama_sampler_init_min_p(float(min_p), 1))
+    if o["top_k"] and o["top_k"] > 0:
+        add(lc.llama_sampler_init_top_k(int(o["top_k"])))
+    if o["top_p"] is not None and 0 < o["top_p"] < 1:
+        add(lc.llama_sampler_init_top_p(float(o["top_p"]), 1))
+    if o["min_p"] and o["min_p"] > 0:
+        add(lc.llama_sampler_init_min_p(float(o["min_p"]), 1))
     add(lc.llama_sampler_init_temp(float(temperature)))
     # 0xFFFFFFFF is LLAMA_DEFAULT_SEED ("pick one at random"): fold every
     # seed below it so that each one reproduces.

@@ -135,7 +135,9 @@ def test_a_bad_set_value_is_a_one_line_hint_and_changes_nothing(tiny_model):
 def test_set_without_a_value_or_with_an_unknown_name_shows_usage(tiny_model):
     result = invoke(["chat", tiny_model, "--max-tokens", 3], input="/set\n/set temperature\n/set colour 3\n")
 
-    usage = "Usage: /set NAME VALUE, NAME one of temperature, top_k, top_p, min_p, repeat_penalty, max_tokens, seed"
+    usage = ("Usage: /set NAME VALUE, NAME one of temperature, top_k, top_p, min_p, repeat_penalty, "
+             "repeat_last_n, frequency_penalty, presence_penalty, dry_multiplier, dry_base, "
+             "dry_allowed_length, dry_last_n, max_tokens, seed")
     assert result.exit_code == 0
     assert stderr_lines(result) == [usage] * 3
     assert result.stdout == ""

@@ -14,6 +14,7 @@ import click
 from .. import catalog
 from ..chat import ChatSession
 from ..engine import DoneEvent
+from ..sampling import OPTIONS
 from ..errors import EdgeinferError, ModelNotFoundError
 from ..store import ModelStore
 
@@ -23,15 +24,16 @@ Commands:
   /reset             forget the conversation (the system prompt stays)
   /system TEXT       set the system prompt (and start over)
   /set NAME VALUE    sampling: temperature, top_k, top_p, min_p,
-                     repeat_penalty, max_tokens, seed
+                     repeat_penalty, repeat_last_n, frequency_penalty,
+                     presence_penalty, dry_multiplier, dry_base,
+                     dry_allowed_length, dry_last_n, max_tokens, seed
   /stats             figures for the last answer
   /save FILE         save the conversation as JSON
   /load FILE         load a conversation saved with /save
   /exit              leave (so do Ctrl-D, and Ctrl-C on an empty line)
 Write several lines between \"\"\" and \"\"\". Ctrl-C stops an answer."""
 
-SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
-            "repeat_penalty": float, "max_tokens": int, "seed": int}
+SETTABLE = {**{k: kind for k, (kind, _) in OPTIONS.items()}, "max_tokens": int, "seed": int}
 
 
 def stream_cancellable(engine, make_stream):

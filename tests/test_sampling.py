@@ -1,0 +1,137 @@
+"""Every sampling option, through llama.cpp's real sampler chain on the tiny
+model, from the API, from /set in the REPL and from a catalog entry."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import edgeinfer
+from edgeinfer import sampling
+from edgeinfer.catalog import load_catalog
+from edgeinfer.chat import ChatSession
+from edgeinfer.cli.chat import Repl
+from edgeinfer.engine import Engine
+from edgeinfer.errors import CatalogError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    with Engine(tiny_model, threads=1, prompt_cache=False) as e:
+        yield e
+
+
+def tokens(engine, n=40, **opts) -> list[int]:
+    return [t for ev in engine.stream("Once upon a time", max_tokens=n, **opts) for t in ev.tokens]
+
+
+def most_repeats(toks: list[int], window: int = 16) -> int:
+    """The most repeated tokens inside any window of ``window`` tokens."""
+    return max(len(toks[i:i + window]) - len(set(toks[i:i + window]))
+               for i in range(max(1, len(toks) - window + 1)))
+
+
+def longest_repeat(toks: list[int]) -> int:
+    """The length of the longest span that occurs twice."""
+    best = 0
+    for n in range(1, len(toks)):
+        seen = {tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)}
+        if len(seen) == len(toks) - n + 1:
+            break
+        best = n
+    return best
+
+
+def test_the_tiny_model_loops_when_greedy(engine):
+    # what the penalties below must break
+    assert most_repeats(tokens(engine, temperature=0)) >= 8
+
+
+@pytest.mark.parametrize("opts", [dict(repeat_penalty=1e6), dict(frequency_penalty=1e4),
+                                  dict(presence_penalty=1e4)], ids=lambda o: next(iter(o)))
+def test_penalties_stop_repeats_within_their_window(engine, opts):
+    toks = tokens(engine, temperature=0, repeat_last_n=16, **opts)
+    assert len(toks) == 40 and most_repeats(toks, 16) == 0
+
+
+def test_repeat_last_n_zero_turns_the_penalties_off(engine):
+    assert tokens(engine, temperature=0, repeat_penalty=1e6, repeat_last_n=0) == tokens(engine, temperature=0)
+
+
+def test_dry_shortens_repeated_spans(engine):
+    plain = tokens(engine, temperature=0)
+    dry = tokens(engine, temperature=0, dry_multiplier=100.0, dry_allowed_length=1)
+    assert longest_repeat(dry) < longest_repeat(plain)
+    assert tokens(engine, temperature=0, dry_multiplier=0.0) == plain  # 0 is off
+
+
+@pytest.mark.parametrize("opts", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.99999)],
+                         ids=lambda o: next(iter(o)))
+def test_truncation_to_one_candidate_is_greedy(engine, opts):
+    assert tokens(engine, temperature=1.0, seed=3, **opts) == tokens(engine, temperature=0)
+
+
+def test_temperature_and_seed(engine):
+    a = tokens(engine, temperature=1.5, seed=3)
+    assert a == tokens(engine, temperature=1.5, seed=3)
+    assert a != tokens(engine, temperature=1.5, seed=4)
+    assert a != tokens(engine, temperature=0)
+
+
+def test_bad_options_are_refused_before_generating(engine):
+    with pytest.raises(TypeError, match="unknown sampling option"):
+        list(engine.stream("x", top_q=3))
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        list(engine.stream("x", top_k=2.5))
+
+
+SET_VALUES = {"temperature": "0.7", "top_k": "20", "top_p": "0.9", "min_p": "0.1", "repeat_penalty": "1.1",
+              "repeat_last_n": "32", "frequency_penalty": "0.2", "presence_penalty": "0.3",
+              "dry_multiplier": "0.8", "dry_base": "1.75", "dry_allowed_length": "3", "dry_last_n": "128"}
+
+
+def test_every_option_is_settable_in_the_repl_and_then_used(engine):
+    assert set(SET_VALUES) == set(sampling.OPTIONS)
+    lines = [f"/set {k} {v}" for k, v in SET_VALUES.items()] + ["/set max_tokens 3", "hello", "/exit"]
+    session = ChatSession(engine)
+    out = io.StringIO()
+    feed = iter(lines)
+    Repl(session, lambda _p: next(feed), out, interactive=True).run()
+    for k, v in SET_VALUES.items():
+        assert f"{k} = {sampling.OPTIONS[k][0](v)}" in out.getvalue()
+    assert session.last_stats is not None and session.last_stats.generated_tokens >= 1
+    assert "Error" not in out.getvalue() and "Traceback" not in out.getvalue()
+
+
+def test_every_option_works_from_a_catalog_entry(tiny_model, edgeinfer_home, tmp_path):
+    from edgeinfer import paths
+
+    user = paths.config_dir() / "models"
+    user.mkdir(parents=True)
+    values = "\n".join(f"{k} = {v}" for k, v in SET_VALUES.items())
+    (user / "tiny.toml").write_text(f'''
+name = "tiny-sampled"
+tag = "f32"
+description = "the tiny test model"
+file = "tiny.gguf"
+size = {tiny_model.stat().st_size}
+sha256 = "{'0' * 64}"
+license = "MIT"
+
+[[sources]]
+kind = "file"
+path = "{tiny_model}"
+
+[sampling]
+{values}
+''')
+    entry = load_catalog()["tiny-sampled:f32"]
+    assert entry.sampling == {k: sampling.OPTIONS[k][0](v) for k, v in SET_VALUES.items()}
+    with edgeinfer.load(tiny_model, sampling=entry.sampling, threads=1, prompt_cache=False) as e:
+        assert e.sampling["repeat_penalty"] == 1.1 and e.sampling["dry_multiplier"] == 0.8
+        assert e.generate("Hello", max_tokens=4, seed=1) is not None
+    (user / "bad.toml").write_text((user / "tiny.toml").read_text().replace("tiny-sampled", "bad")
+                                   .replace("top_k = 20", "top_k = 2.5"))
+    with pytest.raises(CatalogError, match="top_k must be an integer"):
+        load_catalog()
