@@ -32,7 +32,7 @@ from .gguf_file import GGUFInfo, read_gguf
 from .events import DoneEvent, Stats, TextEvent
 from .prompt_cache import PromptCache, common_prefix
 from .sampling import DEFAULTS as DEFAULT_SAMPLING
-from .sampling import StopMatcher, check_options, sampler_chain
+from .sampling import StopMatcher, check_options, repeating, sampler_chain
 
 _NEVER = threading.Event()  # a cancel event that is never set
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
@@ -59,7 +59,8 @@ class Engine:
                  system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
                  cache_disk: bool = True, cache_memory_budget: int | None = None,
                  cache_disk_budget: int | None = None, flash_attn: bool = False,
-                 sampling: dict | None = None, native: str | None = None):
+                 sampling: dict | None = None, native: str | None = None,
+                 stop_on_repeat: bool = True):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -137,6 +138,7 @@ class Engine:
         # The model's own defaults (from its catalog entry) over ours.
         self.sampling = {**DEFAULT_SAMPLING, **check_options(sampling or {})}
         self.last_stats: Stats | None = None
+        self.stop_on_repeat = bool(stop_on_repeat)  # finish_reason "repetition" (sampling.repeating)
         # prompt_cache=False turns off every reuse of KV state, so each
         # request prefills from scratch (the baseline the cache must match).
         self.reuse_kv = prompt_cache is not False
@@ -484,6 +486,7 @@ class Engine:
             matcher = StopMatcher(stops)
             t_first = None
             pending_ids: list[int] = []
+            generated: list[int] = []
             finish = "length"
             hit_stop_string = False
             while stats.generated_tokens < max_tokens:
@@ -499,6 +502,7 @@ class Engine:
                     break
                 stats.generated_tokens += 1
                 pending_ids.append(tok)
+                generated.append(tok)
                 text, stopped = matcher.feed(utf8.decode(self.token_bytes(tok)))
                 if text:
                     yield TextEvent(text, pending_ids)
@@ -509,6 +513,9 @@ class Engine:
                     break
                 if len(kv) >= self.n_ctx:
                     finish = "length"  # the context is full: end cleanly
+                    break
+                if self.stop_on_repeat and len(generated) % 8 == 0 and repeating(generated):
+                    finish = "repetition"  # stuck in a loop: say so rather than run to max_tokens
                     break
                 if stats.generated_tokens >= max_tokens:
                     break

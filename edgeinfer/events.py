@@ -17,7 +17,7 @@ class Stats:
     ttft_s: float = 0.0           # request start to first token
     prefill_tps: float = 0.0      # prompt tokens evaluated per second
     decode_tps: float = 0.0       # generated tokens per second after the first
-    finish_reason: str = ""       # "stop", "length" or "cancelled"
+    finish_reason: str = ""       # "stop", "length", "repetition" (stuck in a loop) or "cancelled"
     total_s: float = 0.0
     native: str = ""              # the native setting in force (see edgeinfer.native)
 

@@ -80,6 +80,28 @@ def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
     return chain
 
 
+REPEAT_MAX_PERIOD = 64   # the longest span that counts as one unit of a loop
+REPEAT_MIN_RUN = 32      # tokens of exact repetition before a loop is called
+
+
+def repeating(tokens: list[int]) -> int:
+    """The period of a loop the tail of ``tokens`` is stuck in, else 0.
+
+    A stream is stuck when its last ``max(32, 4p)`` tokens each equal the
+    token ``p`` before them, for some span of ``p <= 64`` tokens: the same
+    span five or more times in a row (one token 33 times, an 8-token
+    phrase 5 times, a 64-token paragraph 5 times). Ordinary text, lists
+    and code repeat less exactly than that."""
+    n = len(tokens)
+    for p in range(1, REPEAT_MAX_PERIOD + 1):
+        run = max(REPEAT_MIN_RUN, 4 * p)
+        if n < run + p:
+            break
+        if tokens[n - run:] == tokens[n - run - p:n - p]:
+            return p
+    return 0
+
+
 class StopMatcher:
     """Holds back text that might be the start of a stop string."""
 

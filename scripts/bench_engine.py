@@ -210,7 +210,8 @@ def measure(args, model: Path, log) -> dict:
     # Every prefill must be cold: no prompt cache (where the Engine has one),
     # and kv_clear() before each run.
     engine = Engine(model, n_ctx=n_ctx, threads=args.threads, threads_batch=args.threads,
-                    n_batch=args.batch, prompt_cache=False, flash_attn=args.flash_attn)
+                    n_batch=args.batch, prompt_cache=False, flash_attn=args.flash_attn,
+                    stop_on_repeat=False)  # tg must decode exactly --tg tokens
     # Llama gets the native setting the engine's self-test chose: on a
     # machine whose AMX matmul crashes, a plain Llama dies on its first decode.
     with native.llama_defaults(engine.native.setting, engine.info):

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.timeout(120)  # a lost wake-up would otherwise hang the
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    # one thread: see THREADS in test_engine.py
-    with Engine(tiny_model, n_ctx=4096, threads=1) as e:
+    # one thread: see THREADS in test_engine.py; long greedy streams of the
+    # tiny model loop, and these tests need them to run on
+    with Engine(tiny_model, n_ctx=4096, threads=1, stop_on_repeat=False) as e:
         yield e
 
 

@@ -135,3 +135,25 @@ path = "{tiny_model}"
                                    .replace("top_k = 20", "top_k = 2.5"))
     with pytest.raises(CatalogError, match="top_k must be an integer"):
         load_catalog()
+
+
+# -- a stream stuck in a loop ends as "repetition" --------------------------------------
+
+def test_repeating_finds_loops_and_leaves_ordinary_text_alone():
+    from edgeinfer.sampling import repeating
+
+    assert repeating([5] * 33) == 1 and repeating([5] * 32) == 0
+    phrase = list(range(100, 108))
+    assert repeating([1, 2, 3] + phrase * 5) == 8 and repeating(phrase * 4) == 0
+    assert repeating(list(range(1000))) == 0
+    counting = [t for i in range(40) for t in (7, 1000 + i, 9)]  # "1. x\n2. y\n": the number differs
+    assert repeating(counting) == 0
+
+
+def test_a_looping_stream_ends_with_finish_reason_repetition(tiny_model):
+    with Engine(tiny_model, threads=1, prompt_cache=False) as e:
+        done = list(e.stream("Once upon a time", max_tokens=400, temperature=0))[-1]
+        assert done.stats.finish_reason == "repetition" and done.stats.generated_tokens < 120
+    with Engine(tiny_model, threads=1, prompt_cache=False, stop_on_repeat=False) as e:
+        done = list(e.stream("Once upon a time", max_tokens=400, temperature=0))[-1]
+        assert done.stats.finish_reason == "length" and done.stats.generated_tokens == 400
