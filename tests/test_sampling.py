@@ -153,7 +153,7 @@ def test_repeating_finds_loops_and_leaves_ordinary_text_alone():
 def test_a_looping_stream_ends_with_finish_reason_repetition(tiny_model):
     with Engine(tiny_model, threads=1, prompt_cache=False) as e:
         done = list(e.stream("Once upon a time", max_tokens=400, temperature=0))[-1]
-        assert done.stats.finish_reason == "repetition" and done.stats.generated_tokens < 120
+        assert done.stats.finish_reason == "repetition" and done.stats.generated_tokens < 300
     with Engine(tiny_model, threads=1, prompt_cache=False, stop_on_repeat=False) as e:
         done = list(e.stream("Once upon a time", max_tokens=400, temperature=0))[-1]
         assert done.stats.finish_reason == "length" and done.stats.generated_tokens == 400
