@@ -32,7 +32,7 @@ from .store import Manifest, ModelStore
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "pull", "import_file", "read_gguf", "default_entry", "load_catalog",
+    "load", "default_model", "pull", "import_file", "read_gguf", "default_entry", "load_catalog",
     "Engine", "ChatSession", "TextEvent", "DoneEvent", "Stats", "ModelStore", "Manifest",
     "CatalogEntry", "GGUFInfo",
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
@@ -54,8 +54,19 @@ def resolve_model(name_or_path: str | os.PathLike, store: ModelStore | None = No
     return m.path, m
 
 
-def load(name_or_path: str | os.PathLike, **options) -> Engine:
-    """Load a model from the store (by ``name[:tag]``) or from a GGUF path.
+def default_model():
+    """The model chosen for this machine when none is named (a
+    ``default_model.Choice``: ``.entry``, ``.reason``, ``.expected_tps``);
+    see edgeinfer/model_choice.py."""
+    from . import model_choice
+
+    return model_choice.choose()
+
+
+def load(name_or_path: str | os.PathLike | None = None, **options) -> Engine:
+    """Load a model from the store (by ``name[:tag]``) or from a GGUF path;
+    with none, the default model for this machine (:func:`default_model`),
+    which must be in the store.
 
     Options: ``n_ctx``, ``threads``, ``threads_batch``, ``n_batch``,
     ``seed``, ``mmap``, ``mlock``, ``chat_template``, ``system_prompt``
@@ -75,6 +86,8 @@ def load(name_or_path: str | os.PathLike, **options) -> Engine:
 
     >>> engine = edgeinfer.load("smollm2-135m-instruct", n_ctx=2048)  # doctest: +SKIP
     """
+    if name_or_path is None:
+        name_or_path = default_model().entry.ref
     path, manifest = resolve_model(name_or_path)
     if manifest is not None:
         options.setdefault("name", manifest.ref)

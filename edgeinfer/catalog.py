@@ -52,6 +52,8 @@ class Source:
             return f"file {self.path}"
         if self.kind == "pypi":
             return f"pypi {self.parts[0]}"
+        if len(self.parts) > 2:
+            return f"pypi {self.parts[0]} ... {self.parts[-1]} ({len(self.parts)} wheels)"
         return "pypi " + " + ".join(str(p) for p in self.parts)
 
 
@@ -72,6 +74,8 @@ class CatalogEntry:
     default_model: bool = False
     system: str = ""               # default system prompt for chats
     sampling: dict = field(default_factory=dict, compare=False)  # default sampling options
+    memory: int = 0                # bytes to run it at the default context (0: unknown)
+    quality: int | None = None     # quality_probe.py score; only scored entries are chosen as default
     defined_in: str = field(default="", compare=False)
 
     @property
@@ -115,6 +119,12 @@ def _parse_sampling(raw, where: str) -> dict:
         raise CatalogError(str(e)) from None
 
 
+def _nonnegative(v, key: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise CatalogError(f"{where}: {key} must be a whole number, 0 or more")
+    return v
+
+
 def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
     """Build a CatalogEntry from parsed TOML, checking every field."""
     try:
@@ -142,6 +152,8 @@ def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
         default_model=bool(data.get("default_model", False)),
         system=str(data.get("system", "")),
         sampling=_parse_sampling(data.get("sampling", {}), where),
+        memory=_nonnegative(data.get("memory", 0), "memory", where),
+        quality=None if data.get("quality") is None else _nonnegative(data["quality"], "quality", where),
         defined_in=where,
     )
 
@@ -182,7 +194,9 @@ def lookup(ref: ModelRef) -> CatalogEntry | None:
 
 
 def default_entry() -> CatalogEntry:
-    """The catalog's default model (the one ``edgeinfer chat`` starts)."""
+    """The catalog's floor model (``default_model = true``): what the
+    default-model choice (model_choice.py) falls back to on the smallest
+    boxes, and what the fast tests mean by "the default"."""
     entries = load_catalog()
     # The user's own default wins over the shipped one.
     defaults = sorted((e for e in entries.values() if e.default_model),

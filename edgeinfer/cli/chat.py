@@ -89,7 +89,14 @@ def ensure_model(name: str | None, yes: bool, quiet: bool = False) -> str:
     from ..names import parse_ref
     from ..pull import pull
 
-    ref = name or catalog.default_entry().ref
+    choice = None
+    if name is None:
+        from ..model_choice import choose
+
+        choice = choose()
+        ref = choice.entry.ref
+    else:
+        ref = name
     if os.path.isfile(ref):
         return ref
     if ref.endswith(".gguf") or os.sep in ref:
@@ -100,7 +107,10 @@ def ensure_model(name: str | None, yes: bool, quiet: bool = False) -> str:
     entry = catalog.lookup(parse_ref(ref))
     if entry is None:
         raise ModelNotFoundError(f"model '{ref}' is not in the store or the catalog",
-                                 hint=f"run 'edgeinfer pull {ref}' with a URL or file, or 'edgeinfer list'")
+                                 hint="run 'edgeinfer list --catalog' to see the names that can be pulled, "
+                                      "or pull a URL or file with 'edgeinfer pull'")
+    if choice is not None:
+        click.echo(f"Default model for this machine: {choice.line()}", err=True)
     if not yes:
         if not sys.stdin.isatty():
             raise ModelNotFoundError(f"model '{ref}' is not in the store",

@@ -48,7 +48,7 @@ def pull_cmd(model, name, quiet):
     m = result.manifest
     if result.source == "store":
         click.echo(f"{m.ref} is already in the store ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
-    else:
+    elif quiet:  # otherwise the pull has said so on stderr
         click.echo(f"{m.ref} pulled from {result.source} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
 
 
@@ -172,6 +172,7 @@ def _native_line(n: dict) -> str:
 def rm_cmd(models):
     """Remove MODELS from the store (the file goes when nothing else uses it)."""
     store = ModelStore()
+    store.clean_scratch()  # what a killed pull or quantize left behind
     for name in models:
         m, blob_gone = store.remove(name)
         click.echo(f"removed {m.ref}" + ("" if blob_gone else " (its file is shared and stays)"))
