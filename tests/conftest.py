@@ -64,19 +64,42 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_store(tmp_path_factory):
-    """A store holding the catalog's default model, pulled through pull().
+    """A store holding SmolLM2 135M Instruct (the catalog's floor model),
+    pulled by name through pull().
 
     EDGEINFER_TEST_STORE reuses a store between runs on a developer's
     machine; CI pulls afresh.
     """
-    from edgeinfer import catalog
     from edgeinfer.pull import pull
     from edgeinfer.store import ModelStore
 
     root = os.environ.get("EDGEINFER_TEST_STORE") or tmp_path_factory.mktemp("real-store")
     store = ModelStore(root)
-    pull(catalog.default_entry().ref, store=store, quiet=True)
+    pull("smollm2-135m-instruct", store=store, quiet=True)
     return store
+
+
+QWEN_PAIR = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen_store(real_store):
+    """The real store with the Qwen2.5-Coder 0.5B / 1.5B pair pulled too,
+    where the machine has the disk and memory (else the test skips)."""
+    from edgeinfer import catalog, hardware
+    from edgeinfer.download import free_bytes
+    from edgeinfer.names import parse_ref
+    from edgeinfer.pull import pull
+
+    entries = [catalog.lookup(parse_ref(n)) for n in QWEN_PAIR]
+    missing = sum(e.size for e in entries if real_store.get(e.ref) is None)
+    if free_bytes(real_store.root) < missing + 2 * 10**9:
+        pytest.skip(f"the Qwen pair needs {missing / 1e9:.1f} GB of disk and 2 GB to spare")
+    if hardware.available_memory() < 4 * 10**9:
+        pytest.skip("the Qwen pair needs 4 GB of free memory")
+    for e in entries:
+        pull(e.ref, store=real_store, quiet=True)
+    return real_store
 
 
 @pytest.fixture

@@ -277,7 +277,7 @@ def test_declining_the_pull_is_an_error_with_a_hint(terminal, tiny_model, edgein
 
 @pytest.mark.real_model
 def test_real_model_answers_then_stops_on_ctrl_c(terminal, real_model_home):
-    term = terminal("chat", "--temperature", 0, "--max-tokens", 4000)
+    term = terminal("chat", "smollm2-135m-instruct", "--temperature", 0, "--max-tokens", 4000)
 
     lines = term.wait_for_prompt(timeout=180)
     assert lines[0].startswith("Chatting with smollm2-135m-instruct:q4_1.")

@@ -546,7 +546,7 @@ def test_run_real_model_knows_the_capital_of_france(real_model_home):
 def test_chat_real_model_answers_two_questions_in_turn(real_model_home, tmp_path):
     conv = tmp_path / "conv.json"
     lines = ["What is the capital of France?", "What is the capital of Germany?", f"/save {conv}"]
-    proc = subprocess.run(edgeinfer_cmd("chat", "--temperature", 0, "--max-tokens", 48),
+    proc = subprocess.run(edgeinfer_cmd("chat", "smollm2-135m-instruct", "--temperature", 0, "--max-tokens", 48),
                           input="\n".join(lines) + "\n", capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT)
 
@@ -560,13 +560,15 @@ def test_chat_real_model_answers_two_questions_in_turn(real_model_home, tmp_path
 
 
 @pytest.mark.real_model
-def test_chat_yes_pulls_the_default_model_and_answers(real_store, edgeinfer_home, tmp_path):
+def test_chat_yes_pulls_the_default_model_and_answers(real_store, edgeinfer_home, tmp_path, monkeypatch):
     """An empty store whose catalog default has a local file source: the
     user's entry overrides the shipped one under the same name (same size,
     sha256 and system prompt, the real blob as its only source), so no
-    network is needed and the pull still goes through the model manager."""
+    network is needed and the pull still goes through the model manager.
+    The default is pinned to SmolLM2, which this test means."""
     from edgeinfer import catalog
 
+    monkeypatch.setenv("EDGEINFER_MODEL", "smollm2-135m-instruct")
     shipped = catalog.default_entry()
     blob = real_store.blob_path(shipped.sha256)
     write_user_entry(Path(os.environ["EDGEINFER_CONFIG"]), blob, shipped.name, shipped.tag,

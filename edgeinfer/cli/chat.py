@@ -369,23 +369,29 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
 
 
 @click.command("run")
-@click.argument("model")
-@click.argument("prompt")
+@click.argument("args", nargs=-1, required=True, metavar="[MODEL] PROMPT")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer and its stats as JSON.")
 @click.option("--raw", is_flag=True, help="Continue PROMPT as plain text, without the chat template "
                                           "(for base models).")
+@click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
-def run_cmd(model, prompt, as_json, raw, n_ctx, threads, threads_batch, temperature, top_k, top_p,
+def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p,
             max_tokens, seed, system):
-    """Answer one PROMPT with MODEL and exit (PROMPT '-' reads stdin).
+    """Answer one PROMPT with MODEL (default: the one chosen for this
+    machine) and exit. PROMPT '-' reads stdin.
 
     \b
     Examples:
+      edgeinfer run "What is the capital of France?"
       edgeinfer run smollm2-135m-instruct "What is the capital of France?" --temperature 0
       edgeinfer run gemma-3-270m "The capital of France is" --raw
     """
+    if len(args) > 2:
+        raise click.UsageError("run takes [MODEL] PROMPT; quote a prompt that has spaces")
+    model, prompt = (None, args[0]) if len(args) == 1 else args
     if prompt == "-":
         prompt = sys.stdin.read()
+    model = ensure_model(model, yes, quiet=False)
     engine = _load(model, n_ctx, threads, threads_batch)
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + \
