@@ -13,8 +13,9 @@ scripts/quality_probe.py), best first. The first one is chosen that
   (decoding reads every weight once per token).
 
 Else the floor, the entry marked ``default_model`` (SmolLM2 135M).
-``$EDGEINFER_MODEL`` or ``default_model = "name:tag"`` in
-``<config dir>/config.toml`` pins a choice.
+``$EDGEINFER_MODEL``, ``default_model = "name:tag"`` in
+``<config dir>/config.toml``, or a user catalog entry marked
+``default_model`` pins a choice.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def choose(*, available: int | None = None, bandwidth: float | None = None) -> C
                                      hint="run 'edgeinfer list --catalog' for the names, or unpin it")
         return Choice(entry, f"pinned in {where}", pinned=True)
     floor = catalog.default_entry()
+    if not floor.defined_in.startswith("catalog/"):  # the user's own default_model entry
+        return Choice(floor, f"marked default_model in {floor.defined_in}", pinned=True)
     have = hardware.available_memory() if available is None else available
     entries = catalog.load_catalog().values()
     ranked = sorted((e for e in entries if e.quality is not None), key=lambda e: (-e.quality, e.size))

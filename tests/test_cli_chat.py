@@ -459,14 +459,16 @@ def assert_one_line_error(result, *needles):
 def test_chat_with_an_unknown_model_is_a_one_line_error_with_a_hint(edgeinfer_home):
     result = invoke(["chat", "not-a-model"], input="hello\n")
 
-    assert_one_line_error(result, "'not-a-model'", "edgeinfer pull not-a-model", "edgeinfer list")
+    # not in the catalog either: a pull by that name cannot work, so the hint is the catalog
+    assert_one_line_error(result, "'not-a-model'", "not in the store or the catalog", "edgeinfer list --catalog")
     assert not (edgeinfer_home / "blobs").exists()
 
 
 def test_run_with_an_unknown_model_is_a_one_line_error_with_a_hint():
     result = invoke(["run", "not-a-model", "hello"])
 
-    assert_one_line_error(result, "'not-a-model'", "edgeinfer pull not-a-model")
+    assert_one_line_error(result, "'not-a-model'", "edgeinfer list --catalog")
+    assert "edgeinfer pull not-a-model" not in result.stderr
 
 
 def test_run_with_a_missing_file_says_so(tmp_path):
@@ -481,11 +483,22 @@ def test_chat_with_a_missing_file_says_so(tmp_path):
     assert_one_line_error(result, "no such file", "check the path")
 
 
-def test_chat_without_a_terminal_does_not_pull_the_default_without_yes(edgeinfer_home):
-    result = invoke(["chat"], input="hello\n")
+def without_choice_line(result, ref: str):
+    """The result with its first stderr line, which names the default
+    model chosen for this machine, checked and taken off."""
+    first, _, rest = result.stderr.partition("\n")
+    assert first.startswith(f"Default model for this machine: {ref} ("), result.stderr
+    result.stderr_bytes = rest.encode()
+    return result
 
-    assert_one_line_error(result, "smollm2-135m-instruct", "is not in the store",
-                          "edgeinfer pull smollm2-135m-instruct", "--yes")
+
+def test_chat_without_a_terminal_does_not_pull_the_default_without_yes(edgeinfer_home):
+    from edgeinfer import model_choice
+
+    ref = model_choice.choose().entry.ref
+    result = without_choice_line(invoke(["chat"], input="hello\n"), ref)
+
+    assert_one_line_error(result, ref, "is not in the store", f"edgeinfer pull {ref}", "--yes")
     assert not (edgeinfer_home / "blobs").exists()
 
 
@@ -526,7 +539,7 @@ def test_a_user_catalog_default_is_the_model_chat_starts(tiny_model, edgeinfer_h
     write_user_entry(Path(os.environ["EDGEINFER_CONFIG"]), tiny_model, "mydefault", "f32", default_model=True)
 
     # no --yes: the hint names the model chat would pull, and nothing is fetched
-    result = invoke(["chat"], input="hello\n")
+    result = without_choice_line(invoke(["chat"], input="hello\n"), "mydefault:f32")
 
     assert_one_line_error(result, "edgeinfer pull mydefault:f32")
 

@@ -539,4 +539,7 @@ def test_load_of_a_model_that_was_never_pulled():
     with pytest.raises(ModelNotFoundError) as info:
         edgeinfer.load("not-pulled-model")
     assert isinstance(info.value, LookupError)
-    assert "edgeinfer pull not-pulled-model" in info.value.hint
+    assert "edgeinfer list --catalog" in info.value.hint  # not a catalog name: no pull to suggest
+    with pytest.raises(ModelNotFoundError) as info:
+        edgeinfer.load("gemma-3-270m")
+    assert "edgeinfer pull gemma-3-270m" in info.value.hint

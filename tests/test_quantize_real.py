@@ -116,12 +116,12 @@ def test_q4_k_m_loads_and_answers(home):
     assert text.strip()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a finding, not a bug: measured, the Q4_K_M made from the Q4_1-bounded F16 master answers "
-    "'La femme de France, le Grand Croix, est le Grand Croix de la Cité, ...' at temperature 0; "
-    "most of its tensors fall back to Q5_0 (576-wide rows) on top of the Q4_1 loss, "
-    "perplexity +9.6 % and KL 0.076 against the master"))
 def test_q4_k_m_knows_paris(home):
+    # With the sampling it inherits from SmolLM2's catalog entry (repeat
+    # penalty 1.1), greedy. Found earlier, with no penalty it answers
+    # 'La femme de France, le Grand Croix, est le Grand Croix de la Cité, ...':
+    # most of its tensors fall back to Q5_0 (576-wide rows) on top of the
+    # Q4_1 loss, perplexity +9.6 % and KL 0.076 against the master.
     assert "Paris" in answer("q4_k_m")
 
 
