@@ -18,18 +18,79 @@ def _read(path: Path) -> str | None:
         return None
 
 
+_PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 controller ("memory", "cpu", ...)
+    and, under "", its v2 path, from /proc/self/cgroup."""
+    out: dict[str, str] = {}
+    for line in (_read(_PROC_CGROUP) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        for c in controllers.split(",") if controllers else [""]:
+            out[c] = path
+    return out
+
+
+def _levels(base: Path, path: str | None) -> list[Path]:
+    """The process's own cgroup directory under ``base`` and its ancestors
+    up to ``base``, deepest first. A path that is not under the mount (a
+    container that sees only its own cgroup at the root) counts as the
+    root."""
+    out = []
+    if path and path != "/":
+        d = base / path.lstrip("/")
+        while d != base and base in d.parents:
+            if d.is_dir():
+                out.append(d)
+            d = d.parent
+    out.append(base)
+    return out
+
+
+def _memory_levels() -> list[tuple[Path, str, str]]:
+    """(directory, limit file, usage file) for every cgroup level that
+    bounds this process's memory: v2 when the v2 hierarchy has the memory
+    controller, else v1's memory hierarchy."""
+    own = own_cgroups()
+    v2 = [(d, "memory.max", "memory.current") for d in _levels(_CGROUP, own.get(""))]
+    if any((d / "memory.max").exists() for d, _, _ in v2) or (_CGROUP / "memory.current").exists():
+        return v2
+    return [(d, "memory.limit_in_bytes", "memory.usage_in_bytes")
+            for d in _levels(_CGROUP / "memory", own.get("memory"))]
+
+
+def _number(path: Path) -> int | None:
+    v = _read(path)
+    # v1 writes "no limit" as a huge page-aligned number, v2 as "max"
+    return int(v) if v and v.isdigit() and int(v) < (1 << 60) else None
+
+
 def cgroup_memory_limit() -> int | None:
-    """The cgroup v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, if any."""
-    for f in (_CGROUP / "memory.max", _CGROUP / "memory" / "memory.limit_in_bytes"):
-        v = _read(f)
-        if v and v.isdigit() and int(v) < (1 << 60):
-            return int(v)
-    return None
+    """The tightest memory limit on this process: its own cgroup's (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``) or an ancestor's."""
+    limits = [n for d, lim, _ in _memory_levels() if (n := _number(d / lim)) is not None]
+    return min(limits) if limits else None
+
+
+def cgroup_memory_headroom() -> int | None:
+    """Bytes left under the tightest limit: min over limited levels of
+    limit minus that level's usage."""
+    rooms = []
+    for d, lim, use in _memory_levels():
+        n = _number(d / lim)
+        if n is not None:
+            rooms.append(max(n - (_number(d / use) or 0), 0))
+    return min(rooms) if rooms else None
 
 
 def cgroup_memory_usage() -> int | None:
-    for f in (_CGROUP / "memory.current", _CGROUP / "memory" / "memory.usage_in_bytes"):
-        v = _read(f)
+    """Memory charged to this process's own cgroup."""
+    for d, _, use in _memory_levels():
+        v = _read(d / use)
         if v and v.isdigit():
             return int(v)
     return None
@@ -37,13 +98,10 @@ def cgroup_memory_usage() -> int | None:
 
 def available_memory() -> int:
     """Bytes a new model could use now: the smaller of what the OS reports
-    available and what is left under the cgroup limit."""
+    available and what is left under the tightest cgroup limit."""
     avail = psutil.virtual_memory().available
-    limit = cgroup_memory_limit()
-    if limit is not None:
-        used = cgroup_memory_usage() or 0
-        avail = min(avail, max(limit - used, 0))
-    return avail
+    room = cgroup_memory_headroom()
+    return min(avail, room) if room is not None else avail
 
 
 def total_memory() -> int:
@@ -60,17 +118,24 @@ def affinity_cpus() -> list[int]:
 
 
 def cgroup_cpu_quota() -> float | None:
-    """CPUs allowed by the cgroup quota (v2 ``cpu.max``, v1 cfs), if limited."""
-    v = _read(_CGROUP / "cpu.max")
-    if v:
-        quota, _, period = v.partition(" ")
-        if quota != "max" and quota.isdigit() and period.isdigit() and int(period):
-            return int(quota) / int(period)
-        return None
-    q, p = _read(_CGROUP / "cpu" / "cpu.cfs_quota_us"), _read(_CGROUP / "cpu" / "cpu.cfs_period_us")
-    if q and p and q.lstrip("-").isdigit() and p.isdigit() and int(q) > 0 and int(p):
-        return int(q) / int(p)
-    return None
+    """CPUs allowed by the tightest cgroup quota on this process (v2
+    ``cpu.max``, v1 cfs), its own cgroup's or an ancestor's, if limited."""
+    own = own_cgroups()
+    quotas = []
+    v2 = _levels(_CGROUP, own.get(""))
+    if any((d / "cpu.max").exists() for d in v2):
+        for d in v2:
+            v = _read(d / "cpu.max")
+            if v:
+                quota, _, period = v.partition(" ")
+                if quota != "max" and quota.isdigit() and period.isdigit() and int(period):
+                    quotas.append(int(quota) / int(period))
+        return min(quotas) if quotas else None
+    for d in _levels(_CGROUP / "cpu", own.get("cpu")):
+        q, p = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+        if q and p and q.lstrip("-").isdigit() and p.isdigit() and int(q) > 0 and int(p):
+            quotas.append(int(q) / int(p))
+    return min(quotas) if quotas else None
 
 
 def physical_cores() -> int:

@@ -123,6 +123,56 @@ def test_cgroup_memory_limit(machine, rel, value, limit):
     assert hardware.cgroup_memory_limit() == limit
 
 
+def own_cgroup(machine, monkeypatch, text: str) -> None:
+    path = machine.cgroup.parent / "proc-self-cgroup"
+    path.write_text(text)
+    monkeypatch.setattr(hardware, "_PROC_CGROUP", path)
+
+
+def test_v1_reads_the_process_own_memory_cgroup_and_its_ancestors(machine, monkeypatch):
+    # as seen on a real box: the memory controller puts the process deep
+    # below the mount; the files at the mount's root say "no limit"
+    own_cgroup(machine, monkeypatch, "4:memory:/jobs/edgeinfer\n3:cpu:/\n0::/\n")
+    machine.write("memory/memory.limit_in_bytes", "9223372036854771712")
+    machine.write("memory/jobs/memory.limit_in_bytes", str(300 << 20))
+    machine.write("memory/jobs/memory.usage_in_bytes", str(100 << 20))
+    machine.write("memory/jobs/edgeinfer/memory.limit_in_bytes", "9223372036854771712")
+    machine.write("memory/jobs/edgeinfer/memory.usage_in_bytes", str(40 << 20))
+    assert hardware.cgroup_memory_limit() == 300 << 20
+    assert hardware.cgroup_memory_usage() == 40 << 20      # its own
+    assert hardware.available_memory() == 200 << 20        # the parent's headroom binds
+    machine.write("memory/jobs/edgeinfer/memory.limit_in_bytes", str(120 << 20))
+    assert hardware.cgroup_memory_limit() == 120 << 20
+    assert hardware.available_memory() == 80 << 20
+
+
+def test_v2_reads_a_systemd_units_memory_max(machine, monkeypatch):
+    own_cgroup(machine, monkeypatch, "0::/system.slice/edgeinfer.service\n")
+    machine.write("cgroup.controllers", "cpu memory")
+    machine.write("system.slice/memory.max", "max")
+    machine.write("system.slice/edgeinfer.service/memory.max", str(768 << 20))
+    machine.write("system.slice/edgeinfer.service/memory.current", str(68 << 20))
+    machine.write("system.slice/edgeinfer.service/cpu.max", "200000 100000")
+    machine.write("system.slice/cpu.max", "max 100000")
+    assert hardware.cgroup_memory_limit() == 768 << 20
+    assert hardware.available_memory() == min(psutil.virtual_memory().available, 700 << 20)
+    assert hardware.cgroup_cpu_quota() == 2.0
+
+
+def test_a_cgroup_path_missing_under_the_mount_reads_the_root(machine, monkeypatch):
+    # a container with its own cgroup namespace sees its cgroup as the root
+    own_cgroup(machine, monkeypatch, "0::/kubepods/pod1/abc\n")
+    machine.write("memory.max", str(1 << 30))
+    assert hardware.cgroup_memory_limit() == 1 << 30
+
+
+def test_v1_cpu_quota_of_the_process_own_cgroup(machine, monkeypatch):
+    own_cgroup(machine, monkeypatch, "3:cpu,cpuacct:/batch\n")
+    machine.write("cpu/batch/cpu.cfs_quota_us", "50000")
+    machine.write("cpu/batch/cpu.cfs_period_us", "100000")
+    assert hardware.cgroup_cpu_quota() == 0.5
+
+
 def test_memory_figures_stay_under_the_cgroup_limit(machine):
     assert hardware.cgroup_memory_limit() is None
     assert hardware.total_memory() == psutil.virtual_memory().total
