@@ -81,6 +81,13 @@ class Engine:
                 self.threads_source = "tuned"
         self.threads = int(threads or hardware.default_threads())
         self.threads_batch = int(threads_batch or self.threads)
+        if self.threads_source != "given":
+            # A busy box: leave the cores other work holds (hardware.threads_for_load).
+            busy = hardware.busy_cores()
+            cap = hardware.threads_for_load(max(self.threads, self.threads_batch), busy)
+            if cap < max(self.threads, self.threads_batch):
+                self.threads, self.threads_batch = min(self.threads, cap), min(self.threads_batch, cap)
+                self.threads_source += f", capped at {cap}: {busy:.1f} cores busy with other work"
         self.seed = seed
         self.lock_timeout = lock_timeout
         self._lock = threading.Lock()

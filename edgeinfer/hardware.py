@@ -263,6 +263,28 @@ def describe() -> dict:
     }
 
 
+def busy_cores(sample: float = 0.25) -> float:
+    """How many of the allowed CPUs other work keeps busy now, in cores,
+    from a short sample of per-CPU use (this process idles while loading,
+    so what is seen is the rest of the box)."""
+    try:
+        per_cpu = psutil.cpu_percent(interval=sample, percpu=True)
+    except (OSError, RuntimeError):
+        return 0.0
+    allowed = [per_cpu[i] for i in affinity_cpus() if i < len(per_cpu)]
+    return sum(allowed) / 100.0
+
+
+def threads_for_load(threads: int, busy: float) -> int:
+    """``threads`` capped so that they do not fight other work for cores:
+    llama.cpp's threads meet at a barrier after every graph node, so one
+    preempted thread stalls all of them. Measured on a 2-core Xeon with
+    one core held by another process: 2 threads decoded 9.8 tok/s, 1
+    thread 53 (docs/benchmarks.md)."""
+    free = usable_cores() - int(busy + 0.5)
+    return max(1, min(threads, free))
+
+
 def default_threads() -> int:
     """The untuned default: physical cores within affinity (only the big
     cluster on big.LITTLE CPUs), capped by the cgroup CPU quota."""

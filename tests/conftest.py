@@ -16,6 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from edgeinfer import hardware as _hardware  # noqa: E402
+
+real_busy_cores = _hardware.busy_cores  # before edgeinfer_home() replaces it for each test
+
 
 def load_script(name: str):
     """Import scripts/<name>.py (scripts/ is not a package)."""
@@ -43,6 +47,11 @@ def edgeinfer_home(tmp_path, monkeypatch, shared_selftest) -> Path:
     monkeypatch.delenv("EDGEINFER_DEBUG", raising=False)
     monkeypatch.delenv("EDGEINFER_NATIVE", raising=False)
     monkeypatch.delenv("EDGEINFER_SELFTEST_FAULT", raising=False)
+    # The engine caps its default threads by what other work keeps busy;
+    # in-process tests see a quiet box unless they say otherwise.
+    from edgeinfer import hardware
+
+    monkeypatch.setattr(hardware, "busy_cores", lambda sample=0.25: 0.0)
     return home
 
 

@@ -309,3 +309,27 @@ def test_describe(machine):
     assert d["fingerprint"] == hardware.fingerprint()
     assert d["total_memory"] <= 4 << 30
     assert isinstance(d["cpu_model"], str) and d["cpu_model"]
+
+
+# -- a busy box ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_cpu, busy", [([100.0, 3.0], 1.03), ([10.0, 12.0], 0.22), ([0.0, 0.0], 0.0),
+                                             ([0.0, 100.0, 100.0], 1.0)])
+def test_busy_cores_sums_the_allowed_cpus(monkeypatch, per_cpu, busy):
+    from conftest import real_busy_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})   # cpu2 is not ours
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: per_cpu)
+    assert real_busy_cores() == pytest.approx(busy)
+
+
+@pytest.mark.parametrize("usable, busy, threads, expected", [
+    (2, 1.03, 2, 1),     # one core held by other work: one thread
+    (2, 0.22, 2, 2),     # background noise: keep both
+    (2, 2.0, 2, 1),      # all busy: never fewer than one
+    (4, 1.6, 4, 2),
+    (4, 0.0, 3, 3),      # never more than asked
+])
+def test_threads_for_load(monkeypatch, usable, busy, threads, expected):
+    monkeypatch.setattr(hardware, "usable_cores", lambda: usable)
+    assert hardware.threads_for_load(threads, busy) == expected

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import edgeinfer
 from edgeinfer import hardware, tuning
 from edgeinfer.cli import cli
+from edgeinfer.engine import Engine
 from edgeinfer.tuning import Measurement
 
 NAME = "tiny:f16"
@@ -309,3 +310,14 @@ def test_doctor(model):
     assert text.exit_code == 0, text.output
     assert f"{NAME}: 1/2" in text.stdout
     assert f"default threads  {hardware.default_threads()}" in text.stdout
+
+
+def test_a_busy_box_caps_the_default_threads_but_not_given_ones(tiny_model, monkeypatch):
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    monkeypatch.setattr(hardware, "default_threads", lambda: 2)
+    monkeypatch.setattr(hardware, "busy_cores", lambda sample=0.25: 1.0)
+    with Engine(tiny_model, prompt_cache=False) as engine:
+        assert (engine.threads, engine.threads_batch) == (1, 1)
+        assert engine.threads_source == "default, capped at 1: 1.0 cores busy with other work"
+    with Engine(tiny_model, prompt_cache=False, threads=2) as engine:
+        assert engine.threads == 2 and engine.threads_source == "given"

@@ -123,7 +123,10 @@ def doctor_cmd(as_json, rerun, models):
         ("memory", f"{_gb(d['available_memory'])} available of {_gb(d['total_memory'])}"
                    + (f" (cgroup limit {_gb(d['cgroup_memory_limit'])})" if d["cgroup_memory_limit"] else "")),
         ("temperature", f"{d['cpu_temperature_c']:.0f} °C" if d["cpu_temperature_c"] else "not readable"),
-        ("default threads", f"{d['default_threads']} (physical cores within affinity and quota)"),
+        ("default threads", f"{d['default_threads']} (physical cores within affinity and quota)"
+                            + (f"; {busy:.1f} cores busy with other work now, so a load takes "
+                               f"{hardware.threads_for_load(d['default_threads'], busy)}"
+                               if (busy := hardware.busy_cores()) >= 0.5 else "")),
         ("tuned profiles", ", ".join(f"{p['model']}: {p['threads']}/{p['threads_batch']}" for p in d["profiles"])
          or "none - run 'edgeinfer tune' to measure this machine"),
         ("fingerprint", d["fingerprint"]),
