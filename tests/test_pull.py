@@ -318,21 +318,27 @@ def _wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.timeout(120)
-def test_killed_pull_resumes_where_it_stopped(http_server, payload, sha, store):
-    url = http_server.add(PATH, payload, Fault(slow=600_000))
-    write_entry(payload, [https(url)])
-    partial = store.partial_path(f"sha256-{sha}")
-
+def kill_pull_when(cond, timeout: float, what: str) -> subprocess.Popen:
+    """Start `edgeinfer pull REF`, SIGKILL it once ``cond(proc)`` holds."""
     proc = subprocess.Popen([*CLI, "pull", REF], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 20, "the partial to grow")
+        _wait_for(lambda: cond(proc), timeout, what)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return proc
+
+
+@pytest.mark.timeout(120)
+def test_killed_pull_resumes_where_it_stopped(http_server, payload, sha, store):
+    url = http_server.add(PATH, payload, Fault(slow=600_000))
+    write_entry(payload, [https(url)])
+    partial = store.partial_path(f"sha256-{sha}")
+
+    proc = kill_pull_when(lambda p: partial.exists() and partial.stat().st_size > 0, 20, "the partial to grow")
     assert proc.returncode == -signal.SIGKILL
 
     kept = partial.stat().st_size
@@ -550,16 +556,8 @@ def test_a_pull_in_a_terminal_draws_one_bar_and_no_pip_output(wheelhouse, payloa
 @pytest.mark.timeout(120)
 def test_a_killed_wheel_pull_leaves_nothing_after_the_next(wheelhouse, payload, sha, store):
     three_part_entry(wheelhouse, payload)
-    proc = subprocess.Popen([*CLI, "pull", REF], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(lambda: store.scratch.is_dir() and any(store.scratch.glob(f"wheel-{proc.pid}-*")), 30,
-                  "the wheel scratch to appear")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = kill_pull_when(lambda p: store.scratch.is_dir() and any(store.scratch.glob(f"wheel-{p.pid}-*")),
+                          30, "the wheel scratch to appear")
     time.sleep(0.5)  # pip, its child, dies with it
     left = list(store.scratch.glob(f"wheel-{proc.pid}-*"))
     assert left, "the kill came too late to leave anything"
