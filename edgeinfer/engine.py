@@ -540,6 +540,7 @@ class Engine:
                 stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - t_first, 1e-9)
             stats.finish_reason = finish
             stats.total_s = t_end - t0
+            stats.cpu_temperature_c = hardware.cpu_temperature()  # a Pi slows down when hot
             self.last_stats = stats
             yield DoneEvent(stats)
         finally:

@@ -20,6 +20,7 @@ class Stats:
     finish_reason: str = ""       # "stop", "length", "repetition" (stuck in a loop) or "cancelled"
     total_s: float = 0.0
     native: str = ""              # the native setting in force (see edgeinfer.native)
+    cpu_temperature_c: float | None = None  # the hottest CPU sensor at the end, where readable
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

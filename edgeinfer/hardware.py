@@ -231,6 +231,39 @@ def cpu_temperature() -> float | None:
     return max(values) if values else None
 
 
+# vcgencmd get_throttled bits (Raspberry Pi firmware): now, and since boot.
+_PI_THROTTLE_BITS = {0: "under-voltage", 1: "frequency capped", 2: "throttled", 3: "soft temperature limit"}
+
+
+def throttling() -> dict | None:
+    """What the machine says about throttling, where it says anything:
+    ``{"now": [...], "since_boot": [...], "source": ...}``; None where
+    nothing reports it (most VMs)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("vcgencmd"):
+        try:
+            out = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True,
+                                 timeout=2).stdout
+            bits = int(out.strip().split("=", 1)[1], 16)
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            bits = None
+        if bits is not None:
+            return {"now": [w for b, w in _PI_THROTTLE_BITS.items() if bits >> b & 1],
+                    "since_boot": [w for b, w in _PI_THROTTLE_BITS.items() if bits >> (b + 16) & 1],
+                    "source": "vcgencmd get_throttled"}
+    # x86: the kernel counts thermal throttling events per core
+    counts = [int(v) for cpu in affinity_cpus()
+              if (v := _read(Path(f"/sys/devices/system/cpu/cpu{cpu}/thermal_throttle/core_throttle_count")))
+              and v.isdigit()]
+    if counts:
+        n = sum(counts)
+        return {"now": [], "since_boot": [f"{n} thermal throttling events"] if n else [],
+                "source": "thermal_throttle/core_throttle_count"}
+    return None
+
+
 def usable_cores() -> int:
     """Physical cores we may use: affinity, then the cgroup CPU quota."""
     n = physical_cores()
@@ -259,6 +292,7 @@ def describe() -> dict:
         "clusters": {str(k): v for k, v in clusters.items()}, "big_little": len(clusters) > 1,
         "total_memory": total_memory(), "available_memory": available_memory(),
         "cgroup_memory_limit": cgroup_memory_limit(), "cpu_temperature_c": cpu_temperature(),
+        "throttling": throttling(),
         "default_threads": default_threads(), "fingerprint": fingerprint(),
     }
 

@@ -333,3 +333,59 @@ def test_busy_cores_sums_the_allowed_cpus(monkeypatch, per_cpu, busy):
 def test_threads_for_load(monkeypatch, usable, busy, threads, expected):
     monkeypatch.setattr(hardware, "usable_cores", lambda: usable)
     assert hardware.threads_for_load(threads, busy) == expected
+
+
+# -- heat and throttling ----------------------------------------------------------------
+
+def fake_vcgencmd(tmp_path, monkeypatch, answer: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "vcgencmd"
+    tool.write_text(f"#!/bin/sh\necho '{answer}'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("answer, now, since", [
+    ("throttled=0x0", [], []),
+    ("throttled=0x50005", ["under-voltage", "throttled"], ["under-voltage", "throttled"]),
+    ("throttled=0x80000", [], ["soft temperature limit"]),   # was hot, is fine now
+])
+def test_a_pi_reports_throttling_through_vcgencmd(tmp_path, monkeypatch, answer, now, since):
+    fake_vcgencmd(tmp_path, monkeypatch, answer)
+    t = hardware.throttling()
+    assert (t["now"], t["since_boot"], t["source"]) == (now, since, "vcgencmd get_throttled")
+
+
+def test_x86_counts_thermal_throttle_events(machine, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no vcgencmd
+    for n, count in ((0, 3), (1, 2)):
+        machine.cpu(n, core=n)
+        d = machine.sys / f"cpu{n}" / "thermal_throttle"
+        d.mkdir(parents=True)
+        (d / "core_throttle_count").write_text(f"{count}\n")
+    t = hardware.throttling()
+    assert t["since_boot"] == ["5 thermal throttling events"] and t["now"] == []
+
+
+def test_no_report_is_none_and_doctor_says_so(machine, monkeypatch):
+    from click.testing import CliRunner
+
+    from edgeinfer.cli import cli
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    machine.cpu(0, core=0)
+    assert hardware.throttling() is None
+    monkeypatch.setattr(hardware, "throttling", lambda: {"now": ["throttled"], "since_boot": [],
+                                                           "source": "vcgencmd get_throttled"})
+    out = CliRunner().invoke(cli, ["doctor"]).output
+    assert "throttling       throttled (vcgencmd get_throttled)" in out
+
+
+def test_stats_carry_the_cpu_temperature(tiny_model, monkeypatch):
+    from edgeinfer.engine import Engine
+
+    monkeypatch.setattr(hardware, "cpu_temperature", lambda: 71.5)
+    with Engine(tiny_model, threads=1, prompt_cache=False) as e:
+        done = list(e.stream("Hello", max_tokens=2))[-1]
+    assert done.stats.cpu_temperature_c == 71.5

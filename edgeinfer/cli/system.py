@@ -19,6 +19,14 @@ def _gb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f} GiB"
 
 
+def _throttle_line(t: dict | None) -> str:
+    if t is None:
+        return "not reported by this machine"
+    now = ", ".join(t["now"]) or "none now"
+    since = f"; since boot: {', '.join(t['since_boot'])}" if t["since_boot"] else ""
+    return f"{now}{since} ({t['source']})"
+
+
 def _native_report() -> dict:
     """What the self-test learned on this machine, as data."""
     from .. import native, selftest
@@ -123,6 +131,7 @@ def doctor_cmd(as_json, rerun, models):
         ("memory", f"{_gb(d['available_memory'])} available of {_gb(d['total_memory'])}"
                    + (f" (cgroup limit {_gb(d['cgroup_memory_limit'])})" if d["cgroup_memory_limit"] else "")),
         ("temperature", f"{d['cpu_temperature_c']:.0f} °C" if d["cpu_temperature_c"] else "not readable"),
+        ("throttling", _throttle_line(d["throttling"])),
         ("default threads", f"{d['default_threads']} (physical cores within affinity and quota)"
                             + (f"; {busy:.1f} cores busy with other work now, so a load takes "
                                f"{hardware.threads_for_load(d['default_threads'], busy)}"
