@@ -33,7 +33,7 @@ import os
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
@@ -153,8 +153,10 @@ class _Reader:
         self.pos += n
         return b
 
-    def skip_strings(self, count: int, what: str) -> None:
-        """Skip `count` strings: the hot loop for vocabularies, kept tight."""
+    def strings(self, count: int, what: str) -> Iterator[bytes]:
+        """Read `count` strings one at a time: the hot loop for
+        vocabularies and merges, kept tight (a refill only for a string
+        that runs past the buffer)."""
         buf, pos, end = self.buf, self.pos, len(self.buf)
         for i in range(count):
             if pos + 8 > end:
@@ -164,14 +166,13 @@ class _Reader:
             (n,) = _U64(buf, pos)
             if n > MAX_STRING_BYTES:
                 raise _over(f"{what}[{i}]", n, MAX_STRING_BYTES, "bytes")
-            if pos + 8 + n <= end:
-                pos += 8 + n
-            else:  # the string runs past the buffer: refill from its first byte
+            if pos + 8 + n > end:  # refill from the string's first byte
                 self.pos = pos + 8
                 self.need(n, f"{what}[{i}]")
-                buf, end = self.buf, len(self.buf)
-                pos = self.pos + n
-        self.pos = pos
+                buf, pos, end = self.buf, self.pos - 8, len(self.buf)
+            pos += 8 + n
+            self.pos = pos
+            yield buf[pos - n:pos]
 
     def charge(self, n_items: int, kept_bytes: int, what: str) -> None:
         self.items += n_items
@@ -183,8 +184,13 @@ class _Reader:
             raise GGUFError(f"metadata values take more than {MAX_KEPT_BYTES:,} bytes (at {what})")
 
 
-def _read_value(r: _Reader, vtype: int, what: str, depth: int = 0, keep: bool = True):
-    """Read one value of `vtype`; keep=False skips it (None, or an ArrayInfo for arrays)."""
+def _read_value(r: _Reader, vtype: int, what: str, depth: int = 0, keep: bool = True,
+                each_string: Callable[[int, bytes], None] | None = None):
+    """Read one value of `vtype`; keep=False skips it (None, or an ArrayInfo for arrays).
+    With ``each_string`` the value must be an array of strings, and every
+    element is passed to it (index, bytes), kept or not."""
+    if each_string is not None and vtype != _ARRAY:
+        raise GGUFError(f"{what} has value type {vtype}; it must be an array of strings")
     if vtype in _SCALAR:
         v = r.scalar(vtype, what)
         return v if keep else None
@@ -202,6 +208,8 @@ def _read_value(r: _Reader, vtype: int, what: str, depth: int = 0, keep: bool = 
     n = r.u64(f"length of {what}")
     if etype not in _SCALAR and etype not in (_STRING, _ARRAY):
         raise GGUFError(f"{what} is an array of unknown value type {etype}")
+    if each_string is not None and etype != _STRING:
+        raise GGUFError(f"{what} is an array of value type {etype}; it must be an array of strings")
     if n > MAX_ARRAY_LEN:
         raise _over(what, n, MAX_ARRAY_LEN, "elements")
     # Even the smallest elements take bytes: refuse counts the file cannot hold.
@@ -221,13 +229,19 @@ def _read_value(r: _Reader, vtype: int, what: str, depth: int = 0, keep: bool = 
         r.pos += size
         return values
     r.charge(n, 8 * n if keep else 0, what)
+    if etype == _STRING:
+        kept = [] if keep else None
+        for i, b in enumerate(r.strings(n, what)):
+            if each_string is not None:
+                each_string(i, b)
+            if kept is not None:
+                r.charge(0, len(b), what)
+                kept.append(b.decode("utf-8", errors="replace"))  # text, not an identifier
+        return kept if keep else ArrayInfo(etype, n)
     if keep:
         return [_read_value(r, etype, f"{what}[{i}]", depth + 1) for i in range(n)]
-    if etype == _STRING:
-        r.skip_strings(n, what)
-    else:
-        for i in range(n):
-            _read_value(r, _ARRAY, f"{what}[{i}]", depth + 1, keep=False)
+    for i in range(n):
+        _read_value(r, _ARRAY, f"{what}[{i}]", depth + 1, keep=False)
     return ArrayInfo(etype, n)
 
 
@@ -246,15 +260,13 @@ def _read_kv(r: _Reader, n_kv: int) -> dict[str, Any]:
         # aborts the process on any other type.
         if key == "general.alignment" and vtype != 4:
             raise GGUFError(f"general.alignment has value type {vtype}; it must be a uint32")
-        if key == "tokenizer.ggml.tokens" and vtype == _ARRAY:
-            metadata[key] = _read_vocab(r, key)
-        else:
-            metadata[key] = _read_value(r, vtype, f"key {key!r}")
+        metadata[key] = _read_value(r, vtype, f"key {key!r}",
+                                    each_string=_vocab_check() if key == "tokenizer.ggml.tokens" else None)
     return metadata
 
 
-def _read_vocab(r: _Reader, key: str):
-    """Read the token strings and refuse what makes llama.cpp abort.
+def _vocab_check() -> Callable[[int, bytes], None]:
+    """A check for each vocabulary token, refusing what makes llama.cpp abort.
 
     llama.cpp reads each token with gguf_get_arr_str, a C string, and maps
     text to id: a NUL byte cuts "e\0berg" to "e", two ids collapse into
@@ -262,34 +274,9 @@ def _read_vocab(r: _Reader, key: str):
     the process (llama-vocab.cpp). A token array of another type trips the
     type assert in gguf_get_arr_str. So: strings only, no NUL, no two alike
     (an empty token is renamed "[EMPTY_i]" there, as here)."""
-    what = f"key {key!r}"
-    etype = r.u32(f"element type of {what}")
-    n = r.u64(f"length of {what}")
-    if etype != _STRING:
-        raise GGUFError(f"{what} is an array of value type {etype}; the vocabulary must be strings")
-    if n > MAX_ARRAY_LEN:
-        raise _over(what, n, MAX_ARRAY_LEN, "elements")
-    if n * 8 > r.left():
-        raise GGUFError(f"{what} claims {n:,} elements ({n * 8:,}+ bytes) but the file has "
-                        f"{r.left():,} bytes left; it is truncated or damaged")
-    r.charge(n, 0, what)
     seen: dict[bytes, int] = {}
-    kept = [] if n <= SMALL_ARRAY else None
-    buf, pos, end = r.buf, r.pos, len(r.buf)
-    for i in range(n):  # the hot loop of every header read: kept tight, as skip_strings
-        if pos + 8 > end:
-            r.pos = pos
-            r.need(8, f"length of {what}[{i}]")
-            buf, pos, end = r.buf, r.pos, len(r.buf)
-        (size,) = _U64(buf, pos)
-        if size > MAX_STRING_BYTES:
-            raise _over(f"{what}[{i}]", size, MAX_STRING_BYTES, "bytes")
-        if pos + 8 + size > end:
-            r.pos = pos + 8
-            r.need(size, f"{what}[{i}]")
-            buf, pos, end = r.buf, r.pos - 8, len(r.buf)
-        b = buf[pos + 8:pos + 8 + size]
-        pos += 8 + size
+
+    def check(i: int, b: bytes) -> None:
         if b"\0" in b:
             raise GGUFError(f"vocabulary token #{i} {b!r} contains a NUL byte; llama.cpp would "
                             "abort loading this file")
@@ -297,13 +284,8 @@ def _read_vocab(r: _Reader, key: str):
         if j != i:
             raise GGUFError(f"vocabulary tokens #{j} and #{i} are both {b.decode(errors='replace')!r}; "
                             "llama.cpp would abort loading this file")
-        if kept is not None:
-            kept.append(b.decode("utf-8", errors="replace"))
-    r.pos = pos
-    if kept is not None:
-        r.charge(0, 8 * n, what)
-        return kept
-    return ArrayInfo(etype, n)
+
+    return check
 
 
 def _read_tensor_info(r: _Reader, i: int, file_size: int) -> TensorInfo:

@@ -234,8 +234,7 @@ def test_the_child_guard_catches_what_the_header_check_misses(tiny_model, tmp_pa
     # Pretend read_gguf had no vocabulary check: llama.cpp itself now
     # aborts on the file, in the child, with every setting.
     bad, _ = nul_token_copy(tiny_model, tmp_path / "nul.gguf")
-    monkeypatch.setattr(gguf_file, "_read_vocab",
-                        lambda r, key: gguf_file._read_value(r, gguf_file._ARRAY, key, keep=False))
+    monkeypatch.setattr(gguf_file, "_vocab_check", lambda: lambda i, b: None)
     with pytest.raises(GGUFError) as e:
         Engine(bad, threads=1)
     assert "SIGABRT" in str(e.value)
@@ -243,7 +242,6 @@ def test_the_child_guard_catches_what_the_header_check_misses(tiny_model, tmp_pa
     # the vocabulary-only check that import runs sees the same
     with pytest.raises(GGUFError, match="SIGABRT"):
         selftest.check_file(bad)
-    assert os.getpid() > 0  # and this process is still here to say so
 
 
 _FUZZ = r"""
