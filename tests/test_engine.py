@@ -26,7 +26,6 @@ import llama_cpp
 import pytest
 
 import edgeinfer
-from edgeinfer import engine as engine_module
 from edgeinfer.engine import DoneEvent, Engine, TextEvent
 from edgeinfer.errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError,
                               GGUFError, ModelNotFoundError)
