@@ -193,11 +193,12 @@ def lookup(ref: ModelRef) -> CatalogEntry | None:
     return same[0] if len(same) == 1 else None
 
 
-def default_entry() -> CatalogEntry:
+def default_entry(entries: dict[str, CatalogEntry] | None = None) -> CatalogEntry:
     """The catalog's floor model (``default_model = true``): what the
     default-model choice (model_choice.py) falls back to on the smallest
-    boxes, and what the fast tests mean by "the default"."""
-    entries = load_catalog()
+    boxes, and what the fast tests mean by "the default". ``entries``: a
+    catalog already loaded."""
+    entries = load_catalog() if entries is None else entries
     # The user's own default wins over the shipped one.
     defaults = sorted((e for e in entries.values() if e.default_model),
                       key=lambda e: e.defined_in.startswith("catalog/"))

@@ -323,7 +323,7 @@ class Engine:
             ident = f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
         lib = getattr(lc.llama_cpp, "_lib", None)
         parts = [ident, str(self.n_ctx), str(self.n_seq_max), lc.__version__,
-                 lc.llama_print_system_info().decode(errors="replace"),
+                 _native.system_info(),
                  str(self._kv_types[0]), str(self._kv_types[1]), f"fa={self.flash_attn}",
                  f"native={self.native.setting}",
                  str(getattr(lib, "_name", ""))]

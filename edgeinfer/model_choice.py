@@ -139,12 +139,12 @@ def choose(*, available: int | None = None, bandwidth: float | None = None) -> C
             raise ModelNotFoundError(f"the default model '{name}' pinned in {where} is not in the catalog",
                                      hint="run 'edgeinfer list --catalog' for the names, or unpin it")
         return Choice(entry, f"pinned in {where}", pinned=True)
-    floor = catalog.default_entry()
+    entries = catalog.load_catalog()
+    floor = catalog.default_entry(entries)
     if not floor.defined_in.startswith("catalog/"):  # the user's own default_model entry
         return Choice(floor, f"marked default_model in {floor.defined_in}", pinned=True)
     have = hardware.available_memory() if available is None else available
-    entries = catalog.load_catalog().values()
-    ranked = sorted((e for e in entries if e.quality is not None), key=lambda e: (-e.quality, e.size))
+    ranked = sorted((e for e in entries.values() if e.quality is not None), key=lambda e: (-e.quality, e.size))
     passed: list[tuple[str, str]] = []
     for e in ranked:
         need = needs(e)

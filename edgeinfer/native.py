@@ -151,14 +151,17 @@ def build_id() -> dict:
             "extra_buffer_types": list(extra_buffer_types())}
 
 
+@functools.cache
 def machine() -> dict:
     """The CPU (model and flags) and the llama.cpp build: what a self-test
-    result is valid for."""
+    result is valid for. Neither changes while a process runs, so it is
+    read once (every load asks for it)."""
     return {"cpu_model": hardware.cpu_model(),
             "cpu_flags": hashlib.sha256(" ".join(sorted(hardware.cpu_flags())).encode()).hexdigest()[:16],
             "build": build_id()}
 
 
+@functools.cache
 def machine_id() -> str:
     return hashlib.sha256(json.dumps(machine(), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -24,6 +24,7 @@ or ``hang``, after its prefill when it runs that setting (``*`` for all).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,8 +91,15 @@ class Verdict:
         return [t for t in self.trials if t.outcome != "ok" and t.setting != self.setting]
 
     def describe(self) -> str:
-        off = "; ".join(f"{t.setting} {t.why()}" for t in self.turned_off)
-        return f"{self.setting} ({self.source}{'; ' + off if off else ''})"
+        """The setting, where it came from, and what was turned off and why."""
+        off = "".join(f"; {t.setting} {t.why()}" for t in self.turned_off)
+        return f"{self.setting} ({self.source}{off})"
+
+    def summary(self) -> str:
+        """The setting, how long its test took, and what was turned off and why."""
+        ok = next((t for t in self.trials if t.outcome == "ok" and t.setting == self.setting), None)
+        off = "".join(f"; {t.setting} {t.why()}" for t in self.turned_off)
+        return self.setting + (f" (passed in {ok.seconds:.1f} s)" if ok else "") + off
 
     def to_dict(self) -> dict:
         return {"setting": self.setting, "source": self.source, "seconds": round(self.seconds, 3),
@@ -168,17 +176,16 @@ def _write_record(rec: dict) -> None:
 
 
 def _lock():
-    """Serialises tests of one machine's record across processes."""
+    """Serialises tests of one machine's record across processes; a
+    read-only store gets no lock (it tests every time, remembers nothing)."""
+    d = record_dir()
     try:
-        record_dir().mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(record_dir() / ".lock"))
-        lock.acquire()
-        lock.release()
-        return lock
-    except OSError:  # a read-only store: test every time, remember nothing
-        import contextlib
-
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not os.access(d, os.W_OK):
         return contextlib.nullcontext()
+    return FileLock(str(d / ".lock"))
 
 
 def model_key(path: str | os.PathLike, sha256: str | None) -> str:

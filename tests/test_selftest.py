@@ -64,18 +64,18 @@ def nul_token_copy(src: Path, dst: Path) -> tuple[Path, str]:
 
 # -- the first load, and the record -------------------------------------------------
 
-def test_first_load_runs_the_child_then_the_record_makes_loads_free(tiny_model):
+def test_first_load_runs_the_child_then_the_record_makes_loads_free(tiny_model, monkeypatch):
     with Engine(tiny_model, threads=1, prompt_cache=False) as e:
         first = e.native
         assert first.source == "self-test"
         assert first.setting == tried()[0]
         assert [t.outcome for t in first.trials if t.outcome != "skipped"] == ["ok"]
         assert first.trials[-1].stage == "decoded"
-        assert e.generate("Hello", max_tokens=3, temperature=0) is not None
-        assert e.last_stats.native == first.setting
+        e.generate("Hello", max_tokens=3, temperature=0)
+        assert e.last_stats.generated_tokens > 0 and e.last_stats.native == first.setting
+    monkeypatch.setenv(selftest.FAULT_ENV, "*:segv")  # any child would now die: none runs
     with Engine(tiny_model, threads=1, prompt_cache=False) as e:
         assert e.native.source == "record" and e.native.setting == first.setting
-        assert e.native.seconds < 0.5  # one small file read, no child
     rec = json.loads(selftest.record_path().read_text())
     assert rec["machine"]["build"]["system_info"] == native.system_info()
 
@@ -181,7 +181,8 @@ def test_a_forced_setting_wins_over_the_record(tiny_model, monkeypatch):
     forced = next(s for s in native.ladder()[::-1] if s != chosen) if len(native.ladder()) > 1 else chosen
     with Engine(tiny_model, threads=1, prompt_cache=False, native=forced) as e:
         assert (e.native.setting, e.native.source) == (forced, "forced")
-        assert e.generate("Hi", max_tokens=2, temperature=0) is not None
+        e.generate("Hi", max_tokens=2, temperature=0)
+        assert e.last_stats.generated_tokens > 0 and e.last_stats.native == forced
     monkeypatch.setenv(native.ENV, forced)
     with edgeinfer.load(tiny_model, threads=1, prompt_cache=False) as e:
         assert (e.native.setting, e.native.source) == (forced, "forced")
@@ -312,7 +313,7 @@ def test_no_amx_points_only_matmul_weights_at_cpu_repack(tiny_model, tmp_path):
         pytest.skip("this build has no AMX buffer type, so no no_amx setting")
     from edgeinfer.quantize import quantize
 
-    CliRunner().invoke(cli, ["import", str(tiny_model), "--name", "tiny:f32"])
+    assert CliRunner().invoke(cli, ["import", str(tiny_model), "--name", "tiny:f32"]).exit_code == 0
     m = quantize("tiny:f32", "q4_0")
     info = edgeinfer.read_gguf(m.path)
     names = native.repack_tensors(info)
@@ -321,7 +322,9 @@ def test_no_amx_points_only_matmul_weights_at_cpu_repack(tiny_model, tmp_path):
     params = native.ModelParams("no_amx", info)
     assert params.repacked == len(names) and not params.params.use_extra_bufts
     with edgeinfer.load("tiny:q4_0", threads=1, prompt_cache=False, native="no_amx") as e:
-        assert len(e.generate("Hello there", max_tokens=4, temperature=0)) >= 0
+        assert e.native.setting == "no_amx" and e.native.trials[-1].outcome == "ok"
+        e.generate("Hello there", max_tokens=4, temperature=0)
+        assert e.last_stats.generated_tokens > 0
 
 
 def test_override_patterns_group_weights_by_kind():

@@ -94,13 +94,13 @@ def list_cmd(show_catalog, as_json):
 
 def native_facts(m) -> dict:
     """The native setting the self-test chose for this model on this machine."""
-    from .. import selftest
+    from .. import native, selftest
 
     rec = selftest.load_record()
     key = selftest.model_key(m.path, m.sha256)
     entry = rec["models"].get(key) or {}
     return {"setting": entry.get("setting"), "refused": key in rec["refused"],
-            "forced": os.environ.get("EDGEINFER_NATIVE") or None,
+            "forced": os.environ.get(native.ENV) or None,
             "tested_here": bool(entry) or key in rec["refused"]}
 
 

@@ -11,6 +11,7 @@ import time
 import click
 
 from .. import hardware, prompt_cache, tuning
+from ..errors import EdgeinferError
 from ..progress import human_bytes
 from .models import _params
 
@@ -50,14 +51,10 @@ def _native_report() -> dict:
     }
 
 
-def _verdict_line(setting: str | None, trials: list) -> str:
-    from ..selftest import Trial
+def _verdict_line(setting: str, trials: list[dict]) -> str:
+    from ..selftest import Verdict
 
-    ts = [Trial(**t) if isinstance(t, dict) else t for t in trials]
-    off = [f"{t.setting} {t.why()}" for t in ts if t.outcome != "ok" and t.setting != setting]
-    ok = next((t for t in ts if t.outcome == "ok" and t.setting == setting), None)
-    head = f"{setting}" + (f" (passed in {ok.seconds:.1f} s)" if ok else "")
-    return head + "".join(f"; {o}" for o in off)
+    return Verdict(setting, "record", _trials(trials)).summary()
 
 
 def _rerun_selftest(models: tuple[str, ...]) -> list[dict]:
@@ -66,7 +63,9 @@ def _rerun_selftest(models: tuple[str, ...]) -> list[dict]:
     from ..store import ModelStore
 
     before = selftest.load_record()
-    names = list(models) or [v.get("name") for v in (*before["models"].values(), *before["refused"].values())]
+    # A store model by its name; a bare file by the path in its key.
+    names = list(models) or [k[5:].rsplit(":", 2)[0] if k.startswith("file:") else v.get("name")
+                             for k, v in (*before["models"].items(), *before["refused"].items())]
     store = ModelStore()
     names = [n for n in dict.fromkeys(names) if n]
     if not names:
@@ -81,7 +80,7 @@ def _rerun_selftest(models: tuple[str, ...]) -> list[dict]:
     for n in names:
         try:
             path, m = resolve_model(n, store)
-        except Exception as e:  # a model removed since it was tested
+        except EdgeinferError as e:  # a model removed since it was tested
             out.append({"model": n, "error": str(e)})
             continue
         t0 = time.perf_counter()
@@ -89,7 +88,7 @@ def _rerun_selftest(models: tuple[str, ...]) -> list[dict]:
             v = selftest.ensure(path, sha256=m.sha256 if m else None, name=m.ref if m else n,
                                 threads=hardware.default_threads(), rerun=True)
             out.append({"model": n, **v.to_dict()})
-        except Exception as e:  # GGUFError: refused; reported, not raised, so the rest run
+        except (EdgeinferError, OSError) as e:  # refused (GGUFError): reported, so the rest run
             out.append({"model": n, "error": str(e), "seconds": time.perf_counter() - t0})
     return out
 
@@ -153,7 +152,7 @@ def doctor_cmd(as_json, rerun, models):
     rows += [("self-test" if i == 0 else "", line) for i, line in enumerate(tested)]
     for m in n["refused"]:
         rows.append(("refused", f"{m['model']}: crashed llama.cpp with every setting ("
-                                + "; ".join(f"{t['setting']} {_why(t)}" for t in m["trials"]) + ")"))
+                                + "; ".join(f"{t.setting} {t.why()}" for t in _trials(m["trials"])) + ")"))
     for s_, c in n["crashed"].items():
         rows.append(("turned off", f"{s_}: {c.get('why')} with {c.get('model')}"))
     w = max(len(k) for k, _ in rows)
@@ -164,10 +163,10 @@ def doctor_cmd(as_json, rerun, models):
             click.echo(f"self-test of {r['model']} failed: {r['error']}")
 
 
-def _why(t: dict) -> str:
-    from ..selftest import Trial
+def _trials(trials: list[dict]):
+    from ..selftest import trials_of
 
-    return Trial(**t).why()
+    return trials_of({"trials": trials})
 
 
 def _load_for_measuring(model, n_ctx=2048, **kw):
