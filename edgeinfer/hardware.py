@@ -297,10 +297,22 @@ def describe() -> dict:
     }
 
 
+def runnable_tasks() -> int | None:
+    """Tasks running or ready to run right now, this one included
+    (/proc/loadavg's fourth field); None where the kernel does not say."""
+    fields = (_read(Path("/proc/loadavg")) or "").split()
+    running = fields[3].split("/")[0] if len(fields) > 3 else ""
+    return int(running) if running.isdigit() else None
+
+
 def busy_cores(sample: float = 0.25) -> float:
     """How many of the allowed CPUs other work keeps busy now, in cores,
     from a short sample of per-CPU use (this process idles while loading,
-    so what is seen is the rest of the box)."""
+    so what is seen is the rest of the box). Where nothing else is ready
+    to run, the box is quiet and no sample is taken: a quiet load pays
+    nothing for this."""
+    if (runnable_tasks() or 2) <= 1:
+        return 0.0
     try:
         per_cpu = psutil.cpu_percent(interval=sample, percpu=True)
     except (OSError, RuntimeError):

@@ -320,7 +320,26 @@ def test_busy_cores_sums_the_allowed_cpus(monkeypatch, per_cpu, busy):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})   # cpu2 is not ours
     monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: per_cpu)
+    monkeypatch.setattr(hardware, "runnable_tasks", lambda: 3)
     assert real_busy_cores() == pytest.approx(busy)
+
+
+def test_a_quiet_box_takes_no_sample(monkeypatch):
+    from conftest import real_busy_cores
+
+    def no_sample(*a, **k):
+        raise AssertionError("sampled although nothing else was ready to run")
+
+    monkeypatch.setattr(psutil, "cpu_percent", no_sample)
+    monkeypatch.setattr(hardware, "runnable_tasks", lambda: 1)   # only this process
+    assert real_busy_cores() == 0.0
+
+
+def test_runnable_tasks_reads_proc_loadavg(monkeypatch, tmp_path):
+    real_read = hardware._read
+    monkeypatch.setattr(hardware, "_read", lambda p: "0.35 0.57 0.78 3/79 32148" if str(p) == "/proc/loadavg"
+                        else real_read(p))
+    assert hardware.runnable_tasks() == 3
 
 
 @pytest.mark.parametrize("usable, busy, threads, expected", [
