@@ -34,8 +34,10 @@ from .names import parse_ref
 MIN_DECODE_TPS = 8.0
 ENV = "EDGEINFER_MODEL"
 # Decode streams the weights once per token at about this fraction of the
-# bandwidth a single numpy pass measures: fitted on a 2-core Xeon, where
-# Qwen2.5-Coder 0.5B and 1.5B decode at 0.8-1.0x of the estimate.
+# bandwidth a single numpy pass measures. On the 2-core Xeon where it was
+# fitted (16.5 GB/s), Qwen2.5-Coder 0.5B decoded at 0.86-0.97x of the
+# estimate and the 1.5B at 1.0-1.3x, so the estimate errs low for the
+# model that decides the choice.
 BANDWIDTH_USE = 0.8
 MEMORY_MARGIN = 1.2              # need x this ...
 MEMORY_SLACK = 256 * 2**20       # ... plus this, for the OS and the rest of the process
