@@ -573,6 +573,7 @@ class Engine:
         ``<|im_end|>`` cannot close a turn."""
         from .chat import render_segments
 
+        self._check_open()  # the vocabulary below is freed with the model
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         segments = render_segments(self.chat_template, messages, add_generation_prompt,
