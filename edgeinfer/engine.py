@@ -1,22 +1,22 @@
 """The llama.cpp-backed runtime: load a model, tokenize, prefill, decode.
 
-Everything that touches llama.cpp goes through :class:`Engine`. It drives
-llama-cpp-python's low-level API (``llama_cpp.llama_*``) directly: one
-preallocated batch, llama.cpp's own sampler chain, the abort callback for
-cancelling prefill, and per-sequence KV operations. Every KV call names its
-sequence id, so several sequences can later share one context.
+Everything that touches llama.cpp goes through :class:`Engine`: the model,
+the context, the tokenizer and the KV operations of each sequence, through
+llama-cpp-python's low-level API (``llama_cpp.llama_*``). Generation runs
+in the engine's :class:`~edgeinfer.scheduler.Scheduler`, one thread that
+batches every caller's sequences into shared decode steps.
 
-Generation comes in three layers (as in mlx-lm): ``_run()`` is the hot
-loop; :meth:`Engine.stream` yields :class:`TextEvent` and a final
+Generation comes in three layers (as in mlx-lm): the scheduler's step is
+the hot loop; :meth:`Engine.stream` yields :class:`TextEvent` and a final
 :class:`DoneEvent`; :meth:`Engine.generate` joins the stream into a string.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import hashlib
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -32,10 +32,15 @@ from .gguf_file import GGUFInfo, read_gguf
 from .events import DoneEvent, Stats, TextEvent
 from .prompt_cache import PromptCache, common_prefix
 from .sampling import DEFAULTS as DEFAULT_SAMPLING
-from .sampling import StopMatcher, check_options, repeating, sampler_chain
+from .sampling import check_options
+from .scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_QUEUE, Request, Scheduler, default_parallel, new_seed
 
-_NEVER = threading.Event()  # a cancel event that is never set
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
+
+
+async def _until_done(events) -> None:
+    while not isinstance(await events.get(), (DoneEvent, BaseException)):
+        pass
 
 
 class Engine:
@@ -45,22 +50,27 @@ class Engine:
     >>> with edgeinfer.load("smollm2-135m-instruct") as engine:   # doctest: +SKIP
     ...     print(engine.chat([{"role": "user", "content": "Hi!"}], max_tokens=32))
 
-    One generation runs at a time; a second caller waits up to
-    ``lock_timeout`` seconds (None: forever), then gets EngineBusyError.
-    :meth:`cancel` stops a running prefill or decode from any thread.
+    Callers on any number of threads share it: their sequences run
+    together in one batch per decode step (``n_seq_max`` of them at once,
+    the rest wait in a queue of ``queue_limit``). A caller that is not
+    admitted within ``lock_timeout`` seconds (None: wait as long as it
+    takes) gets EngineBusyError, as does one that finds the queue full.
+    :meth:`cancel` stops every running prefill and decode from any thread;
+    a ``cancel`` event passed to a stream stops that stream alone.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = DEFAULT_N_CTX,
                  threads: int | None = None, threads_batch: int | None = None,
                  n_batch: int = 512, mmap: bool = True, mlock: bool = False,
-                 seed: int | None = None, n_seq_max: int = 1, name: str | None = None,
+                 seed: int | None = None, n_seq_max: int | None = None, name: str | None = None,
                  sha256: str | None = None, chat_template: str | None = None,
                  lock_timeout: float | None = None, check_memory: bool = True,
                  system_prompt: str | None = None, prompt_cache: "bool | PromptCache" = True,
                  cache_disk: bool = True, cache_memory_budget: int | None = None,
                  cache_disk_budget: int | None = None, flash_attn: bool = False,
                  sampling: dict | None = None, native: str | None = None,
-                 stop_on_repeat: bool = True):
+                 stop_on_repeat: bool = True, queue_limit: int = DEFAULT_QUEUE,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -90,11 +100,11 @@ class Engine:
                 self.threads_source += f", capped at {cap}: {busy:.1f} cores busy with other work"
         self.seed = seed
         self.lock_timeout = lock_timeout
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()       # engine.cancel(): whatever is running
-        self._req_cancel = _NEVER               # the running request's own cancel event
+        self._cancel = threading.Event()       # engine.cancel() during a whole-context call
         self._model = self._ctx = None
         self._batch = None
+        self._scheduler: Scheduler | None = None
+        self._local = threading.local()         # token_to_piece buffers, one per thread
         # Native code is tried in a child process before this one trusts it
         # (selftest.py): the first load of a file on a machine costs a test
         # run, later loads read the record.
@@ -110,7 +120,12 @@ class Engine:
         cparams = lc.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = self.n_batch = min(int(n_batch), self.n_ctx)
+        if n_seq_max is None:
+            n_seq_max = default_parallel(self.n_ctx, hardware.default_threads())
         cparams.n_seq_max = self.n_seq_max = max(1, int(n_seq_max))
+        # One pool of n_ctx cells for every sequence, of any length; without
+        # it llama.cpp splits the context evenly between them.
+        cparams.kv_unified = True
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads_batch
         cparams.no_perf = True
@@ -130,16 +145,16 @@ class Engine:
                               hint="try a smaller n_ctx")
         # The abort callback is polled by ggml between graph nodes, so a
         # cancel lands inside a long prefill, not after it.
-        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._cancelled())
+        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._should_abort())
         lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
         self._abort_on = True
         self._mem = lc.llama_get_memory(self._ctx)
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self._batch = lc.llama_batch_init(self.n_batch, 0, self.n_seq_max)
-        self._piece = ctypes.create_string_buffer(256)
         self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
         self._kv_tokens: dict[int, list[int]] = {s: [] for s in range(self.n_seq_max)}
+        self.last_seq = 0   # the sequence of the request admitted last
         self.chat_template = chat_template if chat_template is not None else self.info.chat_template
         self.system_prompt = system_prompt or None
         # The model's own defaults (from its catalog entry) over ours.
@@ -157,6 +172,8 @@ class Engine:
             self.prompt_cache = PromptCache(self.cache_namespace(), disk=cache_disk, **budgets)
         else:
             self.prompt_cache = None
+        self._scheduler = Scheduler(self, n_seq=self.n_seq_max, queue_limit=queue_limit,
+                                    prefill_chunk=prefill_chunk)
 
     # -- lifecycle ---------------------------------------------------------
     def _check_memory(self) -> None:
@@ -167,17 +184,14 @@ class Engine:
     def close(self, timeout: float = 30.0) -> None:
         """Free the context and the model; the engine is unusable after.
 
-        A generation running on another thread is cancelled first and
+        Generations running on other threads are cancelled first and
         waited for, so llama.cpp never runs on freed memory."""
         if getattr(self, "_ctx", None) is None:
             return
-        self.cancel()
-        if not self._lock.acquire(timeout=timeout):
+        self._cancel.set()
+        if self._scheduler is not None and not self._scheduler.close(timeout):
             raise EngineBusyError(f"{self.name} is still generating; it could not be closed")
-        try:
-            self._free()
-        finally:
-            self._lock.release()
+        self._free()
 
     def _free(self) -> None:
         if getattr(self, "prompt_cache", None) is not None:
@@ -199,51 +213,72 @@ class Engine:
         self.close()
 
     def __del__(self):
-        # At garbage collection never wait: free only if nothing holds the lock.
+        # Nobody holds the engine, so no stream reads from it: stop the
+        # scheduler (which holds only a weak proxy), then free.
         try:
-            if getattr(self, "_lock", None) is not None and self._lock.acquire(blocking=False):
-                try:
-                    self._free()
-                finally:
-                    self._lock.release()
+            sched = getattr(self, "_scheduler", None)
+            if sched is not None and sched._thread is not threading.current_thread():
+                if not sched.close(10):
+                    return  # never free under a running decode
+            self._free()
         except Exception:
             pass
 
+    def status(self) -> dict:
+        """What the scheduler is doing: active sequences, queue depth, KV
+        cells used, prompt-cache hits, steps by sequences per step, recent
+        decode tokens/s."""
+        self._check_open()
+        return self._scheduler.status()
+
+    def _exclusive(self, fn):
+        """Run ``fn`` on the scheduler thread while no sequence runs."""
+        self._check_open()
+
+        def run():
+            self._cancel.clear()
+            self._scheduler._abort_events = [self._cancel]
+            try:
+                return fn()
+            finally:
+                self._scheduler._abort_events = []
+
+        return self._scheduler.call(run, timeout=self.lock_timeout)
+
     def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
         """Change the decode and prompt-processing thread counts in place."""
-        self._check_open()
-        self.threads = int(threads)
-        self.threads_batch = int(threads_batch or threads)
-        lc.llama_set_n_threads(self._ctx, self.threads, self.threads_batch)
+        def apply():
+            self.threads = int(threads)
+            self.threads_batch = int(threads_batch or threads)
+            lc.llama_set_n_threads(self._ctx, self.threads, self.threads_batch)
+
+        self._exclusive(apply)
 
     def benchmark(self, n_prompt: int = 512, n_gen: int = 128, seq: int = 0) -> tuple[float, float]:
         """Time a cold prefill of ``n_prompt`` tokens and ``n_gen`` single-token
         decodes, as llama-bench's pp and tg tests do (fixed tokens, no
         sampling, no prompt cache). Returns (prefill seconds, decode seconds)."""
-        self._check_open()
-        self._acquire()
-        try:
-            self._cancel.clear()
-            # Ordinary text tokens, spread over the vocabulary, never control tokens.
-            ids = [t for t in range(min(self.n_vocab, 30000)) if not lc.llama_vocab_is_control(self._vocab, t)
-                   and not self.is_eog(t)]
-            prompt = [ids[(i * 7919) % len(ids)] for i in range(n_prompt)]
-            self.kv_clear(seq)
-            t0 = time.perf_counter()
-            if n_prompt and self._decode(prompt, seq) != 0:
+        return self._exclusive(lambda: self._benchmark(n_prompt, n_gen, seq))
+
+    def _benchmark(self, n_prompt: int, n_gen: int, seq: int) -> tuple[float, float]:
+        # Ordinary text tokens, spread over the vocabulary, never control tokens.
+        ids = [t for t in range(min(self.n_vocab, 30000)) if not lc.llama_vocab_is_control(self._vocab, t)
+               and not self.is_eog(t)]
+        prompt = [ids[(i * 7919) % len(ids)] for i in range(n_prompt)]
+        self._kv_clear(seq)
+        t0 = time.perf_counter()
+        if n_prompt and self._decode(prompt, seq) != 0:
+            raise EngineError("benchmark cancelled")
+        t1 = time.perf_counter()
+        self._kv_clear(seq)
+        tok = ids[len(ids) // 2]
+        t2 = time.perf_counter()
+        for _ in range(n_gen):
+            if self._decode([tok], seq) != 0:
                 raise EngineError("benchmark cancelled")
-            t1 = time.perf_counter()
-            self.kv_clear(seq)
-            tok = ids[len(ids) // 2]
-            t2 = time.perf_counter()
-            for _ in range(n_gen):
-                if self._decode([tok], seq) != 0:
-                    raise EngineError("benchmark cancelled")
-            t3 = time.perf_counter()
-            self.kv_clear(seq)
-            return t1 - t0, t3 - t2
-        finally:
-            self._lock.release()
+        t3 = time.perf_counter()
+        self._kv_clear(seq)
+        return t1 - t0, t3 - t2
 
     def eval_logits(self, tokens: list[int], seq: int = 0):
         """Logits for every position of ``tokens`` (at most n_batch of them),
@@ -254,10 +289,9 @@ class Engine:
         self._check_open()
         if not 0 < len(tokens) <= self.n_batch:
             raise ValueError(f"eval_logits takes 1..{self.n_batch} tokens")
-        self._acquire()
-        try:
-            self._cancel.clear()
-            self.kv_clear(seq)
+
+        def run():
+            self._kv_clear(seq)
             b = self._batch
             for i, t in enumerate(tokens):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, 1
@@ -266,18 +300,24 @@ class Engine:
             self._abort_during(True)
             rc = lc.llama_decode(self._ctx, b)
             if rc != 0:
-                self.kv_clear(seq)
+                self._kv_clear(seq)
                 raise EngineError(f"llama_decode failed with status {rc}")
             ptr = lc.llama_get_logits(self._ctx)
             out = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
-            self.kv_clear(seq)
+            self._kv_clear(seq)
             return out
-        finally:
-            self._lock.release()
+
+        return self._exclusive(run)
 
     def cancel(self) -> None:
-        """Stop the running prefill or decode; safe from any thread."""
+        """Stop every running and waiting generation (prefill as well as
+        decode); safe from any thread."""
         self._cancel.set()
+        if self._scheduler is not None:
+            self._scheduler.cancel_all()
+
+    def _should_abort(self) -> bool:
+        return self._scheduler.should_abort()
 
     # -- tokens ------------------------------------------------------------
     def _check_open(self) -> None:
@@ -300,11 +340,14 @@ class Engine:
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        n = lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
+        buf = getattr(self._local, "piece", None)
+        if buf is None:
+            buf = self._local.piece = ctypes.create_string_buffer(256)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
-            self._piece = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
-        return self._piece.raw[:n]
+            buf = self._local.piece = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
 
     def detokenize(self, tokens: Iterable[int], special: bool = False) -> str:
         return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
@@ -332,6 +375,9 @@ class Engine:
     # -- KV state (every call names its sequence) ---------------------------
     def seq_state(self, seq: int = 0) -> bytearray:
         """The KV state of sequence ``seq``."""
+        return self._exclusive(lambda: self._seq_state(seq))
+
+    def _seq_state(self, seq: int) -> bytearray:
         size = lc.llama_state_seq_get_size(self._ctx, seq)
         out = bytearray(size)  # llama.cpp writes straight into it: one copy
         view = (ctypes.c_uint8 * size).from_buffer(out)
@@ -342,23 +388,36 @@ class Engine:
 
     def restore_seq_state(self, state: bytes | bytearray, tokens: list[int], seq: int = 0) -> bool:
         """Load a state saved by seq_state() for ``tokens`` into ``seq``."""
-        self.kv_clear(seq)
+        return self._exclusive(lambda: self._restore_seq_state(state, tokens, seq))
+
+    def _restore_seq_state(self, state, tokens: list[int], seq: int) -> bool:
+        self._kv_clear(seq)
         if isinstance(state, bytearray):
             ptr = (ctypes.c_uint8 * len(state)).from_buffer(state)
         else:  # bytes read back from disk: borrow the buffer, no copy
             ptr = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
         if lc.llama_state_seq_set_data(self._ctx, ptr, len(state), seq) != len(state) or \
                 lc.llama_memory_seq_pos_max(self._mem, seq) != len(tokens) - 1:
-            self.kv_clear(seq)
+            self._kv_clear(seq)
             return False
         self._kv_tokens[seq][:] = tokens
         return True
 
-    def kv_tokens(self, seq: int = 0) -> list[int]:
-        """The tokens whose KV state sequence ``seq`` holds."""
-        return list(self._kv_tokens[seq])
+    def kv_tokens(self, seq: int | None = None) -> list[int]:
+        """The tokens whose KV state sequence ``seq`` holds (default: the
+        sequence of the request admitted last)."""
+        return list(self._kv_tokens[self.last_seq if seq is None else seq])
 
-    def kv_clear(self, seq: int = 0) -> None:
+    def kv_clear(self, seq: int | None = None) -> None:
+        """Forget the KV state of ``seq``, or of every sequence."""
+        seqs = range(self.n_seq_max) if seq is None else [seq]
+        self._exclusive(lambda: [self._kv_clear(s) for s in seqs])
+
+    def kv_cells_used(self) -> int:
+        """Cells the sequences hold (a shared prefix counts once per sequence)."""
+        return sum(len(t) for t in self._kv_tokens.values())
+
+    def _kv_clear(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._kv_tokens[seq].clear()
 
@@ -367,7 +426,7 @@ class Engine:
         it now holds (0 if llama.cpp could not cut the sequence)."""
         if n < len(self._kv_tokens[seq]):
             if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
-                self.kv_clear(seq)
+                self._kv_clear(seq)
                 return 0
             del self._kv_tokens[seq][n:]
         return len(self._kv_tokens[seq])
@@ -376,6 +435,50 @@ class Engine:
         """After an aborted or failed decode, trust llama.cpp's positions."""
         pos_max = lc.llama_memory_seq_pos_max(self._mem, seq)
         del self._kv_tokens[seq][max(pos_max + 1, 0):]
+
+    # -- prefix reuse (called by the scheduler, on its thread) ---------------
+    def choose_slot(self, tokens: list[int], free: list[int], idle_since: dict[int, float]) -> int:
+        """The free sequence slot for ``tokens``: the one whose own KV
+        shares the longest prefix with them, else an empty one, else the
+        one idle longest."""
+        best = max(free, key=lambda s: (common_prefix(self._kv_tokens[s], tokens) if self.reuse_kv else 0,
+                                        not self._kv_tokens[s], -idle_since.get(s, 0.0)))
+        return best
+
+    def reuse_prefix(self, tokens: list[int], seq: int, busy: Iterable[int] = ()) -> int:
+        """Make ``seq`` hold the longest reusable prefix of ``tokens``: its
+        own KV, another sequence's (copied by llama_memory_seq_cp, which
+        shares the cells), or the prompt cache's memory and disk tiers.
+        Returns its length; at least one prompt token is left to evaluate,
+        so the sampler gets logits."""
+        if not self.reuse_kv:
+            self._kv_clear(seq)
+            return 0
+        cap = len(tokens) - 1
+        n = min(common_prefix(self._kv_tokens[seq], tokens), cap)
+        donor, k = -1, n
+        for s in range(self.n_seq_max):
+            if s != seq:
+                shared = min(common_prefix(self._kv_tokens[s], tokens), cap)
+                if shared > k:
+                    donor, k = s, shared
+        if donor >= 0:
+            self._kv_clear(seq)
+            lc.llama_memory_seq_cp(self._mem, donor, seq, 0, k)
+            self._kv_tokens[seq][:] = tokens[:k]
+            n = k
+        if self.prompt_cache is not None:
+            hit = self.prompt_cache.nearest(tokens, at_least=n)
+            if hit is not None:
+                k, entry = hit
+                k = min(k, cap)
+                if k > n:
+                    if self._restore_seq_state(entry.state, list(entry.tokens), seq):
+                        n = k
+                    else:
+                        self.prompt_cache.forget(entry.tokens)
+                        n = 0
+        return self._kv_truncate(seq, n)
 
     def _abort_during(self, on: bool) -> None:
         """ggml polls the abort callback at every graph node (~500 times a
@@ -415,21 +518,7 @@ class Engine:
         return 0
 
     # -- generation --------------------------------------------------------
-    def _acquire(self) -> None:
-        timeout = -1 if self.lock_timeout is None else self.lock_timeout
-        if not self._lock.acquire(timeout=timeout):
-            raise EngineBusyError(f"{self.name} is busy with another generation")
-
-    def _cancelled(self) -> bool:
-        return self._cancel.is_set() or self._req_cancel.is_set()
-
-    def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
-                      seed: int | None = None, seq: int = 0, cancel: threading.Event | None = None,
-                      **sampling) -> Iterator[TextEvent | DoneEvent]:
-        """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
-
-        ``cancel``, an Event of the caller's, stops this request alone
-        (even before it starts), where :meth:`cancel` stops whatever runs."""
+    def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink) -> Request:
         self._check_open()
         if not tokens:
             tokens = [lc.llama_vocab_bos(self._vocab)]
@@ -438,113 +527,81 @@ class Engine:
                 f"the prompt has {len(tokens):,} tokens but the context holds {self.n_ctx:,}")
         opts = {**self.sampling, **check_options({k: v for k, v in sampling.items() if v is not None})}
         stops = [stop] if isinstance(stop, str) else list(stop or ())
-        self._acquire()
-        try:
-            self._cancel.clear()
-            self._req_cancel = cancel or _NEVER
-            yield from self._run(tokens, int(max_tokens), stops, seed, seq, opts)
-        finally:
-            self._req_cancel = _NEVER
-            self._lock.release()
+        return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
+                       cancel_event=cancel, admit_timeout=self.lock_timeout)
 
-    def _reuse_prefix(self, tokens: list[int], seq: int) -> int:
-        """Make ``seq`` hold the longest reusable prefix of ``tokens``, from
-        its own KV state or the prompt cache; returns its length. At least
-        one prompt token is left to evaluate, so the sampler gets logits."""
-        if not self.reuse_kv:
-            self.kv_clear(seq)
-            return 0
-        n = min(common_prefix(self._kv_tokens[seq], tokens), len(tokens) - 1)
-        if self.prompt_cache is not None:
-            hit = self.prompt_cache.nearest(tokens, at_least=n)
-            if hit is not None:
-                k, entry = hit
-                k = min(k, len(tokens) - 1)
-                if k > n:
-                    if self.restore_seq_state(entry.state, list(entry.tokens), seq):
-                        n = k
-                    else:
-                        self.prompt_cache.forget(entry.tokens)
-                        n = 0
-        return self._kv_truncate(seq, n)
+    def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
+                      seed: int | None = None, cancel: threading.Event | None = None,
+                      **sampling) -> Iterator[TextEvent | DoneEvent]:
+        """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
-    def _run(self, tokens, max_tokens, stops, seed, seq, opts):
-        stats = Stats(prompt_tokens=len(tokens), native=self.native.setting)
-        t0 = time.perf_counter()
-        n = self._reuse_prefix(tokens, seq)
-        kv = self._kv_tokens[seq]
-        stats.cached_tokens = n
-        if seed is None:
-            seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(4), "little")
-        chain = sampler_chain(seed, n_vocab=self.n_vocab, vocab=self._vocab, n_ctx=self.n_ctx, **opts)
+        ``cancel``, an Event of the caller's, stops this request alone
+        (even before it starts), where :meth:`cancel` stops all of them.
+        Leaving the loop early cancels the request too."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put)
+        self._scheduler.submit(req)
+        done = False
+        item = None
         try:
-            rc = self._decode(tokens[n:], seq)
-            t_prefill = time.perf_counter()
-            stats.prefill_tps = (len(tokens) - n) / max(t_prefill - t0, 1e-9)
-            if rc == 0 and self.prompt_cache is not None and len(tokens) > n:
-                self.prompt_cache.put(tokens, self.seq_state(seq))
-            if rc == 2:
-                stats.finish_reason = "cancelled"
-                stats.total_s = time.perf_counter() - t0
-                self.last_stats = stats
-                yield DoneEvent(stats)
-                return
-            utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-            matcher = StopMatcher(stops)
-            t_first = None
-            pending_ids: list[int] = []
-            generated: list[int] = []
-            finish = "length"
-            hit_stop_string = False
-            while stats.generated_tokens < max_tokens:
-                if self._cancelled():
-                    finish = "cancelled"
-                    break
-                tok = lc.llama_sampler_sample(chain, self._ctx, -1)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    stats.ttft_s = t_first - t0
-                if self.is_eog(tok):
-                    finish = "stop"
-                    break
-                stats.generated_tokens += 1
-                pending_ids.append(tok)
-                generated.append(tok)
-                text, stopped = matcher.feed(utf8.decode(self.token_bytes(tok)))
-                if text:
-                    yield TextEvent(text, pending_ids)
-                    pending_ids = []
-                if stopped:
-                    finish = "stop"
-                    hit_stop_string = True
-                    break
-                if len(kv) >= self.n_ctx:
-                    finish = "length"  # the context is full: end cleanly
-                    break
-                if self.stop_on_repeat and len(generated) % 8 == 0 and repeating(generated):
-                    finish = "repetition"  # stuck in a loop: say so rather than run to max_tokens
-                    break
-                if stats.generated_tokens >= max_tokens:
-                    break
-                if self._decode([tok], seq) == 2:
-                    finish = "cancelled"
-                    break
-            # Whatever was held back (a possible stop-string prefix, the
-            # bytes of an unfinished character) belongs to the answer unless
-            # a stop string cut it off; every token id is reported once.
-            tail = "" if hit_stop_string else matcher.flush() + utf8.decode(b"", final=True)
-            if tail or pending_ids:
-                yield TextEvent(tail, pending_ids)
-            t_end = time.perf_counter()
-            if t_first is not None and stats.generated_tokens > 1:
-                stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - t_first, 1e-9)
-            stats.finish_reason = finish
-            stats.total_s = t_end - t0
-            stats.cpu_temperature_c = hardware.cpu_temperature()  # a Pi slows down when hot
-            self.last_stats = stats
-            yield DoneEvent(stats)
+            while True:
+                item = events.get()
+                req.consumed += 1
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if isinstance(item, DoneEvent):
+                    done = True
+                yield item
+                if done:
+                    return
         finally:
-            lc.llama_sampler_free(chain)
+            if not done:
+                # Cancelled by the reader: wait (within a step or two) for the
+                # scheduler to free the sequence, so it is free when we return.
+                req.cancel()
+                self._scheduler.wake()
+                deadline = time.monotonic() + 10
+                while not isinstance(item, (DoneEvent, BaseException)):
+                    try:
+                        item = events.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+
+    async def astream_tokens(self, tokens: list[int], *, max_tokens: int = 256,
+                             stop: Iterable[str] | str = (), seed: int | None = None,
+                             cancel: threading.Event | None = None, **sampling):
+        """Async :meth:`stream_tokens`: events arrive on the running event
+        loop straight from the scheduler thread. Cancelling the task, or
+        leaving the loop, cancels the request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling,
+                            lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+        self._scheduler.submit(req)
+        done = False
+        try:
+            while True:
+                item = await events.get()
+                req.consumed += 1
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                if isinstance(item, DoneEvent):
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                req.cancel()
+                self._scheduler.wake()
+                try:  # as in stream_tokens: return once the sequence is free
+                    await asyncio.wait_for(_until_done(events), 10)
+                except BaseException:
+                    pass
 
     def stream(self, prompt: str, *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                seed: int | None = None, **sampling) -> Iterator[TextEvent | DoneEvent]:
@@ -602,17 +659,12 @@ class Engine:
 
     # -- asyncio -----------------------------------------------------------
     async def astream(self, prompt: str, **kwargs):
-        """Async version of :meth:`stream`; generation runs on a worker
-        thread so the event loop never blocks. Cancelling the task cancels
-        the generation."""
-        from .aio import stream_in_thread
-
-        async for event in stream_in_thread(lambda stop: self.stream(prompt, cancel=stop, **kwargs)):
+        """Async version of :meth:`stream`; the event loop never blocks.
+        Cancelling the task cancels the generation."""
+        async for event in self.astream_tokens(self.tokenize(prompt), **kwargs):
             yield event
 
     async def astream_chat(self, messages: list[dict], **kwargs):
         """Async version of :meth:`stream_chat`."""
-        from .aio import stream_in_thread
-
-        async for event in stream_in_thread(lambda stop: self.stream_chat(messages, cancel=stop, **kwargs)):
+        async for event in self.astream_tokens(self.chat_tokens(messages), **kwargs):
             yield event

@@ -417,15 +417,19 @@ def test_two_threads_on_one_engine(engine):
 
 
 def test_busy_engine_raises_after_lock_timeout(tiny_model):
-    with Engine(tiny_model, n_ctx=1024, threads=THREADS, lock_timeout=0.05) as e:
+    # One sequence slot, held by a reader that stopped reading: its stream
+    # waits for the reader (it never runs ahead unboundedly), so the slot
+    # stays taken and a second caller is not admitted in time.
+    with Engine(tiny_model, n_ctx=4096, threads=THREADS, lock_timeout=0.05, n_seq_max=1,
+                stop_on_repeat=False) as e:
         holding, release = threading.Event(), threading.Event()
 
         def hold():
             events = []
-            for ev in e.stream("The weather was", max_tokens=50, **GREEDY):
+            for ev in e.stream("The weather was", max_tokens=1000, **GREEDY):
                 events.append(ev)
                 holding.set()
-                release.wait(10)  # the generator is suspended with the engine locked
+                release.wait(10)  # the generator is suspended with its sequence admitted
             return events
 
         th, result = _in_thread(hold)
