@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -159,9 +160,9 @@ def llama_tg(llm: llama_cpp.Llama, prompt: list[int], n_gen: int) -> tuple[float
 # -- llama-bench ---------------------------------------------------------------
 
 def run_llama_bench(binary: str, model: Path, threads: int, pp: int, tg: int, reps: int,
-                    flash_attn: bool) -> tuple[list[Result], dict]:
+                    flash_attn: bool, extra: list[str] = ()) -> tuple[list[Result], dict]:
     cmd = [binary, "-m", str(model), "-t", str(threads), "-p", str(pp), "-n", str(tg),
-           "-r", str(reps), "-o", "json", "-fa", "1" if flash_attn else "0"]
+           "-r", str(reps), "-o", "json", "-fa", "1" if flash_attn else "0", *extra]
     # -fa is explicit: llama-bench's own default is "auto", which is on for CPUs.
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -221,6 +222,17 @@ def measure(args, model: Path, log) -> dict:
     rng = random.Random(SEED)
     results: dict[tuple[str, str], Result] = {}
     notes: list[str] = [f"native setting for both runtimes: {engine.native.setting}"]
+    # Llama runs on the engine's scheduler thread. Measured: when two OS
+    # threads of one process both run ggml's OpenMP graphs, each one's idle
+    # workers spin against the other's and both decode at a third of their
+    # speed (83 -> 28 tok/s on the default model, 2 cores).
+    on_engine_thread = engine._scheduler.call
+
+    def llama_pp(llm, prompt):
+        return on_engine_thread(lambda: globals()["llama_pp"](llm, prompt))
+
+    def llama_tg(llm, prompt, n_gen):
+        return on_engine_thread(lambda: globals()["llama_tg"](llm, prompt, n_gen))
 
     pp_prompt = []
     if args.pp:
@@ -370,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default: 3)")
     p.add_argument("--batch", type=int, default=512, help="n_batch for both runtimes (default: 512)")
     p.add_argument("--llama-bench", metavar="PATH", help="also run this llama-bench binary")
+    p.add_argument("--llama-bench-args", default="", metavar="ARGS",
+                   help="more arguments for llama-bench, e.g. '--repack 0' where the self-test "
+                        "turned extra buffer types off (edgeinfer doctor)")
     p.add_argument("--flash-attn", action="store_true",
                    help="flash attention on for all three runtimes (default: off for all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -389,13 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_bench:
         log(f"running {args.llama_bench} (before) ...")
         bench_runs.append(run_llama_bench(args.llama_bench, model, args.threads, args.pp, args.tg,
-                                          args.reps, args.flash_attn))
+                                          args.reps, args.flash_attn, shlex.split(args.llama_bench_args)))
     run = measure(args, model, log)
     by_key: dict[tuple[str, str], Result] = run["results"]
     if args.llama_bench:
         log(f"running {args.llama_bench} (after) ...")
         bench_runs.append(run_llama_bench(args.llama_bench, model, args.threads, args.pp, args.tg,
-                                          args.reps, args.flash_attn))
+                                          args.reps, args.flash_attn, shlex.split(args.llama_bench_args)))
         bench_info = bench_runs[0][1]
         for results, _ in bench_runs:
             for r in results:
