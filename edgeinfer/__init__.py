@@ -24,9 +24,11 @@ from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, Compare
                      ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
                      EngineBusyError, EngineError, GGUFError, InvalidNameError, MemoryFitError,
                      ModelNotFoundError, NativeSettingError, QuantizeError, StoreError,
-                     TemplateError)
+                     TemplateError, ServerConfigError, ServerError, ServerBusyError, AuthError,
+                     ConnectionLostError)
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
+from .server.client import AsyncClient, Client
 from .store import Manifest, ModelStore
 
 __version__ = "0.1.0"
@@ -34,11 +36,12 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "default_model", "pull", "import_file", "read_gguf", "default_entry", "load_catalog",
     "Engine", "ChatSession", "TextEvent", "DoneEvent", "Stats", "ModelStore", "Manifest",
-    "CatalogEntry", "GGUFInfo",
+    "CatalogEntry", "GGUFInfo", "Client", "AsyncClient",
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",
-    "TemplateError", "QuantizeError", "CompareError",
+    "TemplateError", "QuantizeError", "CompareError", "ServerConfigError", "ServerError",
+    "ServerBusyError", "AuthError", "ConnectionLostError",
 ]
 
 

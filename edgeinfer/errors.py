@@ -16,12 +16,23 @@
     │   └── AllSourcesFailedError     every source of an entry failed
     ├── EngineError                   llama.cpp refused or failed
     │   ├── ContextOverflowError      prompt longer than the context
-    │   ├── EngineBusyError           a second call timed out waiting
+    │   ├── EngineBusyError (TimeoutError)
+    │   │                             the queue was full, or did not admit
+    │   │                             the request in time
     │   └── NativeSettingError (ValueError)
     │                                 an unknown native setting was forced
     ├── QuantizeError                 quantize/convert refused or failed
     ├── CompareError (ValueError)     models that cannot be compared
-    └── TemplateError                 a chat template failed or was hostile
+    ├── TemplateError                 a chat template failed or was hostile
+    ├── ServerConfigError (ValueError)
+    │                                 a server that must not start as asked
+    └── ServerError                   the server answered with an error
+        ├── ServerBusyError (EngineBusyError)
+        │                             every sequence taken, queue full
+        ├── AuthError (PermissionError)
+        │                             missing or wrong token
+        └── ConnectionLostError (ConnectionError)
+                                      the connection dropped mid-request
 
 Library code raises these; only the CLI turns them into one-line messages.
 Each class also inherits the built-in it resembles, so callers may catch
@@ -111,9 +122,10 @@ class ContextOverflowError(EngineError, ValueError):
 
 
 class EngineBusyError(EngineError, TimeoutError):
-    """Another generation held the engine for longer than the timeout."""
+    """The request queue was full, or did not admit the request within the
+    engine's ``lock_timeout``."""
 
-    hint = "wait for the running generation, or cancel it with Engine.cancel()"
+    hint = "retry when running generations finish, or cancel them with Engine.cancel()"
 
 
 class NativeSettingError(EngineError, ValueError):
@@ -135,3 +147,35 @@ class TemplateError(EdgeinferError):
     """A chat template that failed to render or tried something unsafe."""
 
     hint = "pass a template of your own with chat_template=..., or use generate() with a plain prompt"
+
+
+class ServerConfigError(EdgeinferError, ValueError):
+    """``edgeinfer serve`` options that would be unsafe or cannot work,
+    such as a non-loopback address without a token."""
+
+
+class ServerError(EdgeinferError):
+    """An ``error`` event from the server; ``.code`` is its protocol code
+    (see docs/protocol.md)."""
+
+    def __init__(self, message: str, code: str = "internal", *, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+class ServerBusyError(ServerError, EngineBusyError):
+    """The server's sequences are all taken and its queue is full."""
+
+    hint = "retry in a moment, or start the server with a larger --queue"
+
+
+class AuthError(ServerError, PermissionError):
+    """The server wants a token and this one is missing or wrong."""
+
+    hint = "pass the server's token: Client(..., token=...) or EDGEINFER_TOKEN"
+
+
+class ConnectionLostError(ServerError, ConnectionError):
+    """The connection closed before the answer was complete."""
+
+    hint = "check that 'edgeinfer serve' is running, then retry"

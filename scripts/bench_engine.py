@@ -24,6 +24,7 @@ all three.
     python scripts/bench_engine.py
     python scripts/bench_engine.py --threads 2 --reps 5 --llama-bench ~/llama.cpp/build/bin/llama-bench
     python scripts/bench_engine.py --json > bench.json
+    python scripts/bench_engine.py --streams 1,2,4,8      # many streams: see bench_streams.py
 """
 
 from __future__ import annotations
@@ -369,6 +370,12 @@ def print_report(report: dict, by_key: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--streams" in argv:  # the multi-stream mode: bench_streams.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_streams
+
+        return bench_streams.main(argv)
     default_model = edgeinfer.default_entry().name
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

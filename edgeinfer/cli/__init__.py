@@ -39,9 +39,9 @@ def cli():
 
 
 def _register() -> None:
-    from . import chat, models, quant, system
+    from . import chat, models, quant, serve, system
 
-    for cmd in models.COMMANDS + chat.COMMANDS + system.COMMANDS + quant.COMMANDS:
+    for cmd in models.COMMANDS + chat.COMMANDS + serve.COMMANDS + system.COMMANDS + quant.COMMANDS:
         cli.add_command(cmd)
 
 

@@ -122,11 +122,11 @@ def ensure_model(name: str | None, yes: bool, quiet: bool = False) -> str:
     return entry.ref
 
 
-def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int | None):
+def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int | None, **extra):
     import edgeinfer
 
     opts = {k: v for k, v in dict(n_ctx=n_ctx, threads=threads, threads_batch=threads_batch).items() if v}
-    return edgeinfer.load(model, **opts)
+    return edgeinfer.load(model, **opts, **extra)
 
 
 def _sampling(temperature, top_k, top_p, max_tokens, seed) -> dict:

@@ -1,0 +1,193 @@
+"""``edgeinfer serve``: the model behind a JSON-lines socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import stat
+import sys
+
+import click
+
+from ..errors import ServerConfigError
+from ..server.jsonl import DEFAULT_MAX_LINE, DEFAULT_PORT, Options, check_exposure, is_loopback
+from .chat import _load, ensure_model
+
+
+def read_token(token: str | None, token_file: str | None) -> str | None:
+    """The token from --token, --token-file or $EDGEINFER_TOKEN."""
+    if token_file:
+        try:
+            st = os.stat(token_file)
+            with open(token_file, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as e:
+            raise ServerConfigError(f"cannot read the token file {token_file}: {e.strerror}",
+                                    hint="create it with: umask 077; openssl rand -hex 32 > FILE") from None
+        if not value:
+            raise ServerConfigError(f"the token file {token_file} is empty",
+                                    hint="put a long random string in it: openssl rand -hex 32 > FILE")
+        if st.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+            click.echo(f"warning: {token_file} is readable by other users; chmod 600 it", err=True)
+        return value
+    value = token or os.environ.get("EDGEINFER_TOKEN") or None
+    if value is not None and len(value) < 16:
+        raise ServerConfigError("the token is shorter than 16 characters",
+                                hint="use a long random one: openssl rand -hex 32")
+    return value
+
+
+def systemd_unit(model: str | None, argv_opts: list[str], *, user: str, home: str, host: str | None,
+                 token_file: str | None, memory_max: str | None, cpu_quota: str | None) -> str:
+    """A unit that runs this server as a service with these options."""
+    exec_args = [sys.executable, "-m", "edgeinfer", "serve"] + ([model] if model else []) + ["--yes"] + argv_opts
+    creds = ""
+    if token_file:
+        # systemd hands the file to the service in its credentials directory,
+        # readable by the service alone; the unit itself holds no secret.
+        exec_args += ["--token-file", "${CREDENTIALS_DIRECTORY}/token"]
+        creds = f"LoadCredential=token:{os.path.abspath(token_file)}\n"
+    if memory_max is None:
+        from ..hardware import total_memory
+
+        memory_max = f"{total_memory() * 3 // 4 // (1 << 20)}M"  # leave the box a quarter of its RAM
+    cpu = f"CPUQuota={cpu_quota}\n" if cpu_quota else ""
+    exposed = "on the network (token required)" if host and not is_loopback(host) else "on loopback"
+    return f"""\
+# edgeinfer serve, {exposed}. Install with:
+#   sudo cp edgeinfer.service /etc/systemd/system/ && sudo systemctl daemon-reload
+#   sudo systemctl enable --now edgeinfer
+[Unit]
+Description=edgeinfer model server{f' ({model})' if model else ''}
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=exec
+User={user}
+Group={user}
+Environment=EDGEINFER_HOME={home}
+Environment=PYTHONUNBUFFERED=1
+StateDirectory=edgeinfer
+{creds}ExecStart={' '.join(_quote(a) for a in exec_args)}
+Restart=on-failure
+RestartSec=5
+# SIGTERM drains requests in flight for up to 30 s
+TimeoutStopSec=45
+MemoryMax={memory_max}
+CPUWeight=50
+{cpu}NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+ReadWritePaths={home}
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+CapabilityBoundingSet=
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _quote(arg: str) -> str:
+    return arg if arg.startswith("${") else shlex.quote(arg)
+
+
+@click.command("serve")
+@click.argument("model", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs a token. '' for none.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--unix", "unix", metavar="PATH", help="Also (or, with --host '', only) listen on a Unix socket.")
+@click.option("--parallel", type=click.IntRange(1, 64), help="Sequences decoded together (default: sized "
+              "to this machine's cores and the context).")
+@click.option("--queue", "queue_limit", default=64, show_default=True, type=click.IntRange(0, 100000),
+              help="Requests that may wait for a sequence; past it, 'busy'.")
+@click.option("--n-ctx", type=click.IntRange(64, 1 << 20), help="Context tokens, shared by all sequences.")
+@click.option("--threads", type=click.IntRange(1, 512))
+@click.option("--prefill-chunk", type=click.IntRange(1, 1 << 16),
+              help="Prompt tokens per step while other streams decode.")
+@click.option("--token", help="Token every request must carry (prefer --token-file).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the token.")
+@click.option("--max-line", default=DEFAULT_MAX_LINE, show_default=True, type=click.IntRange(1024, 1 << 30),
+              help="Longest request line in bytes.")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(1, None),
+              help="Seconds an idle connection stays open.")
+@click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
+@click.option("--print-systemd-unit", is_flag=True, help="Print a systemd unit for these options and exit.")
+@click.option("--unit-user", default="edgeinfer", show_default=True, help="With --print-systemd-unit: the "
+              "service's user.")
+@click.option("--unit-home", default="/var/lib/edgeinfer", show_default=True,
+              help="With --print-systemd-unit: the service's EDGEINFER_HOME.")
+@click.option("--memory-max", help="With --print-systemd-unit: MemoryMax= (default: 3/4 of RAM).")
+@click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
+def serve_cmd(model, host, port, unix, parallel, queue_limit, n_ctx, threads, prefill_chunk, token,
+              token_file, max_line, idle_timeout, yes, print_systemd_unit, unit_user, unit_home,
+              memory_max, cpu_quota):
+    """Serve MODEL to other programs over JSON lines (docs/protocol.md).
+
+    \b
+    Examples:
+      edgeinfer serve                               (127.0.0.1:8765)
+      edgeinfer serve --host 0.0.0.0 --token-file ~/.edgeinfer-token
+      edgeinfer serve --print-systemd-unit > edgeinfer.service
+    """
+    host = host or None
+    if not host and not unix:
+        raise click.UsageError("give --host or --unix: the server needs somewhere to listen")
+    if print_systemd_unit:
+        if token and not token_file:
+            raise ServerConfigError("a unit file must not hold the token",
+                                    hint="put it in a file (chmod 600) and pass --token-file FILE")
+        check_exposure(Options(host=host, port=port, token="x" if token_file else None))
+        opts = ["--host", host or "", "--port", str(port)]
+        for flag, value in (("--unix", unix), ("--parallel", parallel), ("--queue", queue_limit),
+                            ("--n-ctx", n_ctx), ("--threads", threads), ("--prefill-chunk", prefill_chunk),
+                            ("--max-line", max_line), ("--idle-timeout", idle_timeout)):
+            if value is not None:
+                opts += [flag, str(value)]
+        click.echo(systemd_unit(model, opts, user=unit_user, home=unit_home, host=host, token_file=token_file,
+                                memory_max=memory_max, cpu_quota=cpu_quota), nl=False)
+        return
+    opts = Options(host=host, port=port, unix=unix, token=read_token(token, token_file), max_line=max_line,
+                   idle_timeout=idle_timeout)
+    check_exposure(opts)  # before a model is pulled or loaded
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    name = ensure_model(model, yes, quiet=not sys.stderr.isatty())
+    import edgeinfer
+
+    extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit,
+                                   prefill_chunk=prefill_chunk).items() if v is not None}
+    engine = _load(name, n_ctx, threads, None, **extra)
+    from ..server.jsonl import Server, serve_forever
+
+    server = Server(engine, opts, store=edgeinfer.ModelStore())
+
+    def ready(where):
+        click.echo(f"Serving {engine.name} on {', '.join(where)}: {engine.n_seq_max} sequences at once, "
+                   f"queue {queue_limit}, context {engine.n_ctx} tokens"
+                   f"{', token required' if opts.token else ''}. Ctrl-C or SIGTERM stops.", err=True)
+
+    try:
+        asyncio.run(serve_forever(server, ready))
+    finally:
+        engine.close()
+    click.echo("Stopped.", err=True)
+
+
+COMMANDS = [serve_cmd]

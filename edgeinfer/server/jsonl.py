@@ -1,0 +1,335 @@
+"""``edgeinfer serve``: an asyncio server speaking JSON lines.
+
+Every connection may have several requests in flight; each generating
+request is a task reading the engine's event stream
+(:meth:`Engine.astream_tokens`), so all of them share the scheduler's
+batched steps. A connection that closes cancels its requests, which frees
+their sequences within one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from ..errors import ContextOverflowError, EdgeinferError, EngineBusyError, ServerConfigError
+from ..events import DoneEvent
+from . import protocol
+from .protocol import Call, ProtocolError, encode, error_event
+
+log = logging.getLogger("edgeinfer.server")
+
+DEFAULT_PORT = 8765
+DEFAULT_MAX_LINE = 1 << 20
+
+
+@dataclass
+class Options:
+    host: str | None = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    unix: str | None = None
+    token: str | None = None
+    max_line: int = DEFAULT_MAX_LINE
+    idle_timeout: float = 300.0     # seconds a connection may sit with nothing in flight
+    drain_timeout: float = 30.0     # seconds SIGTERM waits for requests in flight
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(opts: Options) -> None:
+    """Refuse to listen beyond loopback without a token."""
+    if opts.host and not is_loopback(opts.host) and not opts.token:
+        raise ServerConfigError(
+            f"serving on {opts.host} exposes the model to the network, so a token is required",
+            hint="pass --token-file FILE (or set EDGEINFER_TOKEN), or serve on 127.0.0.1")
+
+
+class Server:
+    """The JSON-lines front of one Engine."""
+
+    def __init__(self, engine, opts: Options, store=None):
+        self.engine = engine
+        self.opts = opts
+        self.store = store
+        self._servers: list[asyncio.base_events.Server] = []
+        self._connections: set[asyncio.Task] = set()
+        self._requests: set[asyncio.Task] = set()
+        self._stopping = False
+        self.started = time.time()
+
+    # -- lifecycle --------------------------------------------------------
+    async def start(self) -> list[str]:
+        check_exposure(self.opts)
+        where = []
+        if self.opts.unix:
+            path = self.opts.unix
+            if os.path.exists(path) and _is_stale_socket(path):
+                os.unlink(path)
+            srv = await asyncio.start_unix_server(self._client, path=path, limit=self.opts.max_line)
+            os.chmod(path, 0o600)  # the owner only; the file mode is the access control here
+            self._servers.append(srv)
+            where.append(f"unix:{path}")
+        if self.opts.host:
+            srv = await asyncio.start_server(self._client, self.opts.host, self.opts.port,
+                                             limit=self.opts.max_line, reuse_address=True)
+            self._servers.append(srv)
+            for s in srv.sockets:
+                host, port = s.getsockname()[:2]
+                where.append(f"{host}:{port}")
+        return where
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish within the drain
+        timeout, cancel the rest, close every connection."""
+        self._stopping = True
+        for srv in self._servers:
+            srv.close()
+        if self._requests:
+            _, pending = await asyncio.wait(set(self._requests), timeout=self.opts.drain_timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for t in set(self._connections):
+            t.cancel()
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=5)
+        if self.opts.unix and os.path.exists(self.opts.unix):
+            os.unlink(self.opts.unix)
+
+    # -- one connection ---------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        conn = _Connection(self, reader, writer)
+        try:
+            await conn.run()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            await conn.close()
+            self._connections.discard(task)
+
+
+class _Connection:
+    def __init__(self, server: Server, reader, writer):
+        self.server, self.reader, self.writer = server, reader, writer
+        self.engine = server.engine
+        self.inflight: dict = {}           # request id → task
+        self._write_lock = asyncio.Lock()
+        self.closed = False
+
+    async def send(self, obj: dict) -> None:
+        if self.closed:
+            return
+        async with self._write_lock:
+            self.writer.write(encode(obj))
+            await self.writer.drain()
+
+    async def close(self) -> None:
+        self.closed = True
+        for t in list(self.inflight.values()):
+            t.cancel()  # a client gone mid-stream: its sequences are freed
+        if self.inflight:
+            await asyncio.wait(list(self.inflight.values()), timeout=5)
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (ConnectionError, asyncio.TimeoutError, OSError):
+            pass
+
+    async def read_line(self) -> bytes | None:
+        """The next line, None at end of input; raises ProtocolError for
+        a line over the limit (after skipping the rest of it)."""
+        idle = self.server.opts.idle_timeout
+        while True:
+            try:
+                return await asyncio.wait_for(self.reader.readuntil(b"\n"), idle)
+            except asyncio.TimeoutError:
+                if self.inflight:
+                    continue
+                await self.send(error_event(None, "bad_request",
+                                            f"idle for {idle:g} s with nothing in flight; closing"))
+                return None
+            except asyncio.IncompleteReadError as e:
+                return e.partial or None
+            except asyncio.LimitOverrunError:
+                await self._skip_long_line()
+                raise ProtocolError("line_too_long",
+                                    f"a request line may be at most {self.server.opts.max_line:,} bytes")
+
+    async def _skip_long_line(self) -> None:
+        while True:
+            try:
+                await self.reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self.reader.readexactly(e.consumed)
+            except asyncio.IncompleteReadError:
+                return
+
+    async def run(self) -> None:
+        first = True
+        while not self.closed:
+            try:
+                line = await self.read_line()
+            except ProtocolError as e:
+                await self.send(e.event())
+                continue
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            if first and protocol.looks_like_http(line):
+                await self.send(error_event(None, "http", "this port speaks JSON lines, one object per line; "
+                                                          "see docs/protocol.md"))
+                return
+            first = False
+            try:
+                call = protocol.parse(line, n_ctx=self.engine.n_ctx)
+                self.authorize(call)
+                await self.dispatch(call)
+            except ProtocolError as e:
+                await self.send(e.event())
+
+    def authorize(self, call: Call) -> None:
+        want = self.server.opts.token
+        if want is None:
+            return
+        if call.token is None or not hmac.compare_digest(call.token.encode(), want.encode()):
+            raise ProtocolError("unauthorized", "this server needs the right token in each request's "
+                                                '"token" field', call.id)
+
+    async def dispatch(self, call: Call) -> None:
+        if call.op in protocol.GENERATING_OPS:
+            if self.server._stopping:
+                raise ProtocolError("shutting_down", "the server is stopping; no new requests", call.id)
+            if call.id in self.inflight:
+                raise ProtocolError("duplicate_id", f"request {call.id!r} is still running", call.id)
+            if call.model is not None and call.model != self.engine.name:
+                raise ProtocolError("not_found", f"this server runs {self.engine.name}, not {call.model}",
+                                    call.id)
+            task = asyncio.create_task(self.generate(call))
+            self.inflight[call.id] = task
+            self.server._requests.add(task)
+            task.add_done_callback(lambda t, rid=call.id: self._done(rid, t))
+            return
+        if call.op == "cancel":
+            task = self.inflight.get(call.target)
+            if task is not None:
+                task.cancel()
+            await self.send({"id": call.id, "event": "result", "cancelled": task is not None})
+        elif call.op == "health":
+            await self.send({"id": call.id, "event": "result", "status": "ok", "model": self.engine.name,
+                             "uptime_s": round(time.time() - self.server.started, 1)})
+        elif call.op == "stats":
+            await self.send({"id": call.id, "event": "result", **self.engine.status()})
+        elif call.op == "models":
+            await self.send({"id": call.id, "event": "result", "loaded": self.engine.name,
+                             "models": self.server_models()})
+
+    def _done(self, rid, task: asyncio.Task) -> None:
+        if self.inflight.get(rid) is task:
+            del self.inflight[rid]
+        self.server._requests.discard(task)
+
+    def server_models(self) -> list[dict]:
+        out = [{"name": self.engine.name, "loaded": True, "n_ctx": self.engine.n_ctx}]
+        store = self.server.store
+        if store is not None:
+            try:
+                for m in store.list():
+                    if m.ref != self.engine.name:
+                        out.append({"name": m.ref, "loaded": False})
+            except EdgeinferError:
+                pass
+        return out
+
+    async def generate(self, call: Call) -> None:
+        rid = call.id
+        engine = self.engine
+        try:
+            if call.op == "generate":
+                tokens = await asyncio.to_thread(engine.tokenize, call.prompt)
+            else:
+                tokens = await asyncio.to_thread(engine.chat_tokens, call.messages)
+            parts = []
+            async for ev in engine.astream_tokens(tokens, **call.gen, **call.sampling):
+                if isinstance(ev, DoneEvent):
+                    done = {"id": rid, "event": "done", "finish_reason": ev.stats.finish_reason,
+                            "stats": ev.stats.to_dict()}
+                    if not call.stream:
+                        done["text"] = "".join(parts)
+                    await self.send(done)
+                elif ev.text:
+                    if call.stream:
+                        await self.send({"id": rid, "event": "token", "text": ev.text})
+                    else:
+                        parts.append(ev.text)
+        except asyncio.CancelledError:
+            # Cancelled by "cancel", a drain timeout or the connection going:
+            # tell a client that is still there.
+            if not self.closed:
+                try:
+                    await asyncio.shield(self.send({"id": rid, "event": "done", "finish_reason": "cancelled",
+                                                    "stats": {}}))
+                except Exception:
+                    pass
+            raise
+        except ContextOverflowError as e:
+            await self.send(error_event(rid, "context_overflow", e.one_line()))
+        except EngineBusyError as e:
+            await self.send(error_event(rid, "busy", e.one_line()))
+        except EdgeinferError as e:
+            await self.send(error_event(rid, "bad_request", e.one_line()))
+        except (ConnectionError, RuntimeError):
+            pass
+        except Exception as e:
+            log.exception("request %r failed", rid)
+            await self.send(error_event(rid, "internal", f"{type(e).__name__}: {e}"))
+
+
+def _is_stale_socket(path: str) -> bool:
+    """A socket file nobody listens on (left by a crash) may be replaced."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+async def serve_forever(server: Server, ready=None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    where = await server.start()
+    if ready is not None:
+        ready(where)
+    await stop.wait()
+    await server.stop()

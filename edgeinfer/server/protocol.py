@@ -1,0 +1,200 @@
+"""The JSON-lines protocol: one JSON object per line each way, UTF-8.
+
+Requests carry an ``id`` and an ``op``; every reply carries the request's
+``id`` and an ``event``. This module only parses and checks: it turns a
+line into a :class:`Call` or raises :class:`ProtocolError` with the code
+and message the client will see. docs/protocol.md describes the wire
+format with examples.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..sampling import OPTIONS
+
+OPS = ("generate", "chat", "cancel", "models", "health", "stats")
+GENERATING_OPS = ("generate", "chat")
+MAX_ID = 128            # characters in a request id
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 4096
+
+# Sampling options a request may set, with the range each must fall in.
+RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 10.0),
+    "top_k": (0, 1_000_000),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "repeat_penalty": (0.0, 10.0),
+    "repeat_last_n": (-1, 1_000_000),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+    "dry_multiplier": (0.0, 10.0),
+    "dry_base": (1.0, 10.0),
+    "dry_allowed_length": (0, 1_000_000),
+    "dry_last_n": (-1, 1_000_000),
+}
+assert set(RANGES) == set(OPTIONS)
+
+# Error codes a client may see, and what each means.
+CODES = {
+    "bad_json": "the line is not a JSON object",
+    "bad_request": "a field is missing, has the wrong type or is out of range",
+    "unknown_op": "op is not one of " + ", ".join(OPS),
+    "line_too_long": "the line is longer than the server accepts",
+    "duplicate_id": "a request with this id is still running on this connection",
+    "unauthorized": "the token is missing or wrong",
+    "context_overflow": "the prompt does not fit in the context",
+    "busy": "every sequence is taken and the queue is full; retry later",
+    "not_found": "the model or request named is not here",
+    "http": "this port speaks JSON lines, not HTTP",
+    "shutting_down": "the server is stopping",
+    "internal": "the server failed; the connection stays usable",
+}
+
+
+class ProtocolError(Exception):
+    """A request the server answers with an ``error`` event."""
+
+    def __init__(self, code: str, message: str, request_id=None):
+        super().__init__(message)
+        assert code in CODES, code
+        self.code = code
+        self.request_id = request_id
+
+    def event(self) -> dict:
+        return error_event(self.request_id, self.code, str(self))
+
+
+@dataclass
+class Call:
+    """A checked request."""
+
+    id: str | int | None
+    op: str
+    token: str | None = None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    target: str | int | None = None
+    model: str | None = None
+    stream: bool = True
+    gen: dict = field(default_factory=dict)       # max_tokens, stop, seed
+    sampling: dict = field(default_factory=dict)
+
+
+def error_event(request_id, code: str, message: str) -> dict:
+    return {"id": request_id, "event": "error", "code": code, "message": message}
+
+
+def encode(obj: dict) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+_HTTP_REQUEST_LINE = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/\d")
+
+
+def looks_like_http(line: bytes) -> bool:
+    """An HTTP request line, as a browser or curl would send first."""
+    return bool(_HTTP_REQUEST_LINE.match(line[:2048]))
+
+
+def parse(line: bytes, *, n_ctx: int) -> Call:
+    """One request line to a Call; raises ProtocolError."""
+    try:
+        obj = json.loads(line)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError("bad_json", f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", "a request is a JSON object, as in "
+                                        '{"id": "r1", "op": "generate", "prompt": "Hello"}')
+    rid = obj.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int)) or
+                            (isinstance(rid, str) and len(rid) > MAX_ID)):
+        raise ProtocolError("bad_request", f"id must be a string of at most {MAX_ID} characters or an integer")
+
+    def bad(message: str):
+        return ProtocolError("bad_request", message, rid)
+
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise bad('op is required, e.g. "op": "generate"')
+    if op not in OPS:
+        raise ProtocolError("unknown_op", f"unknown op {op[:40]!r}: use one of {', '.join(OPS)}", rid)
+    token = obj.get("token")
+    if token is not None and not isinstance(token, str):
+        raise bad("token must be a string")
+    call = Call(id=rid, op=op, token=token)
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("model must be a string")
+    call.model = model
+    if op == "cancel":
+        target = obj.get("target")
+        if isinstance(target, bool) or not isinstance(target, (str, int)):
+            raise bad("cancel needs target: the id of a request on this connection")
+        call.target = target
+        return call
+    if op not in GENERATING_OPS:
+        return call
+    if rid is None:
+        raise bad(f"{op} needs an id, so its events can be told apart")
+    if op == "generate":
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad("generate needs prompt: a string")
+        call.prompt = prompt
+    else:
+        call.messages = _messages(obj.get("messages"), bad)
+    stream = obj.get("stream", True)
+    if not isinstance(stream, bool):
+        raise bad("stream must be true or false")
+    call.stream = stream
+    max_tokens = obj.get("max_tokens", 256)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= n_ctx:
+        raise bad(f"max_tokens must be an integer from 1 to {n_ctx} (the context size)")
+    call.gen["max_tokens"] = max_tokens
+    stop = obj.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise bad(f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings "
+                  f"of at most {MAX_STOP_CHARS} characters")
+    call.gen["stop"] = stop
+    seed = obj.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32):
+        raise bad("seed must be an integer from 0 to 4294967295")
+    call.gen["seed"] = seed
+    for name, (lo, hi) in RANGES.items():
+        if name not in obj or obj[name] is None:
+            continue
+        v = obj[name]
+        kind = OPTIONS[name][0]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) \
+                or not lo <= v <= hi:
+            what = "an integer" if kind is int else "a number"
+            raise bad(f"{name} must be {what} from {lo:g} to {hi:g}")
+        call.sampling[name] = kind(v)
+    known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed",
+             *RANGES}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
+    return call
+
+
+def _messages(messages, bad) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise bad('chat needs messages: a list of {"role": ..., "content": ...}')
+    if len(messages) > MAX_MESSAGES:
+        raise bad(f"at most {MAX_MESSAGES} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                not isinstance(m.get("content"), str):
+            raise bad(f"messages[{i}] needs a role (system, user or assistant) and string content")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
