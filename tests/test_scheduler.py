@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from edgeinfer.engine import DoneEvent, Engine, TextEvent
+from edgeinfer.engine import DoneEvent, Engine
 from edgeinfer.errors import ContextOverflowError, EngineBusyError
 from edgeinfer.prompt_cache import PromptCache
 
