@@ -41,7 +41,12 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
 from .sampling import StopMatcher, repeating, sampler_chain
 
-DEFAULT_PREFILL_CHUNK = 128   # prompt tokens per step while other streams decode
+# While other streams decode, a step carries as many prompt tokens as this
+# machine prefills in GAP_TARGET seconds (measured as steps run), so a long
+# new prompt delays each running stream's next token by about that much.
+GAP_TARGET = 0.2
+MIN_CHUNK = 16
+FIRST_CHUNK = 64              # until a prefill step has been timed
 DEFAULT_QUEUE = 64            # requests that may wait for a slot
 STALL_EVENTS = 256            # undelivered events after which a sequence waits for its reader
 
@@ -117,13 +122,14 @@ class Scheduler:
     """Runs every generation of one Engine on one thread."""
 
     def __init__(self, engine, *, n_seq: int, queue_limit: int = DEFAULT_QUEUE,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
         # A proxy, so that an Engine nobody holds any more is still
         # collected (its __del__ stops this thread, then frees the context).
         self.engine = weakref.proxy(engine)
         self.n_seq = n_seq
         self.queue_limit = max(0, int(queue_limit))
-        self.prefill_chunk = max(1, int(prefill_chunk))
+        self.fixed_chunk = int(prefill_chunk) if prefill_chunk else None  # None: sized by measurement
+        self._prefill_tps = 0.0
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._calls: collections.deque = collections.deque()
@@ -218,7 +224,17 @@ class Scheduler:
             "steps_by_sequences": dict(sorted(self.steps_by_size.items())),
             "generated_tokens": self.counters["generated"], "prefill_tokens": self.counters["prefilled"],
             "decode_tps": round(tps, 2), "prefill_chunk": self.prefill_chunk,
+            "prefill_chunk_source": "given" if self.fixed_chunk else "measured",
         }
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per step while other sequences decode."""
+        if self.fixed_chunk:
+            return max(1, self.fixed_chunk)
+        if not self._prefill_tps:
+            return FIRST_CHUNK
+        return int(max(MIN_CHUNK, min(self.engine.n_batch, self._prefill_tps * GAP_TARGET)))
 
     def should_abort(self) -> bool:
         """Polled by llama.cpp during a multi-token step (the abort callback)."""
@@ -322,6 +338,12 @@ class Scheduler:
         t0 = time.perf_counter()
         self._make_room(seq, r.reserve)
         n = eng.reuse_prefix(r.tokens, seq, busy=list(self._running))
+        # What finished sequences left in the cache would widen every step's
+        # attention (it spans all used cells), so only the KV of running
+        # sequences stays; the prompt cache keeps what is worth keeping.
+        for s in range(self.n_seq):
+            if s != seq and s not in self._running and eng._kv_tokens[s]:
+                eng._kv_clear(s)
         r.stats = Stats(prompt_tokens=len(r.tokens), cached_tokens=n, native=eng.native.setting)
         self.counters["requests"] += 1
         self.counters["cache_hits"] += n > 0
@@ -356,13 +378,15 @@ class Scheduler:
         limit = min(eng.n_batch - len(decoding), self.prefill_chunk if decoding else eng.n_batch)
         while True:
             plan = self._plan(decoding, prefilling, limit)
+            t_step = time.perf_counter()
             rc = self._decode(plan)
             if rc != 1:
                 break
             # No room in the KV cache for this batch (llama.cpp restored it):
             # retry with less prefill, then end the youngest stream.
-            if any(len(toks) > 1 or not run.prefilled for run, toks, _ in plan) and limit > 1:
-                limit //= 2
+            in_prefill = sum(len(toks) for run, toks, _ in plan if not run.prefilled)
+            if in_prefill > 1:
+                limit = in_prefill // 2
                 continue
             if prefilling:
                 prefilling = []
@@ -385,6 +409,10 @@ class Scheduler:
             return
         now = time.perf_counter()
         n_seqs = len(plan)
+        n_tokens = sum(len(toks) for _, toks, _ in plan)
+        if n_tokens >= 32:  # a prefill step: how fast this machine takes prompt tokens
+            tps = n_tokens / max(now - t_step, 1e-6)
+            self._prefill_tps = tps if not self._prefill_tps else 0.7 * self._prefill_tps + 0.3 * tps
         self.counters["steps"] += 1
         self.steps_by_size[n_seqs] += 1
         self.max_sequences_in_step = max(self.max_sequences_in_step, n_seqs)
@@ -495,6 +523,8 @@ class Scheduler:
 
     def _release(self, run: _Running) -> None:
         self._running.pop(run.seq, None)
+        if not self.engine.reuse_kv:
+            self.engine._kv_clear(run.seq)
         self._idle_since[run.seq] = time.perf_counter()
         lc.llama_sampler_free(run.chain)
         run.req.finished = True

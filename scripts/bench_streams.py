@@ -132,8 +132,11 @@ def gap_during_long_prompt(engine: Engine, n_prompt: int, rng: random.Random) ->
             "prefill_s": round(window["end"] - window["start"], 2)}
 
 
-def batched_bench(binary: str, model, threads: int, npp: int, ntg: int, npl: list[int], extra: list[str]):
+def batched_bench(binary: str, model, threads: int, npp: int, ntg: int, npl: list[int], extra: list[str],
+                  flash_attn: bool = False):
+    # -fa is explicit: the tool's own default is "auto", which is on for CPUs
     cmd = [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", "4096", "-b", "512",
+           "-fa", "on" if flash_attn else "off",
            "-ub", "512", "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)), "-kvu", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
         import shlex
 
         theirs, cmd = batched_bench(args.batched_bench, path, args.threads, args.npp, args.ntg, npl,
-                                    shlex.split(args.batched_bench_args))
+                                    shlex.split(args.batched_bench_args), args.flash_attn)
         report["llama_batched_bench_tps"] = theirs
         report["llama_batched_bench_cmd"] = " ".join(map(str, cmd))
     if args.json:

@@ -284,3 +284,27 @@ def test_a_sequence_after_another_in_one_batch_gets_its_own_logits(tiny_model):
     with Engine(tiny_model, n_ctx=4096, threads=1, n_seq_max=2, prompt_cache=False) as e:
         shifts = logit_shifts(e, "The weather was mild and the market was full of people")
     assert max(shifts.values()) < 1e-4, shifts
+
+
+def test_no_room_for_a_batch_retries_smaller_instead_of_failing(tiny_model, monkeypatch):
+    """llama_decode returns 1 when the KV cache has no room for a batch (and
+    restores it). Injected here for every batch over 8 tokens, the first
+    few times: the step retries with less prefill, and nobody fails."""
+    import llama_cpp as lc
+
+    real = lc.llama_decode
+    refused = []
+
+    def decode(ctx, batch):
+        if batch.n_tokens > 8 and len(refused) < 5:
+            refused.append(batch.n_tokens)
+            return 1
+        return real(ctx, batch)
+
+    with Engine(tiny_model, n_ctx=4096, threads=1, n_seq_max=4, prompt_cache=False, stop_on_repeat=False) as e:
+        expected = [collect(e, p, max_tokens=20, **GREEDY)[1].stats.generated_tokens for p in PROMPTS[:3]]
+        monkeypatch.setattr(lc, "llama_decode", decode)
+        done = concurrently([lambda p=p: collect(e, p, max_tokens=20, **GREEDY)[1] for p in PROMPTS[:3]])
+    assert len(refused) >= 2 and refused[-1] < refused[0]  # retried with smaller batches
+    assert [d.stats.generated_tokens for d in done] == expected
+    assert all(d.stats.finish_reason in ("length", "stop") for d in done)
