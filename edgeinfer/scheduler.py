@@ -431,6 +431,9 @@ class Scheduler:
             if run.req.cancelled():
                 self._finish(run, "cancelled")
                 continue
+            if run.req.max_tokens <= 0:  # a prefill only (benchmarks, cache warming)
+                self._finish(run, "length")
+                continue
             made += self._sample(run, idx)
         self.counters["generated"] += made
         self._recent.append((time.perf_counter(), made))

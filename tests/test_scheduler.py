@@ -308,3 +308,9 @@ def test_no_room_for_a_batch_retries_smaller_instead_of_failing(tiny_model, monk
     assert len(refused) >= 2 and refused[-1] < refused[0]  # retried with smaller batches
     assert [d.stats.generated_tokens for d in done] == expected
     assert all(d.stats.finish_reason in ("length", "stop") for d in done)
+
+
+def test_max_tokens_0_prefills_and_generates_nothing(engine):
+    events = list(engine.stream("The weather was mild", max_tokens=0))
+    assert len(events) == 1 and events[0].stats.generated_tokens == 0
+    assert events[0].stats.finish_reason == "length" and events[0].stats.prefill_tps > 0
