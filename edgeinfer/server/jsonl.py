@@ -276,6 +276,9 @@ class _Connection:
                             "stats": ev.stats.to_dict()}
                     if not call.stream:
                         done["text"] = "".join(parts)
+                    st = ev.stats
+                    log.info("%s %r: %d+%d tokens (%d cached), %s, %.2f s", call.op, rid, st.prompt_tokens,
+                             st.generated_tokens, st.cached_tokens, st.finish_reason, st.total_s)
                     await self.send(done)
                 elif ev.text:
                     if call.stream:
