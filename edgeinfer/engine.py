@@ -411,7 +411,14 @@ class Engine(SequenceKV):
         return 0
 
     # -- generation --------------------------------------------------------
-    def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink) -> Request:
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary."""
+        if getattr(self, "_eog", None) is None:
+            self._eog = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
+        return self._eog
+
+    def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
+                 ignore_eos: bool = False) -> Request:
         self._check_open()
         if not tokens:
             tokens = [lc.llama_vocab_bos(self._vocab)]
@@ -421,18 +428,20 @@ class Engine(SequenceKV):
         opts = {**self.sampling, **check_options({k: v for k, v in sampling.items() if v is not None})}
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
-                       cancel_event=cancel, admit_timeout=self.lock_timeout)
+                       cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos))
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
-                      **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      ignore_eos: bool = False, **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
         (even before it starts), where :meth:`cancel` stops all of them.
-        Leaving the loop early cancels the request too."""
+        Leaving the loop early cancels the request too. ``ignore_eos``
+        runs to max_tokens (for benchmarks): end-of-generation tokens are
+        never drawn and a loop does not end the stream."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put)
+        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos)
         self._scheduler.submit(req)
         done = False
         item = None
@@ -463,7 +472,7 @@ class Engine(SequenceKV):
 
     async def astream_tokens(self, tokens: list[int], *, max_tokens: int = 256,
                              stop: Iterable[str] | str = (), seed: int | None = None,
-                             cancel: threading.Event | None = None, **sampling):
+                             cancel: threading.Event | None = None, ignore_eos: bool = False, **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
         leaving the loop, cancels the request."""
@@ -472,7 +481,7 @@ class Engine(SequenceKV):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling,
-                            lambda item: loop.call_soon_threadsafe(events.put_nowait, item))
+                            lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos)
         self._scheduler.submit(req)
         done = False
         try:

@@ -46,14 +46,19 @@ def check_options(opts: dict, where: str = "sampling") -> dict:
     return out
 
 
-def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096, **opts):
+def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
+                  banned: tuple[int, ...] = (), **opts):
     """llama.cpp's native sampler chain; greedy when temperature <= 0.
 
     Order as in llama.cpp's own: penalties, DRY, top-k, top-p, min-p,
-    temperature, then the draw."""
+    temperature, then the draw. ``banned`` tokens are never drawn (a logit
+    bias of -inf, first in the chain)."""
     o = {**DEFAULTS, **opts}
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
+    if banned:
+        biases = (lc.llama_logit_bias * len(banned))(*((t, float("-inf")) for t in banned))
+        add(lc.llama_sampler_init_logit_bias(n_vocab, len(banned), biases))
     if (o["repeat_penalty"] != 1.0 or o["frequency_penalty"] or o["presence_penalty"]) and o["repeat_last_n"]:
         last_n = n_ctx if o["repeat_last_n"] < 0 else o["repeat_last_n"]
         add(lc.llama_sampler_init_penalties(n_vocab, last_n, o["repeat_penalty"],

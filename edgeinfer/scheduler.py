@@ -78,6 +78,7 @@ class Request:
     sink: Callable[[object], None]
     cancel_event: threading.Event | None = None   # the caller's own
     admit_timeout: float | None = None            # None: wait for a slot forever
+    ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
     id: int = field(default_factory=lambda: next(_ids))
     consumed: int = 0
     # set by the scheduler
@@ -347,7 +348,8 @@ class Scheduler:
         r.stats = Stats(prompt_tokens=len(r.tokens), cached_tokens=n, native=eng.native.setting)
         self.counters["requests"] += 1
         self.counters["cache_hits"] += n > 0
-        chain = sampler_chain(r.seed, n_vocab=eng.n_vocab, vocab=eng._vocab, n_ctx=eng.n_ctx, **r.options)
+        chain = sampler_chain(r.seed, n_vocab=eng.n_vocab, vocab=eng._vocab, n_ctx=eng.n_ctx,
+                              banned=eng.eog_tokens() if r.ignore_eos else (), **r.options)
         r.seq = seq
         eng.last_seq = seq
         self._running[seq] = _Running(r, seq, n, chain, t0)
@@ -508,7 +510,8 @@ class Scheduler:
             self._finish(run, "stop", hit_stop_string=True)
         elif len(eng._kv_tokens[run.seq]) >= eng.n_ctx:
             self._finish(run, "length")  # the context is full: end cleanly
-        elif eng.stop_on_repeat and len(run.generated) % 8 == 0 and repeating(run.generated):
+        elif eng.stop_on_repeat and not req.ignore_eos and len(run.generated) % 8 == 0 \
+                and repeating(run.generated):
             self._finish(run, "repetition")  # stuck in a loop: say so rather than run on
         elif stats.generated_tokens >= req.max_tokens:
             self._finish(run, "length")

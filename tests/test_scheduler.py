@@ -314,3 +314,13 @@ def test_max_tokens_0_prefills_and_generates_nothing(engine):
     events = list(engine.stream("The weather was mild", max_tokens=0))
     assert len(events) == 1 and events[0].stats.generated_tokens == 0
     assert events[0].stats.finish_reason == "length" and events[0].stats.prefill_tps > 0
+
+
+def test_ignore_eos_runs_to_max_tokens(engine):
+    eog = set(engine.eog_tokens())
+    assert eog
+    for seed in range(5):
+        tokens, done = collect(engine, "The weather was", max_tokens=150, seed=seed, ignore_eos=True,
+                               temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+        assert done.stats.generated_tokens == 150 and done.stats.finish_reason == "length"
+        assert not eog & set(tokens)

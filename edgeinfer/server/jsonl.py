@@ -10,6 +10,7 @@ their sequences within one step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -270,21 +271,24 @@ class _Connection:
             else:
                 tokens = await asyncio.to_thread(engine.chat_tokens, call.messages)
             parts = []
-            async for ev in engine.astream_tokens(tokens, **call.gen, **call.sampling):
-                if isinstance(ev, DoneEvent):
-                    done = {"id": rid, "event": "done", "finish_reason": ev.stats.finish_reason,
-                            "stats": ev.stats.to_dict()}
-                    if not call.stream:
-                        done["text"] = "".join(parts)
-                    st = ev.stats
-                    log.info("%s %r: %d+%d tokens (%d cached), %s, %.2f s", call.op, rid, st.prompt_tokens,
-                             st.generated_tokens, st.cached_tokens, st.finish_reason, st.total_s)
-                    await self.send(done)
-                elif ev.text:
-                    if call.stream:
-                        await self.send({"id": rid, "event": "token", "text": ev.text})
-                    else:
-                        parts.append(ev.text)
+            # aclosing: however the loop ends (a write to a closed socket
+            # raises here), the stream is closed, which cancels its sequence.
+            async with contextlib.aclosing(engine.astream_tokens(tokens, **call.gen, **call.sampling)) as events:
+                async for ev in events:
+                    if isinstance(ev, DoneEvent):
+                        done = {"id": rid, "event": "done", "finish_reason": ev.stats.finish_reason,
+                                "stats": ev.stats.to_dict()}
+                        if not call.stream:
+                            done["text"] = "".join(parts)
+                        st = ev.stats
+                        log.info("%s %r: %d+%d tokens (%d cached), %s, %.2f s", call.op, rid, st.prompt_tokens,
+                                 st.generated_tokens, st.cached_tokens, st.finish_reason, st.total_s)
+                        await self.send(done)
+                    elif ev.text:
+                        if call.stream:
+                            await self.send({"id": rid, "event": "token", "text": ev.text})
+                        else:
+                            parts.append(ev.text)
         except asyncio.CancelledError:
             # Cancelled by "cancel", a drain timeout or the connection going:
             # tell a client that is still there.

@@ -168,6 +168,10 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32):
         raise bad("seed must be an integer from 0 to 4294967295")
     call.gen["seed"] = seed
+    ignore_eos = obj.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos must be true or false")
+    call.gen["ignore_eos"] = ignore_eos
     for name, (lo, hi) in RANGES.items():
         if name not in obj or obj[name] is None:
             continue
@@ -178,7 +182,7 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
             what = "an integer" if kind is int else "a number"
             raise bad(f"{name} must be {what} from {lo:g} to {hi:g}")
         call.sampling[name] = kind(v)
-    known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed",
+    known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed", "ignore_eos",
              *RANGES}
     unknown = sorted(set(obj) - known)
     if unknown:
