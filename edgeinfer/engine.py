@@ -39,6 +39,14 @@ from .scheduler import DEFAULT_QUEUE, Request, Scheduler, default_parallel, new_
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
 
 
+def _take(req: Request, item) -> bool:
+    """Count ``item`` as read; raise it if it is an error; True if it ends the stream."""
+    req.consumed += 1
+    if isinstance(item, BaseException):
+        raise item
+    return isinstance(item, DoneEvent)
+
+
 async def _until_done(events) -> None:
     while not isinstance(await events.get(), (DoneEvent, BaseException)):
         pass
@@ -446,17 +454,11 @@ class Engine(SequenceKV):
         done = False
         item = None
         try:
-            while True:
+            while not done:
                 item = events.get()
-                req.consumed += 1
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                if isinstance(item, DoneEvent):
-                    done = True
+                done = isinstance(item, BaseException)  # an error ends the stream too
+                done = _take(req, item)
                 yield item
-                if done:
-                    return
         finally:
             if not done:
                 # Cancelled by the reader: wait (within a step or two) for the
@@ -485,17 +487,11 @@ class Engine(SequenceKV):
         self._scheduler.submit(req)
         done = False
         try:
-            while True:
+            while not done:
                 item = await events.get()
-                req.consumed += 1
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                if isinstance(item, DoneEvent):
-                    done = True
+                done = isinstance(item, BaseException)  # an error ends the stream too
+                done = _take(req, item)
                 yield item
-                if done:
-                    return
         finally:
             if not done:
                 req.cancel()

@@ -8,8 +8,6 @@ run there between steps.
 from __future__ import annotations
 
 import ctypes
-from typing import Iterable
-
 import llama_cpp as lc
 
 from .prompt_cache import common_prefix
@@ -94,7 +92,7 @@ class SequenceKV:
                                         not self._kv_tokens[s], -idle_since.get(s, 0.0)))
         return best
 
-    def reuse_prefix(self, tokens: list[int], seq: int, busy: Iterable[int] = ()) -> int:
+    def reuse_prefix(self, tokens: list[int], seq: int) -> int:
         """Make ``seq`` hold the longest reusable prefix of ``tokens``: its
         own KV, another sequence's (copied by llama_memory_seq_cp, which
         shares the cells), or the prompt cache's memory and disk tiers.

@@ -37,6 +37,7 @@ from typing import Callable
 
 import llama_cpp as lc
 
+from . import hardware
 from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
 from .sampling import StopMatcher, repeating, sampler_chain
@@ -337,8 +338,7 @@ class Scheduler:
         free = [s for s in range(self.n_seq) if s not in self._running]
         seq = eng.choose_slot(r.tokens, free, self._idle_since)
         t0 = time.perf_counter()
-        self._make_room(seq, r.reserve)
-        n = eng.reuse_prefix(r.tokens, seq, busy=list(self._running))
+        n = eng.reuse_prefix(r.tokens, seq)
         # What finished sequences left in the cache would widen every step's
         # attention (it spans all used cells), so only the KV of running
         # sequences stays; the prompt cache keeps what is worth keeping.
@@ -353,16 +353,6 @@ class Scheduler:
         r.seq = seq
         eng.last_seq = seq
         self._running[seq] = _Running(r, seq, n, chain, t0)
-
-    def _make_room(self, seq: int, need: int) -> None:
-        """Clear the cached KV of idle slots, least recently used first,
-        until the context holds what runs plus ``need``."""
-        eng = self.engine
-        used = lambda: sum(len(eng._kv_tokens[s]) for s in range(self.n_seq) if s != seq)  # noqa: E731
-        idle = sorted((s for s in range(self.n_seq) if s not in self._running and s != seq and
-                       eng._kv_tokens[s]), key=lambda s: self._idle_since[s])
-        while idle and used() + need > eng.n_ctx:
-            eng.kv_clear(idle.pop(0))
 
     # -- one step ---------------------------------------------------------
     def _step(self) -> None:
@@ -552,8 +542,6 @@ class Scheduler:
             stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - run.t_first, 1e-9)
         stats.finish_reason = reason
         stats.total_s = t_end - run.req.submitted
-        from . import hardware
-
         stats.cpu_temperature_c = hardware.cpu_temperature()  # a Pi slows down when hot
         self.engine.last_stats = stats
         self._release(run)
