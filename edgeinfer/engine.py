@@ -26,9 +26,11 @@ import llama_cpp as lc
 
 from . import hardware, selftest
 from . import native as _native
-from .errors import ContextOverflowError, EngineBusyError, EngineError, MemoryFitError
+from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, MemoryFitError
 from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
+from .grammar import check_grammar
+from .grammar import resolve as constrain
 from .events import DoneEvent, Stats, TextEvent
 from .kv import SequenceKV
 from .prompt_cache import PromptCache
@@ -426,8 +428,13 @@ class Engine(SequenceKV):
         return self._eog
 
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
-                 ignore_eos: bool = False) -> Request:
+                 ignore_eos: bool = False, json_schema=None, grammar: str | None = None) -> Request:
         self._check_open()
+        gbnf = constrain(json_schema, grammar)
+        if gbnf is not None:
+            if ignore_eos:
+                raise GrammarError("ignore_eos cannot be combined with a grammar: the grammar decides the end")
+            check_grammar(self._vocab, gbnf)
         if not tokens:
             tokens = [lc.llama_vocab_bos(self._vocab)]
         if len(tokens) >= self.n_ctx:
@@ -436,20 +443,28 @@ class Engine(SequenceKV):
         opts = {**self.sampling, **check_options({k: v for k, v in sampling.items() if v is not None})}
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
-                       cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos))
+                       cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
+                       grammar=gbnf)
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
-                      ignore_eos: bool = False, **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
+                      **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
         (even before it starts), where :meth:`cancel` stops all of them.
         Leaving the loop early cancels the request too. ``ignore_eos``
         runs to max_tokens (for benchmarks): end-of-generation tokens are
-        never drawn and a loop does not end the stream."""
+        never drawn and a loop does not end the stream.
+
+        ``json_schema`` (a dict or its JSON text; ``"json"`` for any JSON
+        object) or ``grammar`` (GBNF text) constrains the answer: it
+        parses, and follows the schema, unless max_tokens cuts it short.
+        A schema that cannot be converted raises GrammarError."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos)
+        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
+                            json_schema, grammar)
         self._scheduler.submit(req)
         done = False
         item = None
@@ -474,7 +489,8 @@ class Engine(SequenceKV):
 
     async def astream_tokens(self, tokens: list[int], *, max_tokens: int = 256,
                              stop: Iterable[str] | str = (), seed: int | None = None,
-                             cancel: threading.Event | None = None, ignore_eos: bool = False, **sampling):
+                             cancel: threading.Event | None = None, ignore_eos: bool = False,
+                             json_schema=None, grammar: str | None = None, **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
         leaving the loop, cancels the request."""
@@ -483,7 +499,8 @@ class Engine(SequenceKV):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling,
-                            lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos)
+                            lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
+                            json_schema, grammar)
         self._scheduler.submit(req)
         done = False
         try:

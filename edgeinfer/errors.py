@@ -24,6 +24,8 @@
     ├── QuantizeError                 quantize/convert refused or failed
     ├── CompareError (ValueError)     models that cannot be compared
     ├── TemplateError                 a chat template failed or was hostile
+    ├── GrammarError (ValueError)     a JSON schema or grammar that cannot
+    │                                 constrain generation
     ├── ServerConfigError (ValueError)
     │                                 a server that must not start as asked
     └── ServerError                   the server answered with an error
@@ -147,6 +149,13 @@ class TemplateError(EdgeinferError):
     """A chat template that failed to render or tried something unsafe."""
 
     hint = "pass a template of your own with chat_template=..., or use generate() with a plain prompt"
+
+
+class GrammarError(EdgeinferError, ValueError):
+    """A JSON schema the converter cannot turn into a grammar, or a GBNF
+    grammar llama.cpp cannot parse; the message says which part."""
+
+    hint = "simplify the schema (docs/python-api.md lists what converts), or pass grammar= in GBNF"
 
 
 class ServerConfigError(EdgeinferError, ValueError):

@@ -18,6 +18,7 @@ class Stats:
     prefill_tps: float = 0.0      # prompt tokens evaluated per second
     decode_tps: float = 0.0       # generated tokens per second after the first
     finish_reason: str = ""       # "stop", "length", "repetition" (stuck in a loop) or "cancelled"
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
     total_s: float = 0.0
     native: str = ""              # the native setting in force (see edgeinfer.native)
     cpu_temperature_c: float | None = None  # the hottest CPU sensor at the end, where readable

@@ -52,7 +52,8 @@ def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
 
     Order as in llama.cpp's own: penalties, DRY, top-k, top-p, min-p,
     temperature, then the draw. ``banned`` tokens are never drawn (a logit
-    bias of -inf, first in the chain)."""
+    bias of -inf, first in the chain). A grammar is not part of the
+    chain: see :class:`edgeinfer.grammar.GrammarGate`."""
     o = {**DEFAULTS, **opts}
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
@@ -114,6 +115,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.keep = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
+        self.hit: str | None = None   # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, stopped)."""
@@ -121,9 +123,10 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            out, self.pending = self.pending[:min(hits)], ""
+            i, self.hit = min(hits)
+            out, self.pending = self.pending[:i], ""
             return out, True
         cut = max(0, len(self.pending) - self.keep)
         # keep back only a tail that is a prefix of some stop string

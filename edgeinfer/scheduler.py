@@ -40,6 +40,7 @@ import llama_cpp as lc
 from . import hardware
 from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
+from .grammar import GrammarGate
 from .sampling import StopMatcher, repeating, sampler_chain
 
 # While other streams decode, a step carries as many prompt tokens as this
@@ -80,6 +81,7 @@ class Request:
     cancel_event: threading.Event | None = None   # the caller's own
     admit_timeout: float | None = None            # None: wait for a slot forever
     ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
+    grammar: str | None = None                    # GBNF the answer must follow
     id: int = field(default_factory=lambda: next(_ids))
     consumed: int = 0
     # set by the scheduler
@@ -104,11 +106,12 @@ class _Running:
     """A request in a sequence slot: what is left to evaluate, its sampler
     and the text state between steps."""
 
-    __slots__ = ("req", "seq", "pending", "chain", "utf8", "matcher", "generated", "pending_ids",
+    __slots__ = ("req", "seq", "pending", "chain", "gate", "utf8", "matcher", "generated", "pending_ids",
                  "t0", "t_first", "stats", "prefilled", "n_cached")
 
     def __init__(self, req: Request, seq: int, n_cached: int, chain, t0: float):
         self.req, self.seq, self.chain, self.t0 = req, seq, chain, t0
+        self.gate = None   # a GrammarGate when the request has a grammar
         self.pending = req.tokens[n_cached:]   # tokens still to evaluate
         self.n_cached = n_cached
         self.prefilled = False
@@ -352,7 +355,14 @@ class Scheduler:
                               banned=eng.eog_tokens() if r.ignore_eos else (), **r.options)
         r.seq = seq
         eng.last_seq = seq
-        self._running[seq] = _Running(r, seq, n, chain, t0)
+        run = _Running(r, seq, n, chain, t0)
+        if r.grammar is not None:
+            try:
+                run.gate = GrammarGate(eng._vocab, r.grammar, eng.n_vocab)
+            except BaseException:
+                lc.llama_sampler_free(chain)
+                raise
+        self._running[seq] = run
 
     # -- one step ---------------------------------------------------------
     def _step(self) -> None:
@@ -482,7 +492,13 @@ class Scheduler:
         """Sample the next token of ``run`` at batch row ``idx``; emit text;
         finish it if it ended. Returns 1 if a token was generated."""
         eng, req, stats = self.engine, run.req, run.stats
-        tok = lc.llama_sampler_sample(run.chain, eng._ctx, idx)
+        if run.gate is None:
+            tok = lc.llama_sampler_sample(run.chain, eng._ctx, idx)
+        else:
+            tok = run.gate.sample(run.chain, eng._ctx, idx, eng.is_eog)
+            if tok < 0:  # the grammar allows nothing more
+                self._finish(run, "stop")
+                return 0
         if run.t_first is None:
             run.t_first = time.perf_counter()
             stats.ttft_s = run.t_first - req.submitted
@@ -523,6 +539,8 @@ class Scheduler:
             self.engine._kv_clear(run.seq)
         self._idle_since[run.seq] = time.perf_counter()
         lc.llama_sampler_free(run.chain)
+        if run.gate is not None:
+            run.gate.free()
         run.req.finished = True
         with self._cond:
             self._cond.notify()
@@ -541,6 +559,8 @@ class Scheduler:
         if run.t_first is not None and stats.generated_tokens > 1:
             stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - run.t_first, 1e-9)
         stats.finish_reason = reason
+        if hit_stop_string:
+            stats.stop_sequence = run.matcher.hit
         stats.total_s = t_end - run.req.submitted
         stats.cpu_temperature_c = hardware.cpu_temperature()  # a Pi slows down when hot
         self.engine.last_stats = stats

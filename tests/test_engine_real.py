@@ -71,3 +71,20 @@ def test_second_turn_from_the_cache_matches_a_fresh_engine(engine, real_model_ho
         assert fresh.last_stats.cached_tokens == 0
     assert cached == uncached
     assert "Berlin" in cached
+
+
+def test_a_json_schema_answer_validates(engine):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                                "population_millions": {"type": "number"}},
+              "required": ["city", "country", "population_millions"]}
+    events = list(engine.stream_chat([{"role": "user", "content": "Give the capital of France as JSON."}],
+                                     json_schema=schema, temperature=0, max_tokens=120))
+    text, stats = "".join(e.text for e in events), events[-1].stats
+    assert stats.finish_reason == "stop", text
+    answer = json.loads(text)
+    jsonschema.validate(answer, schema)
+    assert "paris" in answer["city"].lower()

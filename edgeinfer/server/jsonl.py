@@ -20,7 +20,8 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ..errors import ContextOverflowError, EdgeinferError, EngineBusyError, ServerConfigError
+from .. import grammar
+from ..errors import ContextOverflowError, EdgeinferError, EngineBusyError, GrammarError, ServerConfigError
 from ..events import DoneEvent
 from . import protocol
 from .protocol import Call, ProtocolError, encode, error_event
@@ -270,10 +271,14 @@ class _Connection:
                 tokens = await asyncio.to_thread(engine.tokenize, call.prompt)
             else:
                 tokens = await asyncio.to_thread(engine.chat_tokens, call.messages)
+            gbnf = None
+            if call.json_schema is not None or call.grammar is not None:
+                gbnf = await asyncio.to_thread(grammar.resolve, call.json_schema, call.grammar)
             parts = []
             # aclosing: however the loop ends (a write to a closed socket
             # raises here), the stream is closed, which cancels its sequence.
-            async with contextlib.aclosing(engine.astream_tokens(tokens, **call.gen, **call.sampling)) as events:
+            async with contextlib.aclosing(engine.astream_tokens(tokens, grammar=gbnf, **call.gen,
+                                                                     **call.sampling)) as events:
                 async for ev in events:
                     if isinstance(ev, DoneEvent):
                         done = {"id": rid, "event": "done", "finish_reason": ev.stats.finish_reason,
@@ -303,6 +308,8 @@ class _Connection:
             await self.send(error_event(rid, "context_overflow", e.one_line()))
         except EngineBusyError as e:
             await self.send(error_event(rid, "busy", e.one_line()))
+        except GrammarError as e:
+            await self.send(error_event(rid, "bad_schema", e.one_line()))
         except EdgeinferError as e:
             await self.send(error_event(rid, "bad_request", e.one_line()))
         except (ConnectionError, RuntimeError):

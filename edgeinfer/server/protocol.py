@@ -48,6 +48,7 @@ CODES = {
     "duplicate_id": "a request with this id is still running on this connection",
     "unauthorized": "the token is missing or wrong",
     "context_overflow": "the prompt does not fit in the context",
+    "bad_schema": "the JSON schema or grammar cannot constrain generation",
     "busy": "every sequence is taken and the queue is full; retry later",
     "not_found": "the model or request named is not here",
     "http": "this port speaks JSON lines, not HTTP",
@@ -82,6 +83,8 @@ class Call:
     model: str | None = None
     stream: bool = True
     gen: dict = field(default_factory=dict)       # max_tokens, stop, seed
+    json_schema: dict | str | None = None
+    grammar: str | None = None
     sampling: dict = field(default_factory=dict)
 
 
@@ -172,6 +175,14 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos must be true or false")
     call.gen["ignore_eos"] = ignore_eos
+    json_schema, grammar = obj.get("json_schema"), obj.get("grammar")
+    if json_schema is not None and not (isinstance(json_schema, dict) or json_schema == "json"):
+        raise bad('json_schema must be a JSON schema (an object) or "json" for any JSON object')
+    if grammar is not None and not isinstance(grammar, str):
+        raise bad("grammar must be a string of GBNF")
+    if json_schema is not None and grammar is not None:
+        raise bad("give json_schema or grammar, not both")
+    call.json_schema, call.grammar = json_schema, grammar
     for name, (lo, hi) in RANGES.items():
         if name not in obj or obj[name] is None:
             continue
@@ -183,7 +194,7 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
             raise bad(f"{name} must be {what} from {lo:g} to {hi:g}")
         call.sampling[name] = kind(v)
     known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed", "ignore_eos",
-             *RANGES}
+             "json_schema", "grammar", *RANGES}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
