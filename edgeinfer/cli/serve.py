@@ -12,6 +12,7 @@ import sys
 import click
 
 from ..errors import ServerConfigError
+from ..server.http import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, HttpOptions
 from ..server.jsonl import DEFAULT_MAX_LINE, DEFAULT_PORT, Options, check_exposure, is_loopback
 from .chat import _load, ensure_model
 
@@ -112,7 +113,17 @@ def _quote(arg: str) -> str:
 @click.argument("model", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs a token. '' for none.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="The JSON-lines port.")
+@click.option("--jsonl/--no-jsonl", default=True, show_default=True,
+              help="Serve JSON lines on --port (--no-jsonl with --http: HTTP alone).")
+@click.option("--http", "http_port", type=click.IntRange(0, 65535), metavar="PORT",
+              help=f"Also serve OpenAI- and Anthropic-compatible HTTP and /metrics on PORT "
+                   f"(e.g. {DEFAULT_HTTP_PORT}).")
+@click.option("--cors", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the HTTP API; repeatable.")
+@click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=click.IntRange(1024, 1 << 30),
+              help="Largest HTTP request body in bytes.")
 @click.option("--unix", "unix", metavar="PATH", help="Also (or, with --host '', only) listen on a Unix socket.")
 @click.option("--parallel", type=click.IntRange(1, 64), help="Sequences decoded together (default: sized "
               "to this machine's cores and the context).")
@@ -136,19 +147,25 @@ def _quote(arg: str) -> str:
               help="With --print-systemd-unit: the service's EDGEINFER_HOME.")
 @click.option("--memory-max", help="With --print-systemd-unit: MemoryMax= (default: 3/4 of RAM).")
 @click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
-def serve_cmd(model, host, port, unix, parallel, queue_limit, n_ctx, threads, prefill_chunk, token,
-              token_file, max_line, idle_timeout, yes, print_systemd_unit, unit_user, unit_home,
-              memory_max, cpu_quota):
-    """Serve MODEL to other programs over JSON lines (docs/protocol.md).
+def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, parallel, queue_limit, n_ctx, threads,
+              prefill_chunk, token, token_file, max_line, idle_timeout, yes, print_systemd_unit, unit_user,
+              unit_home, memory_max, cpu_quota):
+    """Serve MODEL to other programs: JSON lines (docs/protocol.md) and,
+    with --http, the OpenAI and Anthropic HTTP APIs (docs/http.md).
 
     \b
     Examples:
-      edgeinfer serve                               (127.0.0.1:8765)
-      edgeinfer serve --host 0.0.0.0 --token-file ~/.edgeinfer-token
+      edgeinfer serve                               (JSON lines on 127.0.0.1:8765)
+      edgeinfer serve --http 8080                   (and http://127.0.0.1:8080/v1)
+      edgeinfer serve --http 8080 --no-jsonl --host 0.0.0.0 --token-file ~/.edgeinfer-token
       edgeinfer serve --print-systemd-unit > edgeinfer.service
     """
     host = host or None
-    if not host and not unix:
+    if not jsonl and http_port is None:
+        raise click.UsageError("--no-jsonl leaves nothing to serve: add --http PORT")
+    if http_port is not None and not host:
+        raise click.UsageError("--http needs --host: HTTP is served on a TCP address")
+    if jsonl and not host and not unix:
         raise click.UsageError("give --host or --unix: the server needs somewhere to listen")
     if print_systemd_unit:
         if token and not token_file:
@@ -156,37 +173,40 @@ def serve_cmd(model, host, port, unix, parallel, queue_limit, n_ctx, threads, pr
                                     hint="put it in a file (chmod 600) and pass --token-file FILE")
         check_exposure(Options(host=host, port=port, token="x" if token_file else None))
         opts = ["--host", host or "", "--port", str(port)]
-        for flag, value in (("--unix", unix), ("--parallel", parallel), ("--queue", queue_limit),
-                            ("--n-ctx", n_ctx), ("--threads", threads), ("--prefill-chunk", prefill_chunk),
-                            ("--max-line", max_line), ("--idle-timeout", idle_timeout)):
+        if not jsonl:
+            opts.append("--no-jsonl")
+        for c in cors:
+            opts += ["--cors", c]
+        for flag, value in (("--http", http_port), ("--unix", unix), ("--parallel", parallel),
+                            ("--queue", queue_limit), ("--n-ctx", n_ctx), ("--threads", threads),
+                            ("--prefill-chunk", prefill_chunk), ("--max-line", max_line),
+                            ("--idle-timeout", idle_timeout)):
             if value is not None:
                 opts += [flag, str(value)]
         click.echo(systemd_unit(model, opts, user=unit_user, home=unit_home, host=host, token_file=token_file,
                                 memory_max=memory_max, cpu_quota=cpu_quota), nl=False)
         return
-    opts = Options(host=host, port=port, unix=unix, token=read_token(token, token_file), max_line=max_line,
-                   idle_timeout=idle_timeout)
+    secret = read_token(token, token_file)
+    opts = Options(host=host, port=port, unix=unix, token=secret, max_line=max_line, idle_timeout=idle_timeout)
     check_exposure(opts)  # before a model is pulled or loaded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     name = ensure_model(model, yes, quiet=not sys.stderr.isatty())
     import edgeinfer
+    from ..server.run import serve_all
 
     extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit,
                                    prefill_chunk=prefill_chunk).items() if v is not None}
-    engine = _load(name, n_ctx, threads, None, **extra)
-    from ..server.jsonl import Server, serve_forever
+    http_opts = None
+    if http_port is not None:
+        http_opts = HttpOptions(host=host, port=http_port, token=secret, cors=list(cors), max_body=max_body)
 
-    server = Server(engine, opts, store=edgeinfer.ModelStore())
-
-    def ready(where):
+    def ready(engine, where):
         click.echo(f"Serving {engine.name} on {', '.join(where)}: {engine.n_seq_max} sequences at once, "
                    f"queue {queue_limit}, context {engine.n_ctx} tokens"
-                   f"{', token required' if opts.token else ''}. Ctrl-C or SIGTERM stops.", err=True)
+                   f"{', token required' if secret else ''}. Ctrl-C or SIGTERM stops.", err=True)
 
-    try:
-        asyncio.run(serve_forever(server, ready))
-    finally:
-        engine.close()
+    asyncio.run(serve_all(lambda: _load(name, n_ctx, threads, None, **extra), jsonl_opts=opts if jsonl else None,
+                          http_opts=http_opts, store=edgeinfer.ModelStore(), ready=ready))
     click.echo("Stopped.", err=True)
 
 

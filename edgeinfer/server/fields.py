@@ -1,0 +1,101 @@
+"""Checking the fields of an HTTP request body: each wrong one is a 400
+that names it."""
+
+from __future__ import annotations
+
+from .http import ApiError
+
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+
+class Fields:
+    """Typed reads of a JSON body; every refusal names the field."""
+
+    def __init__(self, body: dict):
+        self.body = body
+
+    def bad(self, name: str, message: str) -> ApiError:
+        return ApiError("invalid_request", f"{name}: {message}", param=name)
+
+    def present(self, name: str) -> bool:
+        return self.body.get(name) is not None
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        v = self.body.get(name)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.bad(name, "must be true or false")
+        return v
+
+    def integer(self, name: str, lo: int, hi: int, default=None):
+        v = self.body.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.bad(name, f"must be an integer from {lo} to {hi}")
+        return v
+
+    def number(self, name: str, lo: float, hi: float, default=None):
+        v = self.body.get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise self.bad(name, f"must be a number from {lo:g} to {hi:g}")
+        return float(v)
+
+    def string(self, name: str, default=None):
+        v = self.body.get(name)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise self.bad(name, "must be a string")
+        return v
+
+    def stops(self, name: str) -> list[str]:
+        v = self.body.get(name)
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or len(v) > MAX_STOPS or \
+                not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v):
+            raise self.bad(name, f"must be a string or a list of at most {MAX_STOPS} non-empty strings of at most "
+                                 f"{MAX_STOP_CHARS} characters")
+        return v
+
+    def seed(self, name: str = "seed"):
+        v = self.integer(name, -(1 << 63), (1 << 64) - 1)
+        return None if v is None else v % (1 << 32)   # llama.cpp's RNG takes 32 bits
+
+    def refuse(self, name: str, unless, why: str) -> None:
+        """400 when ``name`` is set to anything but the values ``unless``
+        allows (a container of allowed values, or a predicate)."""
+        if name not in self.body or self.body[name] is None:
+            return
+        v = self.body[name]
+        ok = unless(v) if callable(unless) else v in unless
+        if not ok:
+            raise self.bad(name, why)
+
+
+def text_content(content, name: str, block_types=("text",)) -> str:
+    """A message's content as text: a string, or a list of text blocks
+    (``{"type": "text", "text": ...}``). Anything else is a 400."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, block in enumerate(content):
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise ApiError("invalid_request", f"{name}[{i}]: a content block is an object with a type",
+                               param=name)
+            if block["type"] not in block_types:
+                raise ApiError("invalid_request", f"{name}[{i}]: content of type {block['type'][:40]!r} is not "
+                                                  "supported; this server reads text only", param=name)
+            if not isinstance(block.get("text"), str):
+                raise ApiError("invalid_request", f"{name}[{i}].text must be a string", param=name)
+            parts.append(block["text"])
+        return "".join(parts)
+    raise ApiError("invalid_request", f"{name} must be a string or a list of text blocks", param=name)

@@ -1,0 +1,428 @@
+"""``edgeinfer serve --http``: OpenAI- and Anthropic-compatible HTTP.
+
+The app is Starlette, served by uvicorn inside the same event loop as the
+JSON-lines server, on a socket bound here. Every generating endpoint is a
+thin view of :meth:`Engine.astream_tokens`, so HTTP streams share the
+scheduler's batched steps with everything else.
+
+Security, as on the JSON-lines port: loopback by default; anywhere else a
+token is required (``Authorization: Bearer`` or ``x-api-key``, compared in
+constant time). On loopback the Host header must name a loopback host, so
+a web page that rebinds its own DNS name to 127.0.0.1 is refused
+(Ollama's CVE-2024-28224); a request from a browser page (an ``Origin``
+header) is refused unless ``--cors ORIGIN`` allows that origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import grammar
+from ..errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError, GrammarError,
+                      TemplateError)
+from ..events import DoneEvent
+from .jsonl import is_loopback
+from .metrics import Metrics
+
+log = logging.getLogger("edgeinfer.http")
+
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_MAX_BODY = 4 << 20      # bytes; a long prompt is well under this
+RETRY_AFTER_S = 2
+
+
+@dataclass
+class HttpOptions:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_PORT
+    token: str | None = None
+    cors: list[str] = field(default_factory=list)
+    max_body: int = DEFAULT_MAX_BODY
+    drain_timeout: float = 30.0
+
+
+class ApiError(Exception):
+    """A request answered with an error status, in the API's own shape."""
+
+    # kind → (HTTP status, OpenAI error type, Anthropic error type)
+    KINDS = {
+        "invalid_request": (400, "invalid_request_error", "invalid_request_error"),
+        "authentication": (401, "authentication_error", "authentication_error"),
+        "permission": (403, "permission_error", "permission_error"),
+        "not_found": (404, "not_found_error", "not_found_error"),
+        "method": (405, "invalid_request_error", "invalid_request_error"),
+        "too_large": (413, "invalid_request_error", "request_too_large"),
+        "media_type": (415, "invalid_request_error", "invalid_request_error"),
+        "rate_limit": (429, "rate_limit_error", "rate_limit_error"),
+        "unavailable": (503, "server_error", "overloaded_error"),
+        "server": (500, "server_error", "api_error"),
+    }
+
+    def __init__(self, kind: str, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        assert kind in self.KINDS, kind
+        self.kind, self.param, self.code = kind, param, code
+        self.status = self.KINDS[kind][0]
+
+    def headers(self) -> dict:
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.kind in ("rate_limit", "unavailable") else {}
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.KINDS[self.kind][1], "param": self.param,
+                          "code": self.code}}
+
+    def anthropic_body(self) -> dict:
+        return {"type": "error", "error": {"type": self.KINDS[self.kind][2], "message": str(self)}}
+
+
+def api_error_from(e: BaseException) -> ApiError:
+    """The HTTP face of an exception raised while serving a request."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ContextOverflowError):
+        return ApiError("invalid_request", e.one_line(), param="messages", code="context_length_exceeded")
+    if isinstance(e, EngineBusyError):
+        return ApiError("rate_limit", e.one_line(), code="busy")
+    if isinstance(e, GrammarError):
+        return ApiError("invalid_request", e.one_line(), param="response_format", code="bad_schema")
+    if isinstance(e, TemplateError):
+        return ApiError("invalid_request", e.one_line(), param="messages")
+    if isinstance(e, EngineError):
+        return ApiError("server", e.one_line())
+    if isinstance(e, EdgeinferError):
+        return ApiError("invalid_request", e.one_line())
+    return ApiError("server", f"{type(e).__name__}: {e}")
+
+
+def is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(e: ApiError, path: str) -> JSONResponse:
+    body = e.anthropic_body() if is_anthropic(path) else e.openai_body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers())
+
+
+def sse(data, event: str | None = None) -> bytes:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode("utf-8")
+
+
+def host_of(header: str) -> str:
+    """The host part of a Host header: 'localhost:8080' → 'localhost',
+    '[::1]:8080' → '::1'."""
+    h = header.strip()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class Guard:
+    """ASGI middleware in front of every route: Host, Origin and token
+    checks, and a body-size limit taken from Content-Length. It answers
+    refusals itself, so nothing behind it runs for them."""
+
+    def __init__(self, app, front: "HttpFront"):
+        self.app, self.front = app, front
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            self.check(scope)
+        except ApiError as e:
+            self.front.metrics.count(_endpoint(scope["path"]), e.status)
+            return await error_response(e, scope["path"])(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def check(self, scope) -> None:
+        opts = self.front.opts
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if is_loopback(opts.host):
+            host = headers.get("host")
+            if host is not None and not is_loopback(host_of(host)):
+                raise ApiError("permission", f"Host {host[:80]!r} is not a loopback name; this server "
+                                             "listens on loopback and answers only to localhost or 127.0.0.1")
+        origin = headers.get("origin")
+        if origin is not None and origin not in opts.cors:
+            raise ApiError("permission", f"requests from web pages at {origin[:80]!r} are not allowed; "
+                                         "start the server with --cors ORIGIN to allow one")
+        if opts.token is not None and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+            given = headers.get("x-api-key")
+            auth = headers.get("authorization", "")
+            if given is None and auth[:7].lower() == "bearer ":
+                given = auth[7:].strip()
+            if given is None or not hmac.compare_digest(given.encode(), opts.token.encode()):
+                raise ApiError("authentication", "this server needs its token, as 'Authorization: Bearer TOKEN' "
+                                                 "or 'x-api-key: TOKEN'", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > opts.max_body:
+            raise ApiError("too_large", f"the body is {int(length):,} bytes; this server accepts at most "
+                                        f"{opts.max_body:,}")
+
+
+def _endpoint(path: str) -> str:
+    return path if path in ROUTE_PATHS else "other"
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request's JSON object; ApiError for a body too large, not JSON
+    or not an object."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise ApiError("media_type", f"send the body as application/json, not {ctype[:60]} "
+                                     "(curl: -H 'Content-Type: application/json')")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("too_large", f"the body is over {limit:,} bytes, the most this server accepts")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError("invalid_request", f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the body must be a JSON object")
+    return body
+
+
+class Generation:
+    """One request's event stream, started: its first event is already in
+    hand, so anything that fails before it (a full queue, a prompt too
+    long) is still an HTTP error rather than a broken stream."""
+
+    def __init__(self, events, first, endpoint: str, metrics: Metrics):
+        self._events, self._first = events, first
+        self.endpoint, self.metrics = endpoint, metrics
+        self.stats = None
+
+    @classmethod
+    async def start(cls, front: "HttpFront", tokens: list[int], endpoint: str, *, json_schema=None,
+                    **kwargs) -> "Generation":
+        engine = front.require_engine()
+        gbnf = None
+        if json_schema is not None:
+            gbnf = await asyncio.to_thread(grammar.resolve, json_schema)  # big schemas take a while
+        events = engine.astream_tokens(tokens, grammar=gbnf, **kwargs)
+        try:
+            first = await events.__anext__()
+        except BaseException:
+            await events.aclose()
+            raise
+        return cls(events, first, endpoint, front.metrics)
+
+    async def __aiter__(self):
+        """TextEvents, then the DoneEvent (kept in ``.stats`` too). Closing
+        this iterator early cancels the request."""
+        last = None   # the first token's wait is time to first token, counted apart
+        async with contextlib.aclosing(self._events) as events:
+            ev = self._first
+            while True:
+                if isinstance(ev, DoneEvent):
+                    self.stats = ev.stats
+                    self.metrics.finished(ev.stats)
+                    yield ev
+                    return
+                if ev.tokens:
+                    now = time.perf_counter()
+                    if last is not None:
+                        self.metrics.inter_token(now - last, len(ev.tokens))
+                    last = now
+                yield ev
+                ev = await events.__anext__()
+
+    async def text(self) -> str:
+        return "".join([ev.text async for ev in self if not isinstance(ev, DoneEvent)])
+
+
+class HttpFront:
+    """The HTTP server of one Engine (which may still be loading)."""
+
+    def __init__(self, engine, opts: HttpOptions, store=None):
+        self.engine = engine          # None while the model loads: /health says 503
+        self.opts = opts
+        self.store = store
+        self.metrics = Metrics(lambda: self.engine)
+        self.stopping = False
+        self._server = None
+        self._tick = None
+        self._sockets: list[socket.socket] = []
+        self.started = time.time()
+        self.app = self._build_app()
+
+    # -- the app ----------------------------------------------------------
+    def _build_app(self) -> Starlette:
+        from . import anthropic_api, openai_api
+
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_page, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
+            Route("/v1/chat/completions", self._wrap(openai_api.chat_completions), methods=["POST"]),
+            Route("/v1/completions", self._wrap(openai_api.completions), methods=["POST"]),
+            Route("/v1/messages", self._wrap(anthropic_api.messages), methods=["POST"]),
+            Route("/v1/messages/count_tokens", self._wrap(anthropic_api.count_tokens), methods=["POST"]),
+        ]
+        middleware = [Middleware(Guard, front=self)]
+        if self.opts.cors:
+            # Outermost, so a browser's preflight is answered before the guard.
+            middleware.insert(0, Middleware(CORSMiddleware, allow_origins=self.opts.cors,
+                                            allow_methods=["GET", "POST", "OPTIONS"],
+                                            allow_headers=["authorization", "content-type", "x-api-key",
+                                                           "anthropic-version", "anthropic-beta"]))
+        handlers = {404: self._not_found, 405: self._not_allowed}
+        return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+    def _wrap(self, handler):
+        """A generating endpoint: parse, run, answer; every failure in the
+        API's own error shape, counted by endpoint and status."""
+        async def endpoint(request: Request) -> Response:
+            path = request.url.path
+            t0 = time.perf_counter()
+            try:
+                if self.stopping:
+                    raise ApiError("unavailable", "the server is stopping; no new requests")
+                body = await read_json(request, self.opts.max_body)
+                response = await handler(self, body, request)
+            except Exception as e:
+                err = api_error_from(e)
+                if err.status >= 500:
+                    log.error("%s failed: %s", path, err, exc_info=not isinstance(e, ApiError))
+                self.metrics.count(path, err.status)
+                return error_response(err, path)
+            if not isinstance(response, StreamingResponse):
+                self.metrics.count(path, response.status_code)
+                log.info("%s %d in %.2f s", path, response.status_code, time.perf_counter() - t0)
+            return response
+        return endpoint
+
+    async def _not_found(self, request: Request, exc) -> Response:
+        self.metrics.count("other", 404)
+        return error_response(ApiError("not_found", f"no route {request.url.path[:100]}; see docs/http.md"),
+                              request.url.path)
+
+    async def _not_allowed(self, request: Request, exc) -> Response:
+        self.metrics.count(_endpoint(request.url.path), 405)
+        return error_response(ApiError("method", f"{request.method} is not allowed on {request.url.path}"),
+                              request.url.path)
+
+    def require_engine(self):
+        if self.engine is None:
+            raise ApiError("unavailable", "the model is still loading; retry shortly")
+        return self.engine
+
+    def check_model(self, model, param: str = "model", required: bool = False) -> None:
+        """404 for a model this server does not run (its name with or
+        without the tag is fine)."""
+        engine = self.require_engine()
+        if model is None:
+            if required:
+                raise ApiError("invalid_request", f"{param} is required: {engine.name}", param=param)
+            return
+        if not isinstance(model, str):
+            raise ApiError("invalid_request", f"{param} must be a string", param=param)
+        if model not in (engine.name, engine.name.split(":")[0]):
+            raise ApiError("not_found", f"this server runs {engine.name}, not {model[:100]}; "
+                                        "GET /v1/models lists it", param=param, code="model_not_found")
+
+    async def health(self, request: Request) -> Response:
+        if self.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+        if self.stopping:
+            return JSONResponse({"status": "stopping"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.engine.name,
+                             "uptime_s": round(time.time() - self.started, 1)})
+
+    async def metrics_page(self, request: Request) -> Response:
+        body, ctype = await asyncio.to_thread(self.metrics.render)
+        self.metrics.count("/metrics", 200)
+        return Response(body, media_type=ctype)
+
+    def _model_card(self, name: str, loaded: bool) -> dict:
+        card = {"id": name, "object": "model", "created": int(self.started), "owned_by": "edgeinfer",
+                "loaded": loaded}
+        if loaded and self.engine is not None:
+            card["context_length"] = self.engine.n_ctx
+        return card
+
+    async def models(self, request: Request) -> Response:
+        engine = self.require_engine()
+        cards = [self._model_card(engine.name, True)]
+        if self.store is not None:
+            try:
+                for m in await asyncio.to_thread(self.store.list):
+                    if m.ref != engine.name:
+                        cards.append(self._model_card(m.ref, False))
+            except EdgeinferError:
+                pass
+        self.metrics.count("/v1/models", 200)
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def model(self, request: Request) -> Response:
+        try:
+            self.check_model(request.path_params["model_id"])
+        except ApiError as e:
+            return error_response(e, request.url.path)
+        return JSONResponse(self._model_card(self.engine.name, True))
+
+    # -- lifecycle --------------------------------------------------------
+    async def start(self) -> list[str]:
+        import uvicorn
+
+        sock = socket.create_server((self.opts.host, self.opts.port),
+                                    family=socket.AF_INET6 if ":" in self.opts.host else socket.AF_INET,
+                                    backlog=256)
+        sock.setblocking(False)
+        self._sockets = [sock]
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
+                                timeout_keep_alive=30, timeout_graceful_shutdown=int(self.opts.drain_timeout),
+                                server_header=False, date_header=True)
+        config.load()
+        server = uvicorn.Server(config)
+        # Run inside our loop: startup on our socket, tick, shutdown. The
+        # server's own serve() would take over the process's signals.
+        server.lifespan = config.lifespan_class(config)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        await server.startup(sockets=self._sockets)
+        self._server = server
+        self._tick = asyncio.create_task(server.main_loop())
+        host, port = sock.getsockname()[:2]
+        return [f"http://{'[' + host + ']' if ':' in host else host}:{port}"]
+
+    @property
+    def port(self) -> int:
+        return self._sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Refuse new requests, let streams in flight finish within the
+        drain timeout, then close."""
+        self.stopping = True
+        if self._server is None:
+            return
+        self._server.should_exit = True
+        if self._tick is not None:
+            await self._tick
+        await self._server.shutdown(sockets=self._sockets)
+        for s in self._sockets:
+            s.close()
+
+
+ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages",
+               "/v1/messages/count_tokens")

@@ -1,0 +1,66 @@
+"""Running the servers of ``edgeinfer serve`` together in one event loop.
+
+The HTTP port opens first, so ``GET /health`` answers 503 while the model
+loads (a Pi takes seconds to map a 1 GB model); the JSON-lines port opens
+once the engine is ready. SIGTERM or SIGINT drains both and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from ..errors import ServerConfigError
+
+
+def _bind_error(what: str, e: OSError) -> ServerConfigError:
+    return ServerConfigError(f"cannot listen on {what}: {e.strerror or e}",
+                             hint="is another server using it? pick another port, or stop that one")
+
+
+async def serve_all(load, *, jsonl_opts=None, http_opts=None, store=None, ready=None) -> None:
+    """Load the engine with ``load()`` (in a thread) while the HTTP port
+    says it is loading; serve until a signal; drain; close the engine."""
+    from .http import HttpFront
+    from .jsonl import Server
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    fronts, where, engine = [], [], None
+    try:
+        if http_opts is not None:
+            http = HttpFront(None, http_opts, store=store)
+            try:
+                where += await http.start()
+            except OSError as e:
+                raise _bind_error(f"{http_opts.host}:{http_opts.port}", e) from None
+            fronts.append(http)
+        loading = asyncio.ensure_future(asyncio.to_thread(load))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        engine = await loading        # a load cannot be interrupted; a signal waits for it
+        if stop.is_set():
+            return
+        stopped.cancel()
+        for front in fronts:
+            front.engine = engine
+        if jsonl_opts is not None:
+            server = Server(engine, jsonl_opts, store=store)
+            try:
+                where[:0] = await server.start()
+            except OSError as e:
+                raise _bind_error(f"{jsonl_opts.host}:{jsonl_opts.port}", e) from None
+            fronts.append(server)
+        if ready is not None:
+            ready(engine, where)
+        await stop.wait()
+    finally:
+        if fronts:
+            await asyncio.gather(*(f.stop() for f in fronts), return_exceptions=True)
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
