@@ -341,3 +341,25 @@ def test_a_soak_of_hundreds_of_requests_does_not_grow_the_server(tiny_model, tmp
     report = json.loads(proc.stdout)
     assert report["answered"] == 400 and report["hung"] == 0, report
     assert report["rss_growth_mb"] < 16, report   # after a warm-up of 40 requests
+
+
+def test_json_schema_and_grammar_over_json_lines(server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+              "required": ["ok", "n"]}
+    with server.client() as c:
+        for seed in (1, 2):
+            text = c.chat(HELLO, max_tokens=200, seed=seed, temperature=1.0, json_schema=schema)
+            answer = json.loads(text)
+            assert set(answer) == {"ok", "n"} and isinstance(answer["ok"], bool)
+        assert c.generate("Answer:", max_tokens=10, grammar='root ::= "yes" | "no"') in ("yes", "no")
+    raw = server.raw()
+    raw.send({"id": "s", "op": "chat", "messages": HELLO, "json_schema": {"type": "integer", "maximum": 3}})
+    r = raw.reply()
+    assert (r["event"], r["code"]) == ("error", "bad_schema") and "maximum" in r["message"]
+    raw.send({"id": "g", "op": "generate", "prompt": "x", "grammar": "root ::= ["})
+    assert raw.reply()["code"] == "bad_schema"
+    raw.send({"id": "both", "op": "generate", "prompt": "x", "grammar": "root ::= \"a\"", "json_schema": "json"})
+    assert raw.reply()["code"] == "bad_request"
+    raw.send({"id": "after", "op": "generate", "prompt": "hi", "max_tokens": 2})
+    assert raw.until_end("after")[-1]["event"] == "done"
+    raw.close()

@@ -2,7 +2,7 @@
 
 The Messages API as documented: ``system``, text content blocks,
 ``max_tokens`` required, ``stop_sequences``, ``temperature``, ``top_p``,
-``top_k``; streaming with its event sequence (message_start,
+``top_k``; ``output_config.format`` for a JSON schema; streaming with its event sequence (message_start,
 content_block_start, content_block_delta..., content_block_stop,
 message_delta, message_stop). A last message from the assistant is a
 prefill: the answer continues it. Errors come in Anthropic's own shape.
@@ -86,12 +86,20 @@ async def messages(front, body: dict, request):
     top_k = f.integer("top_k", 0, 1_000_000)
     if top_k is not None:
         sampling["top_k"] = top_k
+    schema = None
+    oc = body.get("output_config")
+    if oc is not None:
+        fmt = oc.get("format") if isinstance(oc, dict) else None
+        if not isinstance(oc, dict) or (fmt is not None and not (
+                isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict))):
+            raise f.bad("output_config", 'format must be {"type": "json_schema", "schema": {...}}')
+        schema = fmt["schema"] if fmt is not None else None
     stops = f.stops("stop_sequences")
     stream = f.boolean("stream")
     tokens = await _tokens(front, f)
     max_tokens = max(1, min(max_tokens, engine.n_ctx - len(tokens)))
-    gen = await Generation.start(front, tokens, "/v1/messages", max_tokens=max_tokens, stop=stops,
-                                 seed=f.seed("seed") if "seed" in body else None, **sampling)
+    gen = await Generation.start(front, tokens, "/v1/messages", json_schema=schema, max_tokens=max_tokens,
+                                 stop=stops, seed=f.seed("seed"), **sampling)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     head = {"id": msg_id, "type": "message", "role": "assistant", "model": engine.name}
 

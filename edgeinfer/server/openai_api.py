@@ -102,8 +102,9 @@ def _common(f: Fields, front) -> dict:
         f.refuse(name, lambda v: v == [], f"{name} are not supported by this server")
     f.refuse("audio", lambda v: False, "audio output is not supported")
     f.refuse("modalities", lambda v: v == ["text"], "only text output is supported")
+    # ignore_eos (run to max_tokens, for benchmarks) as vLLM and llama.cpp's server take it
     out = {"stream": f.boolean("stream"), "stop": f.stops("stop"), "seed": f.seed(),
-           "sampling": _sampling(f), "include_usage": False}
+           "sampling": _sampling(f), "include_usage": False, "ignore_eos": f.boolean("ignore_eos")}
     so = f.body.get("stream_options")
     if so is not None:
         if not isinstance(so, dict):
@@ -129,7 +130,7 @@ async def chat_completions(front, body: dict, request):
     tokens = await asyncio.to_thread(engine.chat_tokens, messages)
     max_tokens = _max_tokens(f, front, len(tokens), None)
     gen = await Generation.start(front, tokens, "/v1/chat/completions", json_schema=schema, max_tokens=max_tokens,
-                                 stop=c["stop"], seed=c["seed"], **c["sampling"])
+                                 stop=c["stop"], seed=c["seed"], ignore_eos=c["ignore_eos"], **c["sampling"])
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": f"edgeinfer-{engine.native.setting}"}
     if not c["stream"]:
@@ -182,7 +183,7 @@ async def completions(front, body: dict, request):
         raise f.bad("prompt", "must be a string, or a list of token ids (one prompt per request)")
     max_tokens = _max_tokens(f, front, len(tokens), COMPLETIONS_DEFAULT_MAX_TOKENS)
     gen = await Generation.start(front, tokens, "/v1/completions", max_tokens=max_tokens, stop=c["stop"],
-                                 seed=c["seed"], **c["sampling"])
+                                 seed=c["seed"], ignore_eos=c["ignore_eos"], **c["sampling"])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": engine.name, "system_fingerprint": f"edgeinfer-{engine.native.setting}"}
     if not c["stream"]:

@@ -8,9 +8,12 @@ once the engine is ready. SIGTERM or SIGINT drains both and returns.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 
 from ..errors import ServerConfigError
+
+log = logging.getLogger("edgeinfer.server")
 
 
 def _bind_error(what: str, e: OSError) -> ServerConfigError:
@@ -40,6 +43,7 @@ async def serve_all(load, *, jsonl_opts=None, http_opts=None, store=None, ready=
             except OSError as e:
                 raise _bind_error(f"{http_opts.host}:{http_opts.port}", e) from None
             fronts.append(http)
+            log.info("HTTP on %s; /health answers 503 until the model is loaded", ", ".join(where))
         loading = asyncio.ensure_future(asyncio.to_thread(load))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
