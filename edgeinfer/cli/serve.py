@@ -12,8 +12,8 @@ import sys
 import click
 
 from ..errors import ServerConfigError
-from ..server.http import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, HttpOptions
-from ..server.jsonl import DEFAULT_MAX_LINE, DEFAULT_PORT, Options, check_exposure, is_loopback
+from ..server.defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, DEFAULT_MAX_LINE, DEFAULT_PORT
+from ..server.jsonl import Options, check_exposure, is_loopback
 from .chat import _load, ensure_model
 
 
@@ -192,6 +192,7 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     name = ensure_model(model, yes, quiet=not sys.stderr.isatty())
     import edgeinfer
+    from ..server.http import HttpOptions
     from ..server.run import serve_all
 
     extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit,

@@ -35,13 +35,12 @@ from .. import grammar
 from ..errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError, GrammarError,
                       TemplateError)
 from ..events import DoneEvent
+from .defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY
 from .jsonl import is_loopback
 from .metrics import Metrics
 
 log = logging.getLogger("edgeinfer.http")
 
-DEFAULT_HTTP_PORT = 8080
-DEFAULT_MAX_BODY = 4 << 20      # bytes; a long prompt is well under this
 RETRY_AFTER_S = 2
 
 
@@ -241,7 +240,9 @@ class Generation:
                     return
                 if ev.tokens:
                     now = time.perf_counter()
-                    if last is not None:
+                    if last is None:   # tokens held back with the first one came at the same moment
+                        self.metrics.inter_token(0.0, len(ev.tokens) - 1)
+                    else:
                         self.metrics.inter_token(now - last, len(ev.tokens))
                     last = now
                 yield ev

@@ -24,12 +24,10 @@ from .. import grammar
 from ..errors import ContextOverflowError, EdgeinferError, EngineBusyError, GrammarError, ServerConfigError
 from ..events import DoneEvent
 from . import protocol
+from .defaults import DEFAULT_MAX_LINE, DEFAULT_PORT  # noqa: F401  (DEFAULT_PORT: re-exported)
 from .protocol import Call, ProtocolError, encode, error_event
 
 log = logging.getLogger("edgeinfer.server")
-
-DEFAULT_PORT = 8765
-DEFAULT_MAX_LINE = 1 << 20
 
 
 @dataclass
@@ -333,8 +331,8 @@ def _is_stale_socket(path: str) -> bool:
         s.close()
 
 
-async def serve_forever(server: Server, ready=None) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+def stop_event() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT, on the running loop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -342,6 +340,12 @@ async def serve_forever(server: Server, ready=None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    return stop
+
+
+async def serve_forever(server: Server, ready=None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    stop = stop_event()
     where = await server.start()
     if ready is not None:
         ready(where)

@@ -49,7 +49,9 @@ class Metrics:
     def inter_token(self, gap: float, n_tokens: int) -> None:
         """A text event of ``n_tokens`` tokens arrived ``gap`` seconds after
         the one before it (the first gap of a stream is its TTFT, not this)."""
-        per = gap / max(1, n_tokens)
+        if n_tokens <= 0:
+            return
+        per = gap / n_tokens
         for _ in range(n_tokens):
             self.itl.observe(per)
 

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent
 from .fields import Fields, text_content
-from .http import ApiError, Generation, api_error_from, sse
+from .http import Generation, api_error_from, sse
 
 log = logging.getLogger("edgeinfer.http")
 

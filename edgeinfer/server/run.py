@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from ..errors import ServerConfigError
 
@@ -25,15 +24,9 @@ async def serve_all(load, *, jsonl_opts=None, http_opts=None, store=None, ready=
     """Load the engine with ``load()`` (in a thread) while the HTTP port
     says it is loading; serve until a signal; drain; close the engine."""
     from .http import HttpFront
-    from .jsonl import Server
+    from .jsonl import Server, stop_event
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_event()
     fronts, where, engine = [], [], None
     try:
         if http_opts is not None:
