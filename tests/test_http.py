@@ -520,3 +520,25 @@ def test_sigterm_lets_a_stream_finish(tiny_model, tmp_path):
     rest = r.read().decode()
     assert rest.rstrip().endswith("data: [DONE]")
     assert s.proc.wait(60) == 0
+
+
+def test_a_client_that_hangs_up_frees_its_sequence(server):
+    for stream in (False, True):
+        before = server.metrics()
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({
+            "messages": HELLO, "max_tokens": 2000, "ignore_eos": True, "stream": stream}),
+            headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 20
+        while server.metrics().get("edgeinfer_active_sequences", 0) == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+        conn.close()
+        while server.metrics()["edgeinfer_active_sequences"] != 0:
+            assert time.monotonic() < deadline, f"stream={stream}: the sequence was not freed"
+            time.sleep(0.05)
+        # It was cancelled, not run to the end: it never finished.
+        after = server.metrics()
+        key = "edgeinfer_time_to_first_token_seconds_count"
+        assert after.get(key, 0) == before.get(key, 0), f"stream={stream}"
+    assert server.json("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})[0] == 200

@@ -104,7 +104,7 @@ async def messages(front, body: dict, request):
     head = {"id": msg_id, "type": "message", "role": "assistant", "model": engine.name}
 
     if not stream:
-        text = await gen.text()
+        text = await gen.text(request)
         st = gen.stats
         return JSONResponse({**head, "content": [{"type": "text", "text": text}],
                              "stop_reason": _stop_reason(st), "stop_sequence": st.stop_sequence,

@@ -248,8 +248,28 @@ class Generation:
                 yield ev
                 ev = await events.__anext__()
 
-    async def text(self) -> str:
-        return "".join([ev.text async for ev in self if not isinstance(ev, DoneEvent)])
+    async def text(self, request: Request) -> str:
+        """The whole answer. A client that hangs up while waiting for it
+        cancels the request (a stream notices through its writes; this
+        watches the connection instead)."""
+        async def collect():
+            return "".join([ev.text async for ev in self if not isinstance(ev, DoneEvent)])
+
+        async def hang_up():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(hang_up())
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (answer, gone):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(answer, gone, return_exceptions=True)
+        if not answer.done() or answer.cancelled():
+            raise ApiError("invalid_request", "the client closed the connection before the answer was ready")
+        return answer.result()
 
 
 class HttpFront:

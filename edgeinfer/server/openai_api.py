@@ -134,7 +134,7 @@ async def chat_completions(front, body: dict, request):
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": f"edgeinfer-{engine.native.setting}"}
     if not c["stream"]:
-        text = await gen.text()
+        text = await gen.text(request)
         st = gen.stats
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
@@ -187,7 +187,7 @@ async def completions(front, body: dict, request):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": engine.name, "system_fingerprint": f"edgeinfer-{engine.native.setting}"}
     if not c["stream"]:
-        text = await gen.text()
+        text = await gen.text(request)
         st = gen.stats
         return JSONResponse({**head, "choices": [{"index": 0, "text": text, "logprobs": None,
                                                   "finish_reason": FINISH.get(st.finish_reason, "stop")}],
