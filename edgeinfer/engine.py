@@ -433,7 +433,8 @@ class Engine(SequenceKV):
         gbnf = constrain(json_schema, grammar)
         if gbnf is not None:
             if ignore_eos:
-                raise GrammarError("ignore_eos cannot be combined with a grammar: the grammar decides the end")
+                raise GrammarError("ignore_eos cannot be combined with a schema or grammar: the grammar decides "
+                                   "where the answer ends", hint="drop ignore_eos, or the schema")
             check_grammar(self._vocab, gbnf)
         if not tokens:
             tokens = [lc.llama_vocab_bos(self._vocab)]

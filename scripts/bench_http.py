@@ -15,9 +15,11 @@ are usage.completion_tokens of the final chunk; decode tok/s is (tokens -
 streams is (all their tokens) / (last text chunk of any - first text chunk
 of any), the same for one stream alone and for --streams at once. The
 json_schema cost compares the decode tok/s of one stream with
-response_format json_schema to one without, on the same prompt. HTTP
-requests send ignore_eos in extra_body; a server that does not read it
-ends streams at end-of-text or on a loop (the tokens column shows where).
+response_format json_schema to one without, on the same prompt, both
+ending where the model ends them (a grammar decides its own end, so
+ignore_eos cannot go with it). The other HTTP streams send ignore_eos in
+extra_body, so they run to max_tokens as the engine's do; the tokens
+column shows where each stream ended.
 
     EDGEINFER_HOME=/tmp/eihome python scripts/bench_http.py --threads 2
     python scripts/bench_http.py --model qwen2.5-coder-0.5b-instruct --tokens 256 --reps 5 --json
@@ -41,13 +43,16 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
+
 import edgeinfer
 from edgeinfer import hardware
 from edgeinfer.events import DoneEvent
 
 STORY = "Write a long story about a lighthouse keeper."
-LIST = ("List twenty famous lighthouses of the world as JSON: for each one its name and a description "
-        "of a few sentences.")
+# Small models given a schema and no example answer {"items": []}; with one they fill the list.
+LIST = ('Describe ten famous lighthouses. Answer with JSON like '
+        '{"items": [{"name": "...", "description": "..."}]}.')
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -74,6 +79,28 @@ def med(values):
 
 def rnd(v, n=1):
     return None if v is None else round(v, n)
+
+
+class OtherWork:
+    """Cores that processes other than ours kept busy over a phase: all the
+    box's busy CPU time (steal included) less ours and the server's."""
+
+    def __init__(self, pids: list[int]):
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.start = self._now()
+
+    def _now(self):
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+        ours = 0.0
+        for p in self.procs:
+            c = p.cpu_times()
+            ours += c.user + c.system + getattr(c, "children_user", 0) + getattr(c, "children_system", 0)
+        return time.perf_counter(), busy, ours
+
+    def cores(self) -> float:
+        (w0, b0, o0), (w1, b1, o1) = self.start, self._now()
+        return round(max(0.0, (b1 - b0) - (o1 - o0)) / max(w1 - w0, 1e-9), 2)
 
 
 # -- the engine alone ------------------------------------------------------
@@ -245,9 +272,11 @@ def http_bench(args, server) -> dict:
     log(f"one stream: {summary(one)['decode_tps']} tok/s, tokens {[r['tokens'] for r in one]}")
     many = [concurrent(server, args.streams, STORY, args.tokens, ignore) for _ in range(args.reps)]
     log(f"{args.streams} streams: tokens {[[r['tokens'] for r in rep] for rep in many]}")
-    free = [http_stream(client, server.model, LIST, args.tokens, ignore_eos=False) for _ in range(args.reps)]
     http_stream(client, server.model, LIST, 8, schema=SCHEMA)   # warm-up: the schema's grammar
-    shaped = [http_stream(client, server.model, LIST, args.tokens, schema=SCHEMA) for _ in range(args.reps)]
+    free, shaped = [], []
+    for _ in range(args.reps):   # alternating, so that other work on the box weighs on both alike
+        free.append(http_stream(client, server.model, LIST, args.tokens, ignore_eos=False))
+        shaped.append(http_stream(client, server.model, LIST, args.tokens, schema=SCHEMA))
     log(f"json_schema: tokens {[r['tokens'] for r in shaped]}, unconstrained {[r['tokens'] for r in free]}")
     valid = []
     for r in shaped:
@@ -288,14 +317,20 @@ def main(argv=None) -> int:
     args.parallel = args.parallel or args.streams
     args.reps = max(1, args.reps)
     edgeinfer.resolve_model(args.model)   # a missing model fails here, not in the server
-    log(f"{args.model}, {args.threads} threads, load {os.getloadavg()[0]:.2f}: the engine alone")
+    load_before = round(os.getloadavg()[0], 2)
+    log(f"{args.model}, {args.threads} threads, load {load_before}: the engine alone")
+    other = OtherWork([os.getpid()])
     base = engine_baseline(args)
-    log(f"engine: {rnd(base['decode_tps'])} tok/s, native {base['native']}; starting the server")
+    other_engine = other.cores()
+    log(f"engine: {rnd(base['decode_tps'])} tok/s, native {base['native']}, other work {other_engine} cores; "
+        "starting the server")
     server = ServerProcess(args)
     exit_code = None
     try:
         log(f"serving {server.model} on {server.url}")
+        other = OtherWork([os.getpid(), server.proc.pid])
         http = http_bench(args, server)
+        other_http = other.cores()
     finally:
         exit_code = server.stop()
     if exit_code:
@@ -308,7 +343,8 @@ def main(argv=None) -> int:
     report = {"model": base["name"], "threads": args.threads, "tokens": args.tokens, "reps": args.reps,
               "parallel": args.parallel, "cpu": hardware.cpu_model(), "cpus": os.cpu_count(),
               "physical_cores": hardware.physical_cores(), "native": base["native"],
-              "load_avg": round(os.getloadavg()[0], 2), "server_cmd": " ".join(server.cmd),
+              "load_avg": [load_before, round(os.getloadavg()[0], 2)],
+              "other_work_cores": {"engine": other_engine, "http": other_http}, "server_cmd": " ".join(server.cmd),
               "server_exit": exit_code,
               "engine_decode_tps": rnd(base["decode_tps"]), "engine_tokens": base["tokens"],
               **http,
@@ -321,7 +357,9 @@ def main(argv=None) -> int:
     n = args.streams
     print(f"# {report['cpu']}, {report['cpus']} CPUs ({report['physical_cores']} cores), {args.threads} threads, "
           f"native {report['native']}, {report['model']}, max_tokens {args.tokens}, median of {args.reps}, "
-          f"load {report['load_avg']}")
+          f"load average {report['load_avg'][0]} before, {report['load_avg'][1]} after")
+    print(f"# other work on the box: {other_engine} cores busy during the engine runs, {other_http} during the "
+          f"HTTP runs{' (the figures are only indicative)' if max(other_engine, other_http) > 0.2 else ''}")
     print("| measure | tok/s | ratio | tokens | finish | ttft ms |")
     print("|---|---:|---:|---|---|---:|")
 

@@ -22,6 +22,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -48,6 +49,9 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if line.startswith("Serving "):
+            # The server logs a line per request: keep draining its stderr,
+            # or a full pipe would block its event loop mid-test.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
     raise SystemExit("the server did not start: " + (proc.stderr.read() or "")[-2000:])
 
