@@ -259,7 +259,7 @@ def throttling() -> dict | None:
               and v.isdigit()]
     if counts:
         n = sum(counts)
-        return {"now": [], "since_boot": [f"{n} thermal throttling events"] if n else [],
+        return {"now": [], "since_boot": [f"{n} thermal throttling events"] if n else [], "events": n,
                 "source": "thermal_throttle/core_throttle_count"}
     return None
 

@@ -2,7 +2,8 @@
 
 The HTTP port opens first, so ``GET /health`` answers 503 while the model
 loads (a Pi takes seconds to map a 1 GB model); the JSON-lines port opens
-once the engine is ready. SIGTERM or SIGINT drains both and returns.
+once the engine is ready. SIGTERM or SIGINT drains both and returns. Meanwhile the log says when
+the CPU starts throttling (edgeinfer.heat).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 
 from ..errors import ServerConfigError
+from ..heat import watch as watch_heat
 
 log = logging.getLogger("edgeinfer.server")
 
@@ -55,7 +57,11 @@ async def serve_all(load, *, jsonl_opts=None, http_opts=None, store=None, ready=
             fronts.append(server)
         if ready is not None:
             ready(engine, where)
-        await stop.wait()
+        heat = asyncio.ensure_future(watch_heat(log))
+        try:
+            await stop.wait()
+        finally:
+            heat.cancel()
     finally:
         if fronts:
             await asyncio.gather(*(f.stop() for f in fronts), return_exceptions=True)
