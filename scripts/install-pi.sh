@@ -105,7 +105,7 @@ if [ -n "$MODEL" ]; then as_service_user pull "$MODEL"; else as_service_user run
 as_service_user doctor --selftest
 as_service_user tune ${MODEL:+"$MODEL"}
 
-serve_opts=()
+serve_opts=(--http 8080)   # JSON lines on 8765, the OpenAI / Anthropic APIs and /metrics on 8080
 if [ "$LAN" = 1 ]; then
     if [ ! -s "$TOKEN_FILE" ]; then
         run install -d -m 0700 /etc/edgeinfer

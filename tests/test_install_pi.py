@@ -40,7 +40,7 @@ def test_dry_run_prints_every_step_for_the_board(tmp_path, board, flags):
 def test_lan_install_makes_a_token_file_and_serves_on_the_lan(tmp_path):
     out = dry(tmp_path, "Raspberry Pi 5 Model B", "--lan")
     assert out.returncode == 0, out.stderr
-    assert "--host 0.0.0.0 --token-file /etc/edgeinfer/token" in out.stdout
+    assert "--http 8080 --host 0.0.0.0 --token-file /etc/edgeinfer/token" in out.stdout
     assert "umask 077" in out.stdout
 
 
