@@ -140,6 +140,10 @@ def test_chat_completion_streaming_and_not(server):
     assert all(c.usage is None for c in chunks[:-1])
     # The second identical prompt reused the first one's KV.
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    # max_completion_tokens, the newer name, wins over max_tokens.
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, max_completion_tokens=3,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
 
 
 def test_stream_without_usage_ends_with_done(server):
