@@ -77,7 +77,8 @@ fi
 
 if [ "$ARCH" != "aarch64" ] && [ "$ARCH" != "arm64" ]; then
     echo "This installer is for 64-bit ARM Linux (found $ARCH); on other machines use the README's command." >&2
-    exit 1
+    [ "$DRY" = 1 ] || exit 1
+    echo "Not on ARM, so this dry run shows the plan for a board of this kind:"
 fi
 if [ "$DRY" = 0 ] && [ "$(id -u)" != 0 ]; then
     echo "Run it as root: sudo bash $0 $*" >&2

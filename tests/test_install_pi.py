@@ -44,9 +44,14 @@ def test_lan_install_makes_a_token_file_and_serves_on_the_lan(tmp_path):
     assert "umask 077" in out.stdout
 
 
-def test_it_refuses_other_architectures(tmp_path):
-    out = dry(tmp_path, None, arch="x86_64")
+def test_it_refuses_other_architectures_but_a_dry_run_shows_the_plan(tmp_path):
+    env = {**os.environ, "EDGEINFER_INSTALL_ARCH": "x86_64", "EDGEINFER_PREFIX": str(tmp_path / "opt")}
+    out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 1 and "64-bit ARM" in out.stderr
+    out = dry(tmp_path, "Raspberry Pi 5 Model B Rev 1.0", arch="x86_64")
+    assert out.returncode == 0 and "64-bit ARM" in out.stderr and "plan" in out.stdout
+    assert "systemctl enable --now edgeinfer.service" in out.stdout
+    assert not (tmp_path / "opt").exists()
 
 
 def test_uninstall_keeps_models_unless_asked(tmp_path):
