@@ -27,7 +27,7 @@ import llama_cpp as lc
 from . import hardware, selftest
 from . import native as _native
 from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, MemoryFitError
-from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
+from .fit import box_profile, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .grammar import check_grammar
 from .grammar import resolve as constrain
@@ -39,6 +39,8 @@ from .sampling import check_options
 from .scheduler import DEFAULT_QUEUE, Request, Scheduler, default_parallel, new_seed
 
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
+# K cache types by name (ggml type ids).
+KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
 
 
 def _take(req: Request, item) -> bool:
@@ -70,7 +72,7 @@ class Engine(SequenceKV):
     a ``cancel`` event passed to a stream stops that stream alone.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = DEFAULT_N_CTX,
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int | None = None,
                  threads: int | None = None, threads_batch: int | None = None,
                  n_batch: int = 512, mmap: bool = True, mlock: bool = False,
                  seed: int | None = None, n_seq_max: int | None = None, name: str | None = None,
@@ -81,13 +83,20 @@ class Engine(SequenceKV):
                  cache_disk_budget: int | None = None, flash_attn: bool = False,
                  sampling: dict | None = None, native: str | None = None,
                  stop_on_repeat: bool = True, queue_limit: int = DEFAULT_QUEUE,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, kv_type: str | None = None):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
         self.sha256 = sha256
-        train_ctx = self.info.context_length or n_ctx
-        self.n_ctx = int(n_ctx) if n_ctx else min(DEFAULT_N_CTX, train_ctx)
+        # Defaults sized to this machine's memory (fit.box_profile): a small
+        # box gets a shorter context, fewer sequences and a q8_0 K cache.
+        self.box = box_profile()
+        train_ctx = self.info.context_length or self.box.n_ctx
+        self.n_ctx = int(n_ctx) if n_ctx else min(self.box.n_ctx, train_ctx)
+        kv_type = kv_type or self.box.kv_type
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
+        self.kv_type = kv_type
         if check_memory:
             self._check_memory()
         # Threads: what the caller says, else this machine's tuned profile
@@ -132,7 +141,7 @@ class Engine(SequenceKV):
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = cparams.n_ubatch = self.n_batch = min(int(n_batch), self.n_ctx)
         if n_seq_max is None:
-            n_seq_max = default_parallel(self.n_ctx, hardware.default_threads())
+            n_seq_max = min(default_parallel(self.n_ctx, hardware.default_threads()), self.box.max_parallel)
         cparams.n_seq_max = self.n_seq_max = max(1, int(n_seq_max))
         # One pool of n_ctx cells for every sequence, of any length; without
         # it llama.cpp splits the context evenly between them.
@@ -148,6 +157,8 @@ class Engine(SequenceKV):
         cparams.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.flash_attn = bool(flash_attn)
+        # Only K: llama.cpp quantizes the V cache only with flash attention.
+        cparams.type_k = KV_TYPES[kv_type]
         self._kv_types = (cparams.type_k, cparams.type_v)
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:

@@ -1,14 +1,46 @@
 """What this machine has: memory (within cgroup limits) and CPU cores
-(within affinity and cgroup CPU quota)."""
+(within affinity and cgroup CPU quota), the board it is, and its heat.
+
+Everything is read from files under one root, ``/`` unless
+:func:`rooted` points it elsewhere: tests point it at recorded snapshots
+of a Raspberry Pi 4, a Pi 5 and an RK3588 board (tests/fixtures/boards).
+Under another root, nothing is asked of the running kernel (affinity,
+psutil, vcgencmd): the snapshot says it all.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import psutil
 
+_ROOT = Path("/")
 _CGROUP = Path("/sys/fs/cgroup")
+
+
+def _p(rel: str) -> Path:
+    """A path under the root that detection reads."""
+    return _ROOT / rel
+
+
+def _live() -> bool:
+    """True when reading this machine, not a snapshot."""
+    return _ROOT == Path("/")
+
+
+@contextlib.contextmanager
+def rooted(root: str | os.PathLike):
+    """Read the machine from the snapshot under ``root`` for a while."""
+    global _ROOT, _CGROUP, _PROC_CGROUP
+    saved = _ROOT, _CGROUP, _PROC_CGROUP
+    _ROOT = Path(root)
+    _CGROUP, _PROC_CGROUP = _p("sys/fs/cgroup"), _p("proc/self/cgroup")
+    try:
+        yield
+    finally:
+        _ROOT, _CGROUP, _PROC_CGROUP = saved
 
 
 def _read(path: Path) -> str | None:
@@ -96,21 +128,44 @@ def cgroup_memory_usage() -> int | None:
     return None
 
 
+def _meminfo() -> tuple[int, int]:
+    """(total, available) bytes from the snapshot's /proc/meminfo."""
+    fields = {}
+    for line in (_read(_p("proc/meminfo")) or "").splitlines():
+        k, _, v = line.partition(":")
+        if v.split() and v.split()[0].isdigit():
+            fields[k] = int(v.split()[0]) * 1024
+    total = fields.get("MemTotal", 0)
+    return total, fields.get("MemAvailable", total)
+
+
 def available_memory() -> int:
     """Bytes a new model could use now: the smaller of what the OS reports
     available and what is left under the tightest cgroup limit."""
-    avail = psutil.virtual_memory().available
+    avail = psutil.virtual_memory().available if _live() else _meminfo()[1]
     room = cgroup_memory_headroom()
     return min(avail, room) if room is not None else avail
 
 
 def total_memory() -> int:
-    total = psutil.virtual_memory().total
+    total = psutil.virtual_memory().total if _live() else _meminfo()[0]
     limit = cgroup_memory_limit()
     return min(total, limit) if limit else total
 
 
+def _cpu_list(text: str | None) -> list[int]:
+    """A kernel CPU list ("0-3,6") as numbers."""
+    out: list[int] = []
+    for part in (text or "").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if lo.isdigit():
+            out.extend(range(int(lo), int(hi if hi.isdigit() else lo) + 1))
+    return out
+
+
 def affinity_cpus() -> list[int]:
+    if not _live():
+        return _cpu_list(_read(_p("sys/devices/system/cpu/online"))) or [0]
     try:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -148,27 +203,78 @@ def physical_cores() -> int:
     cpus = affinity_cpus()
     cores = set()
     for cpu in cpus:
-        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        base = _p(f"sys/devices/system/cpu/cpu{cpu}/topology")
         core, pkg = _read(base / "core_id"), _read(base / "physical_package_id")
         if core is None:
             cores = set()
             break
         cores.add((pkg, core))
-    if cores:
-        return len(cores)
+    if cores or not _live():
+        return len(cores) or len(cpus)
     logical = os.cpu_count() or 1
     phys = psutil.cpu_count(logical=False) or logical
     return max(1, round(len(cpus) * phys / logical))
 
 
+# Arm's CPU part numbers (/proc/cpuinfo "CPU part", implementer 0x41)
+# for the cores of the boards this runs on.
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510",
+             "0xd47": "Cortex-A710", "0xd4d": "Cortex-A715", "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1",
+             "0xd49": "Neoverse-N2"}
+
+
+def _cpuinfo_blocks() -> list[dict[str, str]]:
+    blocks, cur = [], {}
+    for line in (_read(_p("proc/cpuinfo")) or "").splitlines():
+        if not line.strip():
+            if cur:
+                blocks.append(cur)
+            cur = {}
+            continue
+        k, _, v = line.partition(":")
+        cur[k.strip()] = v.strip()
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def arm_cores() -> list[str]:
+    """The Arm core of each CPU ("Cortex-A76", ...), in CPU order; empty
+    where /proc/cpuinfo names none (x86)."""
+    return [ARM_PARTS.get(b["CPU part"].lower(), f"Arm part {b['CPU part']}")
+            for b in _cpuinfo_blocks() if b.get("CPU implementer") == "0x41" and "CPU part" in b]
+
+
+def board_model() -> str | None:
+    """The board's name from the device tree ("Raspberry Pi 5 Model B
+    Rev 1.0"), where there is one."""
+    v = _read(_p("proc/device-tree/model"))
+    return v.strip("\0").strip() if v else None
+
+
 def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (x86 'model name', Arm 'Model')."""
-    text = _read(Path("/proc/cpuinfo")) or ""
-    for key in ("model name", "Model", "Hardware", "cpu model", "Processor"):
-        for line in text.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() == key and v.strip():
-                return v.strip()
+    """The CPU's name: x86 'model name' from /proc/cpuinfo; on Arm the
+    cores it has ("4x Cortex-A76", "4x Cortex-A76 + 4x Cortex-A55"), with
+    the board's name where the device tree gives one."""
+    blocks = _cpuinfo_blocks()
+    for key in ("model name", "cpu model"):
+        for b in blocks:
+            if b.get(key):
+                return b[key]
+    cores = arm_cores()
+    if cores:
+        counts: dict[str, int] = {}
+        for c in cores:
+            counts[c] = counts.get(c, 0) + 1
+        desc = " + ".join(f"{n}x {c}" for c, n in counts.items())
+        board = board_model()
+        return f"{board} ({desc})" if board else desc
+    for key in ("Model", "Hardware", "Processor"):
+        for b in blocks:
+            if b.get(key):
+                return b[key]
     import platform
 
     return platform.processor() or platform.machine() or "unknown"
@@ -176,7 +282,7 @@ def cpu_model() -> str:
 
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags: x86 'flags', Arm 'Features' in /proc/cpuinfo."""
-    text = _read(Path("/proc/cpuinfo")) or ""
+    text = _read(_p("proc/cpuinfo")) or ""
     for key in ("flags", "Features"):
         for line in text.splitlines():
             k, _, v = line.partition(":")
@@ -186,15 +292,27 @@ def cpu_flags() -> frozenset[str]:
 
 
 def core_clusters() -> dict[int, list[int]]:
-    """Allowed CPUs grouped by maximum frequency (kHz), fastest first.
+    """Allowed CPUs grouped by how fast each core is, fastest first: Arm's
+    ``cpu_capacity`` where the kernel gives it (the scheduler's own
+    measure), else the maximum frequency (kHz).
 
     More than one group means a big.LITTLE (or P-core/E-core) design; one
-    group (or no cpufreq in sysfs, as in many VMs) means uniform cores.
+    group (or neither file, as in many VMs) means uniform cores.
     """
+    cpus = affinity_cpus()
+
+    def speeds(name: str) -> list[int]:
+        out = []
+        for cpu in cpus:
+            v = _read(_p(f"sys/devices/system/cpu/cpu{cpu}/{name}"))
+            out.append(int(v) if v and v.isdigit() else 0)
+        return out
+
+    capacity = speeds("cpu_capacity")
+    key = capacity if any(capacity) else speeds("cpufreq/cpuinfo_max_freq")
     groups: dict[int, list[int]] = {}
-    for cpu in affinity_cpus():
-        v = _read(Path(f"/sys/devices/system/cpu/cpu{cpu}/cpufreq/cpuinfo_max_freq"))
-        groups.setdefault(int(v) if v and v.isdigit() else 0, []).append(cpu)
+    for cpu, k in zip(cpus, key):
+        groups.setdefault(k, []).append(cpu)
     return dict(sorted(groups.items(), reverse=True))
 
 
@@ -206,7 +324,7 @@ def big_cores() -> list[int]:
 def _physical_of(cpus: list[int]) -> int:
     cores = set()
     for cpu in cpus:
-        base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        base = _p(f"sys/devices/system/cpu/cpu{cpu}/topology")
         core, pkg = _read(base / "core_id"), _read(base / "physical_package_id")
         if core is None:
             return len(cpus)
@@ -217,14 +335,14 @@ def _physical_of(cpus: list[int]) -> int:
 def cpu_temperature() -> float | None:
     """The hottest CPU-ish sensor in °C, where readable."""
     try:
-        temps = psutil.sensors_temperatures()
+        temps = psutil.sensors_temperatures() if _live() else {}
     except (AttributeError, OSError):
         temps = {}
     values = [t.current for name, items in (temps or {}).items()
               if any(k in name.lower() for k in ("cpu", "core", "k10temp", "soc", "thermal"))
               for t in items if t.current]
     if not values:
-        for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+        for zone in _p("sys/class/thermal").glob("thermal_zone*/temp"):
             v = _read(zone)
             if v and v.lstrip("-").isdigit():
                 values.append(int(v) / 1000)
@@ -242,7 +360,7 @@ def throttling() -> dict | None:
     import shutil
     import subprocess
 
-    if shutil.which("vcgencmd"):
+    if _live() and shutil.which("vcgencmd"):
         try:
             out = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True,
                                  timeout=2).stdout
@@ -255,7 +373,7 @@ def throttling() -> dict | None:
                     "source": "vcgencmd get_throttled"}
     # x86: the kernel counts thermal throttling events per core
     counts = [int(v) for cpu in affinity_cpus()
-              if (v := _read(Path(f"/sys/devices/system/cpu/cpu{cpu}/thermal_throttle/core_throttle_count")))
+              if (v := _read(_p(f"sys/devices/system/cpu/cpu{cpu}/thermal_throttle/core_throttle_count")))
               and v.isdigit()]
     if counts:
         n = sum(counts)
@@ -287,7 +405,8 @@ def describe() -> dict:
     """Everything `edgeinfer doctor` prints, as data."""
     clusters = core_clusters()
     return {
-        "cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+        "cpu_model": cpu_model(), "board": board_model(), "arm_cores": arm_cores(),
+        "logical_cpus": os.cpu_count() if _live() else len(affinity_cpus()), "physical_cores": physical_cores(),
         "affinity": affinity_cpus(), "cgroup_cpu_quota": cgroup_cpu_quota(),
         "clusters": {str(k): v for k, v in clusters.items()}, "big_little": len(clusters) > 1,
         "total_memory": total_memory(), "available_memory": available_memory(),
@@ -300,7 +419,7 @@ def describe() -> dict:
 def runnable_tasks() -> int | None:
     """Tasks running or ready to run right now, this one included
     (/proc/loadavg's fourth field); None where the kernel does not say."""
-    fields = (_read(Path("/proc/loadavg")) or "").split()
+    fields = (_read(_p("proc/loadavg")) or "").split()
     running = fields[3].split("/")[0] if len(fields) > 3 else ""
     return int(running) if running.isdigit() else None
 
@@ -311,7 +430,7 @@ def busy_cores(sample: float = 0.25) -> float:
     so what is seen is the rest of the box). Where nothing else is ready
     to run, the box is quiet and no sample is taken: a quiet load pays
     nothing for this."""
-    if (runnable_tasks() or 2) <= 1:
+    if not _live() or (runnable_tasks() or 2) <= 1:
         return 0.0
     try:
         per_cpu = psutil.cpu_percent(interval=sample, percpu=True)

@@ -32,6 +32,7 @@ TOKEN_FILE=/etc/edgeinfer/token
 SRC=${EDGEINFER_SRC:-$(cd "$(dirname "$0")/.." && pwd)}
 ARCH=${EDGEINFER_INSTALL_ARCH:-$(uname -m)}   # the override exists for tests of --dry-run
 MODEL_FILE=${EDGEINFER_INSTALL_MODEL_FILE:-/proc/device-tree/model}
+COMPATIBLE_FILE=${EDGEINFER_INSTALL_COMPATIBLE_FILE:-/proc/device-tree/compatible}
 
 step() { echo "+ $*"; }
 run() {  # run a command, or only print it with --dry-run
@@ -40,14 +41,19 @@ run() {  # run a command, or only print it with --dry-run
 }
 
 board() {
-    local model=""
+    # The device tree's model names a Pi; its compatible list names the SoC
+    # of other boards ("rockchip,rk3588" on a ROCK 5B or an Orange Pi 5).
+    local model="" compatible=""
     [ -r "$MODEL_FILE" ] && model=$(tr -d '\0' < "$MODEL_FILE")
-    case "$model" in
-        *"Raspberry Pi 5"*) echo pi5 ;;
-        *"Raspberry Pi 4"*|*"Raspberry Pi Compute Module 4"*) echo pi4 ;;
-        *RK3588*|*"Orange Pi 5"*|*"Rock 5"*) echo rk3588 ;;
+    [ -r "$COMPATIBLE_FILE" ] && compatible=$(tr '\0' ' ' < "$COMPATIBLE_FILE")
+    shopt -s nocasematch
+    case "$model $compatible" in
+        *"Raspberry Pi 5"*|*bcm2712*) echo pi5 ;;
+        *"Raspberry Pi 4"*|*"Compute Module 4"*|*bcm2711*) echo pi4 ;;
+        *rk3588*|*"Orange Pi 5"*|*"Rock 5"*) echo rk3588 ;;
         *) echo generic ;;
     esac
+    shopt -u nocasematch
 }
 
 # CMake flags per board (llama.cpp's GGML_CPU_ARM_ARCH): the build must not

@@ -11,6 +11,7 @@ import time
 import click
 
 from .. import hardware, prompt_cache, tuning
+from ..fit import box_profile
 from ..errors import EdgeinferError
 from ..progress import human_bytes
 from .models import _params
@@ -116,13 +117,19 @@ def doctor_cmd(as_json, rerun, models):
     d["native"] = _native_report()
     if retested is not None:
         d["native"]["retested"] = retested
+    box = box_profile()
+    d["defaults"] = {"profile": box.name, "n_ctx": box.n_ctx, "max_parallel": box.max_parallel,
+                     "kv_type": box.kv_type, "why": box.why}
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    clusters = ", ".join(f"{len(c)} × {int(f) / 1e6:.2f} GHz" if int(f) else f"{len(c)} cores"
+    # A cluster's key is its maximum frequency in kHz, or Arm's cpu_capacity (at most 1024).
+    clusters = ", ".join(f"{len(c)} × {int(f) / 1e6:.2f} GHz" if int(f) > 4096
+                         else f"{len(c)} × capacity {f}" if int(f) else f"{len(c)} cores"
                          for f, c in d["clusters"].items())
     rows = [
         ("cpu", d["cpu_model"]),
+        *([("board", d["board"])] if d["board"] else []),
         ("cores", f"{d['physical_cores']} physical, {d['logical_cpus']} logical; "
                   f"allowed CPUs {','.join(map(str, d['affinity']))}"),
         ("clusters", clusters + (" (big.LITTLE)" if d["big_little"] else "")),
@@ -135,6 +142,7 @@ def doctor_cmd(as_json, rerun, models):
                             + (f"; {busy:.1f} cores busy with other work now, so a load takes "
                                f"{hardware.threads_for_load(d['default_threads'], busy)}"
                                if (busy := hardware.busy_cores()) >= 0.5 else "")),
+        ("defaults", box.describe()),
         ("tuned profiles", ", ".join(f"{p['model']}: {p['threads']}/{p['threads_batch']}" for p in d["profiles"])
          or "none - run 'edgeinfer tune' to measure this machine"),
         ("fingerprint", d["fingerprint"]),
