@@ -26,8 +26,8 @@ import llama_cpp as lc
 
 from . import hardware, selftest
 from . import native as _native
-from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, MemoryFitError
-from .fit import box_profile, fit_hint, memory_shortfall
+from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError
+from .fit import box_profile, refusal
 from .gguf_file import GGUFInfo, read_gguf
 from .grammar import check_grammar
 from .grammar import resolve as constrain
@@ -199,9 +199,9 @@ class Engine(SequenceKV):
 
     # -- lifecycle ---------------------------------------------------------
     def _check_memory(self) -> None:
-        short = memory_shortfall(self.info, self.n_ctx)
-        if short:
-            raise MemoryFitError(f"{self.name} {short}", hint=fit_hint(self.n_ctx))
+        err = refusal(self.name, self.info, self.n_ctx)
+        if err is not None:
+            raise err
 
     def close(self, timeout: float = 30.0) -> None:
         """Free the context and the model; the engine is unusable after.

@@ -16,13 +16,13 @@ from urllib.parse import unquote, urlparse
 
 from filelock import FileLock, Timeout
 
-from . import catalog, hardware, selftest
+from . import catalog, selftest
 from .catalog import CatalogEntry, Source
 from . import download
 from .download import FetchResult, copy_file, fetch_http, fetch_wheels
 from .errors import (AllSourcesFailedError, DiskSpaceError, DownloadError, GGUFError,
                      ModelNotFoundError)
-from .fit import DEFAULT_N_CTX, fit_hint, memory_shortfall
+from .fit import DEFAULT_N_CTX, entry_refusal, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .names import ModelRef, check_part, parse_ref, sanitize
 from .progress import Progress, make_progress
@@ -63,8 +63,12 @@ def check_disk(store: ModelStore, need: int) -> None:
 
 def pull(spec: str, *, store: ModelStore | None = None, quiet: bool = False,
          progress: Progress | None = None, log: Log | None = None,
-         name: str | None = None) -> PullResult:
-    """Pull ``spec``: a catalog ``name[:tag]``, an http(s) URL, or a GGUF path."""
+         name: str | None = None, force: bool = False) -> PullResult:
+    """Pull ``spec``: a catalog ``name[:tag]``, an http(s) URL, or a GGUF path.
+
+    A catalog model that could not run in the memory available here is
+    refused before a byte is downloaded (MemoryFitError, naming a context
+    or a model that would fit); ``force`` downloads it anyway."""
     store = store or ModelStore()
     log = log or ((lambda _m: None) if quiet else _stderr)
     progress = progress or make_progress(quiet)
@@ -85,7 +89,7 @@ def pull(spec: str, *, store: ModelStore | None = None, quiet: bool = False,
         raise ModelNotFoundError(f"'{spec}' is not in the catalog (known: {known})",
                                  hint="pull by URL or file path, or add an entry to "
                                       f"{catalog.user_catalog_dir()}")
-    return pull_entry(entry, store=store, progress=progress, log=log, quiet=quiet)
+    return pull_entry(entry, store=store, progress=progress, log=log, quiet=quiet, force=force)
 
 
 def _locked(store: ModelStore, key: str, log: Log) -> FileLock:
@@ -100,7 +104,11 @@ def _locked(store: ModelStore, key: str, log: Log) -> FileLock:
 
 
 def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, log: Log,
-               quiet: bool = False) -> PullResult:
+               quiet: bool = False, force: bool = False) -> PullResult:
+    if not force and not store.blob_path(entry.sha256).exists():
+        err = entry_refusal(entry)
+        if err is not None:
+            raise err
     lock = _locked(store, f"sha256-{entry.sha256}", log)
     try:
         blob = store.blob_path(entry.sha256)
@@ -114,10 +122,9 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
         have = partial.stat().st_size if partial.exists() else 0
         check_disk(store, entry.size - have)
         warnings = []
-        if entry.size > hardware.available_memory():
-            warnings.append(f"the weights alone ({entry.size / 1e9:.1f} GB) exceed the memory "
-                            f"available now ({hardware.available_memory() / 1e9:.1f} GB)")
-            log("warning: " + warnings[-1])
+        if force and (err := entry_refusal(entry)) is not None:
+            warnings.append(str(err))
+            log("warning: " + warnings[-1] + " - downloading anyway (--force)")
         errors: list[Exception] = []
         store.clean_scratch()  # what a killed pull left behind
         log(f"pulling {entry.ref} ({entry.size / 1e6:,.1f} MB)")

@@ -1,10 +1,12 @@
-"""Memory fit: a pull warns (and still pulls) when the model will not fit,
-and a load refuses before llama.cpp allocates anything."""
+"""Memory fit: a pull refuses before downloading a model that will not fit
+(and warns and pulls with --force), and a load refuses before llama.cpp
+allocates anything; each refusal names a context or a model that fits."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,16 +34,41 @@ def test_estimate_grows_with_the_context(tiny_model):
     assert info.memory_estimate(4096) - info.memory_estimate(512) >= info.kv_cache_bytes(4096) - info.kv_cache_bytes(512)
 
 
-def test_pull_warns_with_a_suggestion_and_still_pulls(tiny_model, monkeypatch):
+def test_pull_refuses_before_downloading_and_force_pulls_anyway(tiny_model, monkeypatch, tmp_path):
     _catalog_entry(Path(os.environ["EDGEINFER_CONFIG"]), tiny_model)
     monkeypatch.setattr(hardware, "available_memory", lambda: 1_000_000)
+    copied = []
+    pull_mod = sys.modules["edgeinfer.pull"]   # the package's `pull` is the function
+    real_copy = pull_mod.copy_file
+    monkeypatch.setattr(pull_mod, "copy_file", lambda *a, **k: copied.append(1) or real_copy(*a, **k))
 
     result = CliRunner().invoke(cli, ["pull", "tiny"])
+    assert result.exit_code == 1 and not copied          # not a byte moved
+    assert "was not downloaded" in result.output and "--force" in result.output
+    assert edgeinfer.ModelStore().get("tiny:f16") is None
+    assert not list(edgeinfer.ModelStore().blobs.glob("*"))   # nothing half-written
 
+    result = CliRunner().invoke(cli, ["pull", "tiny", "--force"])
     assert result.exit_code == 0, result.output
-    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert any("smaller quant" in w and "n_ctx=" in w for w in warning), result.stderr
+    assert any(line.startswith("warning:") and "anyway" in line for line in result.stderr.splitlines())
     assert edgeinfer.ModelStore().get("tiny:f16") is not None
+
+
+def test_pull_names_a_context_or_models_that_fit(monkeypatch):
+    from edgeinfer import catalog
+    from edgeinfer.fit import entry_refusal
+
+    big = catalog.lookup(edgeinfer.names.parse_ref("qwen2.5-coder-1.5b-instruct"))
+    small = catalog.lookup(edgeinfer.names.parse_ref("smollm2-135m-instruct"))
+    # Room for the weights and a short context: the hint names the context.
+    monkeypatch.setattr(hardware, "available_memory", lambda: big.size + (big.memory - big.size) // 4 + 1)
+    err = entry_refusal(big)
+    assert err is not None and "--n-ctx 1024" in err.hint
+    # Room for the small model only: the hint names it, with its size.
+    monkeypatch.setattr(hardware, "available_memory", lambda: small.memory + 1)
+    err = entry_refusal(big)
+    assert "does not fit at any context" in err.hint and small.ref in err.hint
+    assert entry_refusal(small) is None
 
 
 def test_pull_is_quiet_about_memory_when_it_fits(tiny_model):
@@ -59,7 +86,7 @@ def test_load_refuses_before_llama_cpp_when_it_will_not_fit(tiny_model, monkeypa
 
     with pytest.raises(edgeinfer.MemoryFitError) as err:
         Engine(tiny_model, n_ctx=4096)
-    assert "n_ctx=" in err.value.hint and "smaller" in err.value.hint
+    assert "--n-ctx 2048" in err.value.hint
 
 
 def test_a_smaller_context_fits_where_a_larger_one_does_not(tiny_model, monkeypatch):
@@ -78,4 +105,4 @@ def test_cli_run_says_what_to_do_when_it_will_not_fit(tiny_model, monkeypatch):
     result = CliRunner().invoke(cli, ["run", str(tiny_model), "hi"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "n_ctx=" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "does not fit at any context" in lines[0]

@@ -32,7 +32,8 @@ def _params(n: int | None) -> str:
 @click.argument("model")
 @click.option("--name", help="Store the model under this name[:tag] (URLs and files).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def pull_cmd(model, name, quiet):
+@click.option("--force", is_flag=True, help="Download even if the model will not fit in memory here.")
+def pull_cmd(model, name, quiet, force):
     """Download MODEL into the store: a catalog name[:tag], a URL or a file.
 
     \b
@@ -44,7 +45,7 @@ def pull_cmd(model, name, quiet):
     Example:
       edgeinfer pull smollm2-135m-instruct
     """
-    result = pull(model, quiet=quiet, name=name)
+    result = pull(model, quiet=quiet, name=name, force=force)
     m = result.manifest
     if result.source == "store":
         click.echo(f"{m.ref} is already in the store ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
