@@ -111,12 +111,14 @@ def refusal(name: str, info: GGUFInfo, n_ctx: int):
                                                          hardware.available_memory()))
 
 
-def entry_refusal(entry, n_ctx: int = DEFAULT_N_CTX):
+def entry_refusal(entry, n_ctx: int | None = None):
     """The same before a download, from the catalog's figures: the
     weights (the file's size) and what the entry needs at the default
-    context, the rest of which grows with the context."""
+    context, the rest of which grows with the context. ``n_ctx``
+    defaults to this machine's (box_profile)."""
     from .errors import MemoryFitError
 
+    n_ctx = n_ctx or box_profile().n_ctx
     have = hardware.available_memory()
     run = entry.memory or entry.size * 5 // 4
 

@@ -62,11 +62,11 @@ def test_pull_names_a_context_or_models_that_fit(monkeypatch):
     small = catalog.lookup(edgeinfer.names.parse_ref("smollm2-135m-instruct"))
     # Room for the weights and a short context: the hint names the context.
     monkeypatch.setattr(hardware, "available_memory", lambda: big.size + (big.memory - big.size) // 4 + 1)
-    err = entry_refusal(big)
+    err = entry_refusal(big, 4096)
     assert err is not None and "--n-ctx 1024" in err.hint
     # Room for the small model only: the hint names it, with its size.
     monkeypatch.setattr(hardware, "available_memory", lambda: small.memory + 1)
-    err = entry_refusal(big)
+    err = entry_refusal(big, 4096)
     assert "does not fit at any context" in err.hint and small.ref in err.hint
     assert entry_refusal(small) is None
 
