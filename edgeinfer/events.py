@@ -21,7 +21,8 @@ class Stats:
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
     total_s: float = 0.0
     native: str = ""              # the native setting in force (see edgeinfer.native)
-    cpu_temperature_c: float | None = None  # the hottest CPU sensor at the end, where readable
+    cpu_temperature_c: float | None = None  # the hottest CPU sensor near the end, where readable
+    throttled: list[str] | None = None      # what the CPU reports now ([] for nothing), where it reports
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

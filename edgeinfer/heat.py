@@ -9,12 +9,49 @@ change, so whoever reads the log (journalctl -u edgeinfer) learns why.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from . import hardware
 
 HOT_C = 80.0        # where a Pi 4 or 5 starts to throttle
 COOL_C = 75.0       # back below this, a hot CPU counts as cool again
 CHECK_EVERY_S = 30.0
+
+
+FRESH_S = 5.0       # a reading this recent is reused
+
+
+class _Latest:
+    """The last reading of temperature and throttling, refreshed in a
+    thread of its own: a generation's stats want it as the generation
+    ends, on the scheduler thread, which must never wait for a sensor
+    or for vcgencmd."""
+
+    def __init__(self):
+        self.temperature: float | None = None
+        self.throttled: list[str] | None = None
+        self.at = 0.0
+        self._busy = threading.Lock()
+
+    def get(self) -> tuple[float | None, list[str] | None]:
+        if time.monotonic() - self.at > FRESH_S and self._busy.acquire(blocking=False):
+            threading.Thread(target=self._refresh, name="edgeinfer-heat", daemon=True).start()
+        return self.temperature, self.throttled
+
+    def _refresh(self) -> None:
+        try:
+            t = hardware.throttling()
+            self.temperature = hardware.cpu_temperature()
+            self.throttled = None if t is None else list(t.get("now") or [])
+            self.at = time.monotonic()
+        except Exception:
+            self.at = time.monotonic()
+        finally:
+            self._busy.release()
+
+
+latest = _Latest()
 
 
 class HeatWatch:

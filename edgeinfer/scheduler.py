@@ -37,7 +37,7 @@ from typing import Callable
 
 import llama_cpp as lc
 
-from . import hardware
+from . import heat
 from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
 from .grammar import GrammarGate
@@ -562,7 +562,8 @@ class Scheduler:
         if hit_stop_string:
             stats.stop_sequence = run.matcher.hit
         stats.total_s = t_end - run.req.submitted
-        stats.cpu_temperature_c = hardware.cpu_temperature()  # a Pi slows down when hot
+        # A Pi slows down when hot: the last reading, taken off this thread.
+        stats.cpu_temperature_c, stats.throttled = heat.latest.get()
         self.engine.last_stats = stats
         self._release(run)
         self._deliver(run.req, DoneEvent(stats))

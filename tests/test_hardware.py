@@ -401,10 +401,19 @@ def test_no_report_is_none_and_doctor_says_so(machine, monkeypatch):
     assert "throttling       throttled (vcgencmd get_throttled)" in out
 
 
-def test_stats_carry_the_cpu_temperature(tiny_model, monkeypatch):
+def test_stats_carry_the_cpu_temperature_and_throttling(tiny_model, monkeypatch):
+    import time
+
+    from edgeinfer import heat
     from edgeinfer.engine import Engine
 
     monkeypatch.setattr(hardware, "cpu_temperature", lambda: 71.5)
+    monkeypatch.setattr(hardware, "throttling", lambda: {"now": ["throttled"], "since_boot": [], "source": "x"})
+    monkeypatch.setattr(heat, "latest", heat._Latest())
+    deadline = time.monotonic() + 10
+    while heat.latest.get() != (71.5, ["throttled"]):   # read in a thread of its own
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     with Engine(tiny_model, threads=1, prompt_cache=False) as e:
         done = list(e.stream("Hello", max_tokens=2))[-1]
-    assert done.stats.cpu_temperature_c == 71.5
+    assert done.stats.cpu_temperature_c == 71.5 and done.stats.throttled == ["throttled"]
