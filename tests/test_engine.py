@@ -553,3 +553,22 @@ def test_load_of_a_model_that_was_never_pulled():
     with pytest.raises(ModelNotFoundError) as info:
         edgeinfer.load("gemma-3-270m")
     assert "edgeinfer pull gemma-3-270m" in info.value.hint
+
+
+def test_a_q8_0_k_cache_works_with_kv_reuse_and_the_prompt_cache(tiny_model):
+    """The small-box K cache: a reused prefix and a restored prompt-cache
+    entry give what a cold q8_0 engine gives."""
+    prompt = "The weather was mild and the market was busy, so we walked"
+    with Engine(tiny_model, n_ctx=1024, threads=THREADS, kv_type="q8_0", prompt_cache=False) as cold:
+        want = run(cold, prompt, max_tokens=24, temperature=0)[0]
+    with Engine(tiny_model, n_ctx=1024, threads=THREADS, kv_type="q8_0") as e:
+        assert e.kv_type == "q8_0"
+        first = run(e, prompt, max_tokens=24, temperature=0)[0]
+        again, _, done = run(e, prompt, max_tokens=24, temperature=0)        # the slot's own KV
+        assert done.stats.cached_tokens > 0
+        e.kv_clear(None)
+        restored, _, done = run(e, prompt, max_tokens=24, temperature=0)     # from the prompt cache
+        assert done.stats.cached_tokens > 0
+    assert first == again == restored == want
+    with pytest.raises(ValueError, match="kv_type"):
+        Engine(tiny_model, kv_type="q4_0")
