@@ -14,6 +14,7 @@ the hot loop; :meth:`Engine.stream` yields :class:`TextEvent` and a final
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import queue
@@ -36,6 +37,7 @@ from .kv import SequenceKV
 from .prompt_cache import PromptCache
 from .sampling import DEFAULTS as DEFAULT_SAMPLING
 from .sampling import check_options
+from .speculative import SpecConfig
 from .scheduler import DEFAULT_QUEUE, Request, Scheduler, default_parallel, new_seed
 
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
@@ -83,7 +85,8 @@ class Engine(SequenceKV):
                  cache_disk_budget: int | None = None, flash_attn: bool = False,
                  sampling: dict | None = None, native: str | None = None,
                  stop_on_repeat: bool = True, queue_limit: int = DEFAULT_QUEUE,
-                 prefill_chunk: int | None = None, kv_type: str | None = None):
+                 prefill_chunk: int | None = None, kv_type: str | None = None,
+                 speculative: "str | SpecConfig" = "auto"):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -120,6 +123,7 @@ class Engine(SequenceKV):
                 self.threads_source += f", capped at {cap}: {busy:.1f} cores busy with other work"
         self.seed = seed
         self.lock_timeout = lock_timeout
+        self.speculative = speculative if isinstance(speculative, SpecConfig) else SpecConfig(mode=speculative)
         self._cancel = threading.Event()       # engine.cancel() during a whole-context call
         self._model = self._ctx = None
         self._batch = None
@@ -438,8 +442,16 @@ class Engine(SequenceKV):
             self._eog = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
         return self._eog
 
+    def _spec(self, speculative: str | None) -> SpecConfig | None:
+        """A request's speculative decoding: the engine's, or its own mode."""
+        spec = self.speculative
+        if speculative is not None and speculative != spec.mode:
+            spec = dataclasses.replace(spec, mode=speculative)
+        return None if spec.mode == "off" else spec
+
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
-                 ignore_eos: bool = False, json_schema=None, grammar: str | None = None) -> Request:
+                 ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
+                 speculative: str | None = None) -> Request:
         self._check_open()
         gbnf = constrain(json_schema, grammar)
         if gbnf is not None:
@@ -456,12 +468,12 @@ class Engine(SequenceKV):
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
-                       grammar=gbnf)
+                       grammar=gbnf, spec=self._spec(speculative))
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
                       ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
-                      **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      speculative: str | None = None, **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
@@ -473,10 +485,13 @@ class Engine(SequenceKV):
         ``json_schema`` (a dict or its JSON text; ``"json"`` for any JSON
         object) or ``grammar`` (GBNF text) constrains the answer: it
         parses, and follows the schema, unless max_tokens cuts it short.
-        A schema that cannot be converted raises GrammarError."""
+        A schema that cannot be converted raises GrammarError.
+
+        ``speculative`` ("auto", "lookup" or "off") overrides the engine's
+        speculative decoding for this request (edgeinfer.speculative)."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
-                            json_schema, grammar)
+                            json_schema, grammar, speculative)
         self._scheduler.submit(req)
         done = False
         item = None
@@ -502,7 +517,8 @@ class Engine(SequenceKV):
     async def astream_tokens(self, tokens: list[int], *, max_tokens: int = 256,
                              stop: Iterable[str] | str = (), seed: int | None = None,
                              cancel: threading.Event | None = None, ignore_eos: bool = False,
-                             json_schema=None, grammar: str | None = None, **sampling):
+                             json_schema=None, grammar: str | None = None, speculative: str | None = None,
+                             **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
         leaving the loop, cancels the request."""
@@ -512,7 +528,7 @@ class Engine(SequenceKV):
         events: asyncio.Queue = asyncio.Queue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling,
                             lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
-                            json_schema, grammar)
+                            json_schema, grammar, speculative)
         self._scheduler.submit(req)
         done = False
         try:

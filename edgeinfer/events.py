@@ -19,10 +19,17 @@ class Stats:
     decode_tps: float = 0.0       # generated tokens per second after the first
     finish_reason: str = ""       # "stop", "length", "repetition" (stuck in a loop) or "cancelled"
     stop_sequence: str | None = None  # the stop string that ended the answer, if one did
+    drafted_tokens: int = 0       # speculative decoding: tokens drafted for the target to check
+    accepted_tokens: int = 0      # of those, kept
     total_s: float = 0.0
     native: str = ""              # the native setting in force (see edgeinfer.native)
     cpu_temperature_c: float | None = None  # the hottest CPU sensor near the end, where readable
     throttled: list[str] | None = None      # what the CPU reports now ([] for nothing), where it reports
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Drafted tokens kept, as a fraction; None when nothing was drafted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -42,6 +42,7 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
 from .grammar import GrammarGate
 from .sampling import StopMatcher, repeating, sampler_chain
+from .speculative import Backoff, NgramIndex, SpecConfig
 
 # While other streams decode, a step carries as many prompt tokens as this
 # machine prefills in GAP_TARGET seconds (measured as steps run), so a long
@@ -82,6 +83,7 @@ class Request:
     admit_timeout: float | None = None            # None: wait for a slot forever
     ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
     grammar: str | None = None                    # GBNF the answer must follow
+    spec: SpecConfig | None = None                # speculative decoding; None: off
     id: int = field(default_factory=lambda: next(_ids))
     consumed: int = 0
     # set by the scheduler
@@ -107,7 +109,7 @@ class _Running:
     and the text state between steps."""
 
     __slots__ = ("req", "seq", "pending", "chain", "gate", "utf8", "matcher", "generated", "pending_ids",
-                 "t0", "t_first", "stats", "prefilled", "n_cached")
+                 "t0", "t_first", "stats", "prefilled", "n_cached", "ngrams", "backoff", "drafts")
 
     def __init__(self, req: Request, seq: int, n_cached: int, chain, t0: float):
         self.req, self.seq, self.chain, self.t0 = req, seq, chain, t0
@@ -121,6 +123,11 @@ class _Running:
         self.pending_ids: list[int] = []
         self.t_first: float | None = None
         self.stats = req.stats
+        # Speculation: the prompt and answer so far, indexed by n-gram.
+        spec = req.spec
+        self.ngrams = NgramIndex(req.tokens, spec.ngram, spec.min_ngram) if spec else None
+        self.backoff = Backoff() if spec and spec.mode == "auto" else None
+        self.drafts: list[int] = []     # drafted after pending[0], in this step
 
 
 class Scheduler:
@@ -229,6 +236,7 @@ class Scheduler:
             "steps_by_sequences": dict(sorted(self.steps_by_size.items())),
             "generated_tokens": self.counters["generated"], "prefill_tokens": self.counters["prefilled"],
             "decode_tps": round(tps, 2), "prefill_chunk": self.prefill_chunk,
+            "drafted_tokens": self.counters["drafted"], "accepted_tokens": self.counters["accepted"],
             "prefill_chunk_source": "given" if self.fixed_chunk else "measured",
         }
 
@@ -377,7 +385,10 @@ class Scheduler:
             if self._running:  # everyone is waiting for a slow reader
                 time.sleep(0.002)
             return
-        limit = min(eng.n_batch - len(decoding), self.prefill_chunk if decoding else eng.n_batch)
+        for run in decoding:
+            run.drafts = self._draft(run, len(decoding))
+        n_decode = sum(1 + len(run.drafts) for run in decoding)
+        limit = min(eng.n_batch - n_decode, self.prefill_chunk if decoding else eng.n_batch)
         while True:
             plan = self._plan(decoding, prefilling, limit)
             t_step = time.perf_counter()
@@ -392,6 +403,10 @@ class Scheduler:
                 continue
             if prefilling:
                 prefilling = []
+                continue
+            if any(run.drafts for run in decoding):   # drafts need cells too: drop them first
+                for run in decoding:
+                    run.drafts = []
                 continue
             youngest = max(decoding, key=lambda run: run.req.submitted)
             decoding.remove(youngest)
@@ -420,6 +435,9 @@ class Scheduler:
         self.max_sequences_in_step = max(self.max_sequences_in_step, n_seqs)
         made = 0
         for run, toks, idx in plan:
+            if run.prefilled:
+                made += self._verify(run, toks, idx)
+                continue
             eng._kv_tokens[run.seq].extend(toks)
             if not run.prefilled:
                 del run.pending[:len(toks)]
@@ -436,17 +454,37 @@ class Scheduler:
             if run.req.max_tokens <= 0:  # a prefill only (benchmarks, cache warming)
                 self._finish(run, "length")
                 continue
-            made += self._sample(run, idx)
+            made += self._sample(run, idx) >= 0
         self.counters["generated"] += made
         self._recent.append((time.perf_counter(), made))
 
+    def _draft(self, run: _Running, n_decoding: int) -> list[int]:
+        """The draft to verify after ``run``'s pending token this step: what
+        followed the latest earlier occurrence of its last few tokens, or
+        nothing. Drafts are shared out so that a step with several
+        streams stays about as wide as one drafting stream's."""
+        spec = run.req.spec
+        if spec is None or (run.backoff is not None and not run.backoff.allow()):
+            return []
+        room = self.engine.n_ctx - len(self.engine._kv_tokens[run.seq]) - 1
+        left = run.req.max_tokens - run.stats.generated_tokens - 1
+        k = min(spec.max_draft // max(1, n_decoding), room, left)
+        if k < spec.min_draft:
+            return []
+        draft = run.ngrams.draft(k)
+        return draft if len(draft) >= spec.min_draft else []
+
     def _plan(self, decoding, prefilling, limit):
-        """(run, tokens to evaluate, batch index of the logits row or -1)."""
+        """(run, tokens to evaluate, batch index): for a decoding run its
+        pending token and its draft, with logits at every row from that
+        index on; for a prefill chunk the row of the last prompt token's
+        logits, or -1 while the prompt is not done."""
         plan = []
         i = 0
         for run in decoding:
-            plan.append((run, run.pending[:1], i))
-            i += 1
+            toks = run.pending[:1] + run.drafts
+            plan.append((run, toks, i))
+            i += len(toks)
         budget = limit
         for run in prefilling:
             if budget <= 0:
@@ -464,12 +502,13 @@ class Scheduler:
         i = 0
         for run, toks, idx in plan:
             kv_len = len(eng._kv_tokens[run.seq])
+            every = 1 if run.prefilled else 0   # a decoding run's draft is checked row by row
             for j, t in enumerate(toks):
                 b.token[i] = t
                 b.pos[i] = kv_len + j
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = run.seq
-                b.logits[i] = 0
+                b.logits[i] = every
                 i += 1
             if idx >= 0:
                 b.logits[idx] = 1
@@ -488,9 +527,48 @@ class Scheduler:
                 lc.llama_memory_seq_rm(eng._mem, run.seq, len(eng._kv_tokens[run.seq]), -1)
         return rc
 
+    def _verify(self, run: _Running, toks: list[int], idx: int) -> int:
+        """After a step that evaluated ``run``'s pending token and its
+        draft at rows idx, idx+1, ...: draw the target's token at each row
+        in turn, keeping the draft while it matches what was drawn (the
+        module docstring of edgeinfer.speculative says why this keeps the
+        distribution). The KV cells of the draft tokens not kept are
+        removed. Returns the tokens generated."""
+        eng = self.engine
+        kv = eng._kv_tokens[run.seq]
+        start = len(kv)
+        drafts = toks[1:]
+        kept = made = 0
+        kv.append(toks[0])
+        # kv grows with each draft token kept, so that what _sample sees
+        # (a full context, say) is what it would see without speculation.
+        for j in range(len(toks)):
+            tok = self._sample(run, idx + j)
+            if tok < 0:
+                break
+            made += 1
+            if run.req.finished or j >= len(drafts) or tok != drafts[j]:
+                break
+            kept += 1
+            kv.append(drafts[j])
+        # The cells of the draft tokens not kept go, unless the run ended and
+        # released its whole sequence already.
+        if kept < len(drafts) and len(kv) == start + 1 + kept:
+            lc.llama_memory_seq_rm(eng._mem, run.seq, len(kv), -1)
+        if drafts:
+            run.stats.drafted_tokens += len(drafts)
+            run.stats.accepted_tokens += kept
+            self.counters["drafted"] += len(drafts)
+            self.counters["accepted"] += kept
+            if run.backoff is not None:
+                run.backoff.record(len(drafts), kept)
+        run.drafts = []
+        return made
+
     def _sample(self, run: _Running, idx: int) -> int:
         """Sample the next token of ``run`` at batch row ``idx``; emit text;
-        finish it if it ended. Returns 1 if a token was generated."""
+        finish it if it ended. Returns the token generated, or -1 if the
+        run ended without one."""
         eng, req, stats = self.engine, run.req, run.stats
         if run.gate is None:
             tok = lc.llama_sampler_sample(run.chain, eng._ctx, idx)
@@ -498,16 +576,18 @@ class Scheduler:
             tok = run.gate.sample(run.chain, eng._ctx, idx, eng.is_eog)
             if tok < 0:  # the grammar allows nothing more
                 self._finish(run, "stop")
-                return 0
+                return -1
         if run.t_first is None:
             run.t_first = time.perf_counter()
             stats.ttft_s = run.t_first - req.submitted
         if eng.is_eog(tok):
             self._finish(run, "stop")
-            return 0
+            return -1
         stats.generated_tokens += 1
         run.pending_ids.append(tok)
         run.generated.append(tok)
+        if run.ngrams is not None:
+            run.ngrams.extend((tok,))
         text, stopped = run.matcher.feed(run.utf8.decode(eng.token_bytes(tok)))
         if text:
             self._deliver(req, TextEvent(text, run.pending_ids))
@@ -523,7 +603,7 @@ class Scheduler:
             self._finish(run, "length")
         else:
             run.pending = [tok]
-        return 1
+        return tok
 
     # -- ending -----------------------------------------------------------
     def _deliver(self, req: Request, item) -> None:

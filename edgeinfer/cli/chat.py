@@ -129,6 +129,10 @@ def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int
     return edgeinfer.load(model, **opts, **extra)
 
 
+def _spec(speculative: str | None) -> dict:
+    return {"speculative": speculative} if speculative else {}
+
+
 def _sampling(temperature, top_k, top_p, max_tokens, seed) -> dict:
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
     return {k: v for k, v in opts.items() if v is not None}
@@ -322,6 +326,9 @@ _model_opts = [
     click.option("--max-tokens", type=int, help="Longest answer in tokens."),
     click.option("--seed", type=int, help="Sampling seed, for reproducible answers."),
     click.option("--system", help="System prompt."),
+    click.option("--speculative", type=click.Choice(["auto", "lookup", "off"]), default=None,
+                 help="Speculative decoding: drafts from the prompt, checked in one batch (default auto: "
+                      "on while drafts keep being accepted)."),
 ]
 
 
@@ -335,7 +342,8 @@ def _with_model_opts(f):
 @click.argument("model", required=False)
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
-def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p, max_tokens, seed, system):
+def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p, max_tokens, seed, system,
+             speculative):
     """Chat with MODEL in the terminal (default: the catalog's default model).
 
     \b
@@ -349,7 +357,7 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
     """
     interactive = sys.stdin.isatty()
     name = ensure_model(model, yes, quiet=False)
-    engine = _load(name, n_ctx, threads, threads_batch)
+    engine = _load(name, n_ctx, threads, threads_batch, **_spec(speculative))
     try:
         session = ChatSession(engine, system=system, **_sampling(temperature, top_k, top_p,
                                                                  max_tokens or 1024, seed))
@@ -376,7 +384,7 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
 def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p,
-            max_tokens, seed, system):
+            max_tokens, seed, system, speculative):
     """Answer one PROMPT with MODEL (default: the one chosen for this
     machine) and exit. PROMPT '-' reads stdin.
 
@@ -392,7 +400,7 @@ def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature,
     if prompt == "-":
         prompt = sys.stdin.read()
     model = ensure_model(model, yes, quiet=False)
-    engine = _load(model, n_ctx, threads, threads_batch)
+    engine = _load(model, n_ctx, threads, threads_batch, **_spec(speculative))
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]

@@ -16,6 +16,7 @@ import uuid
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent
+from ..speculative import MODES as SPEC_MODES
 from .fields import Fields, text_content
 from .http import Generation, sse
 from .openai_api import stream_events
@@ -99,7 +100,8 @@ async def messages(front, body: dict, request):
     tokens = await _tokens(front, f)
     max_tokens = max(1, min(max_tokens, engine.n_ctx - len(tokens)))
     gen = await Generation.start(front, tokens, "/v1/messages", json_schema=schema, max_tokens=max_tokens,
-                                 stop=stops, seed=f.seed("seed"), **sampling)
+                                 stop=stops, seed=f.seed("seed"),
+                                 speculative=f.choice("speculative", SPEC_MODES), **sampling)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
     head = {"id": msg_id, "type": "message", "role": "assistant", "model": engine.name}
 

@@ -53,6 +53,14 @@ class Fields:
             raise self.bad(name, "must be a string")
         return v
 
+    def choice(self, name: str, allowed, default=None):
+        v = self.body.get(name)
+        if v is None:
+            return default
+        if v not in allowed:
+            raise self.bad(name, f"must be one of {', '.join(allowed)}")
+        return v
+
     def stops(self, name: str) -> list[str]:
         v = self.body.get(name)
         if v is None:

@@ -16,6 +16,7 @@ import uuid
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent
+from ..speculative import MODES as SPEC_MODES
 from .fields import Fields, text_content
 from .http import Generation, api_error_from, sse
 
@@ -31,7 +32,7 @@ FINISH = {"stop": "stop", "length": "length", "repetition": "length", "cancelled
 def _sampling(f: Fields) -> dict:
     """OpenAI's sampling parameters mapped onto llama.cpp's sampler chain;
     top_k, min_p and repeat_penalty are accepted as extensions, as vLLM
-    and llama.cpp's server accept them."""
+    and llama.cpp's server accept them (and speculative, edgeinfer's own)."""
     out = {}
     for name, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("presence_penalty", -2.0, 2.0),
                          ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0), ("repeat_penalty", 0.0, 10.0)):
@@ -104,7 +105,8 @@ def _common(f: Fields, front) -> dict:
     f.refuse("modalities", lambda v: v == ["text"], "only text output is supported")
     # ignore_eos (run to max_tokens, for benchmarks) as vLLM and llama.cpp's server take it
     out = {"stream": f.boolean("stream"), "stop": f.stops("stop"), "seed": f.seed(),
-           "sampling": _sampling(f), "include_usage": False, "ignore_eos": f.boolean("ignore_eos")}
+           "sampling": _sampling(f), "include_usage": False, "ignore_eos": f.boolean("ignore_eos"),
+           "speculative": f.choice("speculative", SPEC_MODES)}
     so = f.body.get("stream_options")
     if so is not None:
         if not isinstance(so, dict):
@@ -130,7 +132,8 @@ async def chat_completions(front, body: dict, request):
     tokens = await asyncio.to_thread(engine.chat_tokens, messages)
     max_tokens = _max_tokens(f, front, len(tokens), None)
     gen = await Generation.start(front, tokens, "/v1/chat/completions", json_schema=schema, max_tokens=max_tokens,
-                                 stop=c["stop"], seed=c["seed"], ignore_eos=c["ignore_eos"], **c["sampling"])
+                                 stop=c["stop"], seed=c["seed"], ignore_eos=c["ignore_eos"],
+                                 speculative=c["speculative"], **c["sampling"])
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": f"edgeinfer-{engine.native.setting}"}
     if not c["stream"]:
@@ -183,7 +186,8 @@ async def completions(front, body: dict, request):
         raise f.bad("prompt", "must be a string, or a list of token ids (one prompt per request)")
     max_tokens = _max_tokens(f, front, len(tokens), COMPLETIONS_DEFAULT_MAX_TOKENS)
     gen = await Generation.start(front, tokens, "/v1/completions", max_tokens=max_tokens, stop=c["stop"],
-                                 seed=c["seed"], ignore_eos=c["ignore_eos"], **c["sampling"])
+                                 seed=c["seed"], ignore_eos=c["ignore_eos"],
+                                 speculative=c["speculative"], **c["sampling"])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": engine.name, "system_fingerprint": f"edgeinfer-{engine.native.setting}"}
     if not c["stream"]:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..sampling import OPTIONS
+from ..speculative import MODES as SPEC_MODES
 
 OPS = ("generate", "chat", "cancel", "models", "health", "stats")
 GENERATING_OPS = ("generate", "chat")
@@ -183,6 +184,11 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
     if json_schema is not None and grammar is not None:
         raise bad("give json_schema or grammar, not both")
     call.json_schema, call.grammar = json_schema, grammar
+    speculative = obj.get("speculative")
+    if speculative is not None:
+        if speculative not in SPEC_MODES:
+            raise bad(f"speculative must be one of {', '.join(SPEC_MODES)}")
+        call.gen["speculative"] = speculative
     for name, (lo, hi) in RANGES.items():
         if name not in obj or obj[name] is None:
             continue
@@ -194,7 +200,7 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
             raise bad(f"{name} must be {what} from {lo:g} to {hi:g}")
         call.sampling[name] = kind(v)
     known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed", "ignore_eos",
-             "json_schema", "grammar", *RANGES}
+             "json_schema", "grammar", "speculative", *RANGES}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
