@@ -37,7 +37,7 @@ from .kv import SequenceKV
 from .prompt_cache import PromptCache
 from .sampling import DEFAULTS as DEFAULT_SAMPLING
 from .sampling import check_options
-from .speculative import SpecConfig
+from .speculative import SpecConfig, step_costs_for
 from .scheduler import DEFAULT_QUEUE, Request, Scheduler, default_parallel, new_seed
 
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
@@ -86,7 +86,7 @@ class Engine(SequenceKV):
                  sampling: dict | None = None, native: str | None = None,
                  stop_on_repeat: bool = True, queue_limit: int = DEFAULT_QUEUE,
                  prefill_chunk: int | None = None, kv_type: str | None = None,
-                 speculative: "str | SpecConfig" = "auto"):
+                 speculative: "str | SpecConfig | None" = None, draft: str | os.PathLike | None = None):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -123,7 +123,12 @@ class Engine(SequenceKV):
                 self.threads_source += f", capped at {cap}: {busy:.1f} cores busy with other work"
         self.seed = seed
         self.lock_timeout = lock_timeout
+        if speculative is None:   # a draft model given is a choice made
+            speculative = "draft" if draft is not None else "auto"
         self.speculative = speculative if isinstance(speculative, SpecConfig) else SpecConfig(mode=speculative)
+        self.draft = None
+        if self.speculative.mode == "draft" and draft is None:
+            raise ValueError("speculative='draft' needs a draft model: load(..., draft=NAME)")
         self._cancel = threading.Event()       # engine.cancel() during a whole-context call
         self._model = self._ctx = None
         self._batch = None
@@ -200,6 +205,25 @@ class Engine(SequenceKV):
             self.prompt_cache = None
         self._scheduler = Scheduler(self, n_seq=self.n_seq_max, queue_limit=queue_limit,
                                     prefill_chunk=prefill_chunk)
+        if draft is not None:
+            from .draft import DraftModel
+
+            try:
+                self.draft = DraftModel(self, draft)
+            except BaseException:
+                self.close()
+                raise
+        self._step_costs: dict[int, float] | None = None
+        if self.speculative.mode == "auto":
+            try:
+                self._step_costs = step_costs_for(self)
+            except Exception:   # no measure, no auto drafts; lookup still works when asked for
+                self._step_costs = None
+
+    def step_costs(self) -> dict[int, float] | None:
+        """What a decode step of w tokens costs here, relative to one token
+        (speculative auto weighs drafts with it); None if not measured."""
+        return self._step_costs
 
     # -- lifecycle ---------------------------------------------------------
     def _check_memory(self) -> None:
@@ -220,6 +244,9 @@ class Engine(SequenceKV):
         self._free()
 
     def _free(self) -> None:
+        if getattr(self, "draft", None) is not None:
+            self.draft.close()
+            self.draft = None
         if getattr(self, "prompt_cache", None) is not None:
             self.prompt_cache.flush()
         if self._batch is not None:
@@ -447,6 +474,8 @@ class Engine(SequenceKV):
         spec = self.speculative
         if speculative is not None and speculative != spec.mode:
             spec = dataclasses.replace(spec, mode=speculative)
+        if spec.mode == "draft" and self.draft is None:
+            raise ValueError("speculative='draft' needs a draft model: load(..., draft=NAME)")
         return None if spec.mode == "off" else spec
 
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,

@@ -19,8 +19,10 @@
     │   ├── EngineBusyError (TimeoutError)
     │   │                             the queue was full, or did not admit
     │   │                             the request in time
-    │   └── NativeSettingError (ValueError)
-    │                                 an unknown native setting was forced
+    │   ├── NativeSettingError (ValueError)
+    │   │                             an unknown native setting was forced
+    │   └── VocabularyMismatchError (ValueError)
+    │                                 a draft model whose tokens differ
     ├── QuantizeError                 quantize/convert refused or failed
     ├── CompareError (ValueError)     models that cannot be compared
     ├── TemplateError                 a chat template failed or was hostile
@@ -132,6 +134,13 @@ class EngineBusyError(EngineError, TimeoutError):
 
 class NativeSettingError(EngineError, ValueError):
     """``native=`` or ``$EDGEINFER_NATIVE`` names no native setting."""
+
+
+class VocabularyMismatchError(EngineError, ValueError):
+    """A draft model for speculative decoding whose token ids mean other
+    text than the target's."""
+
+    hint = "pick a draft from the target's family, e.g. qwen2.5-coder-0.5b-instruct for the 1.5B"
 
 
 class QuantizeError(EdgeinferError):

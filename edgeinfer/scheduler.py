@@ -42,7 +42,7 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
 from .grammar import GrammarGate
 from .sampling import StopMatcher, repeating, sampler_chain
-from .speculative import Backoff, NgramIndex, SpecConfig
+from .speculative import PROBE_EVERY, Estimate, NgramIndex, SpecConfig, best_draft
 
 # While other streams decode, a step carries as many prompt tokens as this
 # machine prefills in GAP_TARGET seconds (measured as steps run), so a long
@@ -109,7 +109,7 @@ class _Running:
     and the text state between steps."""
 
     __slots__ = ("req", "seq", "pending", "chain", "gate", "utf8", "matcher", "generated", "pending_ids",
-                 "t0", "t_first", "stats", "prefilled", "n_cached", "ngrams", "backoff", "drafts")
+                 "t0", "t_first", "stats", "prefilled", "n_cached", "ngrams", "estimate", "drafts")
 
     def __init__(self, req: Request, seq: int, n_cached: int, chain, t0: float):
         self.req, self.seq, self.chain, self.t0 = req, seq, chain, t0
@@ -126,7 +126,7 @@ class _Running:
         # Speculation: the prompt and answer so far, indexed by n-gram.
         spec = req.spec
         self.ngrams = NgramIndex(req.tokens, spec.ngram, spec.min_ngram) if spec else None
-        self.backoff = Backoff() if spec and spec.mode == "auto" else None
+        self.estimate = Estimate() if spec and spec.mode == "auto" else None
         self.drafts: list[int] = []     # drafted after pending[0], in this step
 
 
@@ -356,6 +356,8 @@ class Scheduler:
         for s in range(self.n_seq):
             if s != seq and s not in self._running and eng._kv_tokens[s]:
                 eng._kv_clear(s)
+                if eng.draft is not None:
+                    eng.draft.forget(s)
         r.stats = Stats(prompt_tokens=len(r.tokens), cached_tokens=n, native=eng.native.setting)
         self.counters["requests"] += 1
         self.counters["cache_hits"] += n > 0
@@ -464,14 +466,33 @@ class Scheduler:
         nothing. Drafts are shared out so that a step with several
         streams stays about as wide as one drafting stream's."""
         spec = run.req.spec
-        if spec is None or (run.backoff is not None and not run.backoff.allow()):
+        if spec is None:
             return []
-        room = self.engine.n_ctx - len(self.engine._kv_tokens[run.seq]) - 1
+        eng = self.engine
+        room = eng.n_ctx - len(eng._kv_tokens[run.seq]) - 1
         left = run.req.max_tokens - run.stats.generated_tokens - 1
+        if spec.mode == "draft":
+            k = min(spec.draft_tokens, room, left)
+            if k < 1:
+                return []
+            return eng.draft.propose(run.seq, eng._kv_tokens[run.seq] + run.pending[:1], k)
         k = min(spec.max_draft // max(1, n_decoding), room, left)
+        est = run.estimate
+        if est is not None:
+            # auto: as long as this machine's step costs and the share kept
+            # so far say it pays; else a short probe now and then.
+            costs = self.engine.step_costs()
+            k = min(k, best_draft(costs, est.accept, k, others=n_decoding - 1)) if costs else 0
+            if k < spec.min_draft:
+                est.idle += 1
+                if est.idle < PROBE_EVERY:
+                    return []
+                k = spec.min_draft
         if k < spec.min_draft:
             return []
         draft = run.ngrams.draft(k)
+        if est is not None and not draft:
+            est.idle += 1
         return draft if len(draft) >= spec.min_draft else []
 
     def _plan(self, decoding, prefilling, limit):
@@ -560,8 +581,8 @@ class Scheduler:
             run.stats.accepted_tokens += kept
             self.counters["drafted"] += len(drafts)
             self.counters["accepted"] += kept
-            if run.backoff is not None:
-                run.backoff.record(len(drafts), kept)
+            if run.estimate is not None:
+                run.estimate.record(len(drafts), kept)
         run.drafts = []
         return made
 

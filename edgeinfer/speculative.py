@@ -24,14 +24,19 @@ temperature, and at temperature 0 it is the same text, token for token.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
-MODES = ("auto", "off", "lookup")
+MODES = ("auto", "off", "lookup", "draft")
+PROBE_EVERY = 16   # auto: tokens decoded plainly before a short draft tests the water again
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """How drafts are made and when they are tried.
+    """How drafts are made and when they are tried: ``mode`` "auto"
+    (lookup drafts as far as they pay), "lookup" (always), "draft" (from a
+    draft model, ``draft_tokens`` at a time) or "off".
 
     ``ngram``: the longest suffix looked up (shorter ones down to
     ``min_ngram`` are tried when it is not found); ``max_draft``: the most
@@ -43,6 +48,7 @@ class SpecConfig:
     min_ngram: int = 2
     max_draft: int = 8
     min_draft: int = 2
+    draft_tokens: int = 4     # tokens a draft model proposes at a time
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -62,6 +68,7 @@ class NgramIndex:
         self.sizes = range(ngram, min_ngram - 1, -1)
         self.last: dict[tuple, int] = {}    # n-gram → end index of its latest occurrence
         self.prev: dict[tuple, int] = {}    # n-gram → end index of the one before that
+        self.source: tuple[int, int] | None = None   # (where the last draft came from, history length then)
         self.extend(tokens)
 
     def extend(self, tokens) -> None:
@@ -85,34 +92,164 @@ class NgramIndex:
             if end < n + 1:
                 continue
             key = tuple(self.tokens[end - n:end])
-            at = self.prev.get(key) if self.last.get(key) == end else self.last.get(key)
+            at = self._following(key, n, end)
+            if at is None:
+                at = self.prev.get(key) if self.last.get(key) == end else self.last.get(key)
             if at is not None and at < end:
+                self.source = (at, end)
                 period = end - at
                 return [self.tokens[at + i % period] for i in range(k)]
         return []
 
+    def _following(self, key: tuple, n: int, end: int) -> int | None:
+        """Where the text being copied has got to: the place after the last
+        draft's source, moved on by what was written since, if the suffix
+        matches there too. A copy of a long passage (code being edited)
+        repeats lines that occur elsewhere as well; the latest occurrence
+        of a suffix is then often another line, and the copy's own place
+        the right one."""
+        if self.source is None:
+            return None
+        at = self.source[0] + (end - self.source[1])
+        if n <= at < end and tuple(self.tokens[at - n:at]) == key:
+            return at
+        return None
 
-class Backoff:
-    """Per-sequence: stop drafting after drafts keep failing, and try again
-    now and then (the text may reach a part that repeats its input)."""
 
-    FAILS = 3          # drafts in a row with nothing kept
-    PAUSE = 16         # tokens decoded plainly before drafting again
+# -- what a wider step costs on this machine --------------------------------
+WIDTHS = (1, 2, 3, 5, 9)
+
+
+def measure_step_costs(engine, widths=WIDTHS, context: int = 128, reps: int = 5) -> dict[int, float]:
+    """Seconds per decode step of one sequence evaluating ``w`` tokens with
+    logits at every row (a pending token and a draft of w - 1), after a
+    ``context``-token prompt; the median of ``reps`` after a warm-up.
+    Runs on the scheduler thread while nothing else does."""
+    import llama_cpp as lc
+
+    def run():
+        ids = [t for t in range(min(engine.n_vocab, 30000)) if not lc.llama_vocab_is_control(engine._vocab, t)
+               and not engine.is_eog(t)]
+        prompt = [ids[(i * 7919) % len(ids)] for i in range(context)]
+        seq = 0
+        engine._kv_clear(seq)
+        if engine._decode(prompt, seq) != 0:
+            raise RuntimeError("cancelled")
+        b = engine._batch
+        out = {}
+        for w in widths:
+            times = []
+            for rep in range(reps + 1):
+                for i in range(w):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = ids[(rep * 31 + i) % len(ids)], context + i, 1, 1
+                    b.seq_id[i][0] = seq
+                b.n_tokens = w
+                t0 = time.perf_counter()
+                if lc.llama_decode(engine._ctx, b) != 0:
+                    raise RuntimeError("decode failed")
+                times.append(time.perf_counter() - t0)
+                lc.llama_memory_seq_rm(engine._mem, seq, context, -1)
+            out[w] = statistics.median(times[1:])
+        engine._kv_clear(seq)
+        return out
+
+    return engine._exclusive(run)
+
+
+def relative_costs(seconds: dict[int, float]) -> dict[int, float]:
+    """Each width's step time over a one-token step's, interpolated for
+    every width up to the widest measured."""
+    base = seconds[1]
+    known = sorted(seconds)
+    out = {}
+    for w in range(1, known[-1] + 1):
+        lo = max(k for k in known if k <= w)
+        hi = min(k for k in known if k >= w)
+        if lo == hi:
+            out[w] = seconds[lo] / base
+        else:
+            f = (w - lo) / (hi - lo)
+            out[w] = (seconds[lo] + f * (seconds[hi] - seconds[lo])) / base
+    return out
+
+
+def best_draft(costs: dict[int, float], accept: float, available: int, others: int = 0,
+               margin: float = 0.05) -> int:
+    """The draft length that makes the most tokens per unit of time, given
+    the chance ``accept`` that each draft token is kept, what a step of
+    each width costs, and ``others`` tokens of other sequences in the same
+    step; 0 when no length beats plain decoding by ``margin``.
+
+    A draft of k tokens yields (1 - a^(k+1)) / (1 - a) tokens for its
+    sequence, and widens the step from others + 1 tokens to others + 1 + k."""
+    a = min(max(accept, 0.0), 0.99)
+    widest = max(costs)
+
+    def cost(w: int) -> float:   # past the widest measured, the last slope goes on
+        if w <= widest:
+            return costs[w]
+        slope = costs[widest] - costs[widest - 1]
+        return costs[widest] + (w - widest) * slope
+
+    base = cost(others + 1)
+    best_k, best = 0, 1.0 + margin
+    for k in range(1, available + 1):
+        tokens = others + (1 - a ** (k + 1)) / (1 - a)
+        rate = tokens / (others + 1) / (cost(others + 1 + k) / base)
+        if rate > best:
+            best_k, best = k, rate
+    return best_k
+
+
+class Estimate:
+    """A sequence's running share of draft tokens kept, for auto: it starts
+    hopeful, so that drafting is tried, and follows what happens."""
+
+    PRIOR = 0.6
+    WEIGHT = 0.3
 
     def __init__(self):
-        self.fails = 0
-        self.paused = 0
-
-    def allow(self) -> bool:
-        if self.paused > 0:
-            self.paused -= 1
-            return False
-        return True
+        self.accept = self.PRIOR
+        self.idle = 0
 
     def record(self, drafted: int, kept: int) -> None:
-        if kept == 0:
-            self.fails += 1
-            if self.fails >= self.FAILS:
-                self.paused, self.fails = self.PAUSE, 0
-        else:
-            self.fails = 0
+        self.accept = (1 - self.WEIGHT) * self.accept + self.WEIGHT * (kept / drafted)
+        self.idle = 0
+
+
+def _costs_path(engine):
+    from . import hardware
+    from .tuning import profiles_dir
+
+    if not engine.sha256:
+        return None
+    return profiles_dir() / f"steps-{hardware.fingerprint()}-{engine.sha256[:16]}-t{engine.threads_batch}.json"
+
+
+def step_costs_for(engine, remeasure: bool = False) -> dict[int, float]:
+    """This machine's relative step costs for the engine's model and
+    threads: remembered from an earlier measurement (edgeinfer tune, or the
+    first load with speculative auto), else measured now (well under a
+    second for a small model, a few seconds for a 1.5B one) and kept."""
+    import json
+    import os
+
+    path = _costs_path(engine)
+    if path is not None and path.exists() and not remeasure:
+        try:
+            seconds = {int(k): float(v) for k, v in json.loads(path.read_text())["seconds"].items()}
+            if 1 in seconds and len(seconds) > 1:
+                return relative_costs(seconds)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    seconds = measure_step_costs(engine)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"model": engine.name, "threads_batch": engine.threads_batch,
+                                       "seconds": seconds, "measured": time.time()}))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return relative_costs(seconds)

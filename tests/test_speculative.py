@@ -17,7 +17,7 @@ import pytest
 
 import edgeinfer
 from edgeinfer.engine import DoneEvent, Engine
-from edgeinfer.speculative import Backoff, NgramIndex, SpecConfig
+from edgeinfer.speculative import Estimate, NgramIndex, SpecConfig, best_draft
 
 GREEDY = dict(temperature=0)
 PROMPTS = ["The weather was", "We walked to the market and", "def add(a, b):\n    return a + b\n\ndef",
@@ -59,13 +59,25 @@ def test_the_longest_suffix_wins_and_a_loop_is_drafted_round():
     assert NgramIndex([7, 7, 7], ngram=2, min_ngram=2).draft(3) == [7, 7, 7]
 
 
-def test_backoff_pauses_after_failed_drafts_and_tries_again():
-    b = Backoff()
-    for _ in range(Backoff.FAILS):
-        assert b.allow()
-        b.record(4, 0)
-    assert [b.allow() for _ in range(Backoff.PAUSE)] == [False] * Backoff.PAUSE
-    assert b.allow()
+def test_auto_drafts_only_as_far_as_it_pays():
+    flat = {w: 1.0 + 0.05 * (w - 1) for w in range(1, 10)}      # a wide step costs little
+    steep = {w: 1.0 + 0.5 * (w - 1) for w in range(1, 10)}      # a wide step costs a lot
+    assert best_draft(flat, 0.9, 8) == 8
+    assert best_draft(steep, 0.9, 8) in (2, 3, 4)
+    assert best_draft(steep, 0.2, 8) == 0                       # drafts are rarely kept: none
+    assert best_draft(flat, 0.9, 3) == 3                        # never past what is available
+    # beside other streams a draft is worth less: the step is wide already
+    assert best_draft(steep, 0.7, 8, others=3) <= best_draft(steep, 0.7, 8)
+
+
+def test_an_estimate_follows_what_is_kept():
+    est = Estimate()
+    for _ in range(10):
+        est.record(4, 0)
+    assert est.accept < 0.05
+    for _ in range(10):
+        est.record(4, 4)
+    assert est.accept > 0.95
 
 
 def test_bad_settings_are_refused():
@@ -188,3 +200,47 @@ def test_the_engine_default_and_the_request_option(tiny_model):
                        **GREEDY)[2].drafted_tokens > 0
     with pytest.raises(ValueError):
         Engine(tiny_model, speculative="always")
+
+
+# -- a draft model ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory):
+    """A second tiny model: the same vocabulary, other weights."""
+    from conftest import load_script
+
+    return load_script("build_tiny_model").build(tmp_path_factory.mktemp("tiny2") / "tiny-seed1.gguf", seed=1)
+
+
+@pytest.mark.parametrize("which", ["itself", "another"])
+def test_a_draft_model_keeps_the_answer(tiny_model, other_tiny, which):
+    draft = tiny_model if which == "itself" else other_tiny
+    with Engine(tiny_model, n_ctx=2048, threads=1, stop_on_repeat=False, prompt_cache=False,
+                draft=draft) as e:
+        assert e.speculative.mode == "draft" and e.draft is not None
+        for prompt in PROMPTS[:3]:
+            plain = collect(e, prompt, max_tokens=60, ignore_eos=True, speculative="off", **GREEDY)[0]
+            tokens, _, stats = collect(e, prompt, max_tokens=60, ignore_eos=True, **GREEDY)
+            assert tokens == plain
+            assert stats.drafted_tokens > 0
+            if which == "itself":   # a model drafting for itself is right every time
+                assert stats.acceptance_rate > 0.9
+        # with sampling too: the same seed, the same answer
+        opts = dict(max_tokens=60, ignore_eos=True, seed=4, temperature=0.8)
+        assert collect(e, PROMPTS[0], speculative="off", **opts)[0] == collect(e, PROMPTS[0], **opts)[0]
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model, other_tiny, monkeypatch):
+    from edgeinfer import VocabularyMismatchError
+    from edgeinfer.engine import Engine as E
+
+    real = E.token_bytes
+
+    def forged(self, t, special=False):   # the draft's token 300 spells something else
+        out = real(self, t, special)
+        return b"<other>" if self.path.name == other_tiny.name and t == 300 else out
+
+    monkeypatch.setattr(E, "token_bytes", forged)
+    with pytest.raises(VocabularyMismatchError, match="token 300"):
+        Engine(tiny_model, n_ctx=512, threads=1, draft=other_tiny)
+    with pytest.raises(ValueError, match="draft model"):
+        Engine(tiny_model, n_ctx=512, threads=1, speculative="draft")

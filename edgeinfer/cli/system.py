@@ -231,10 +231,16 @@ def tune_cmd(model, show, reps, n_prompt, n_gen, as_json):
             ms = tuning.sweep(engine, threads=cands, n_prompt=n_prompt, n_gen=n_gen, reps=reps, on_step=step)
         profile = tuning.make_profile(engine, ms)
         path = tuning.save_profile(profile)
+        # What a wider step costs with the chosen threads: speculative auto
+        # drafts by it (edgeinfer.speculative).
+        from ..speculative import step_costs_for
+
+        engine.set_threads(profile.threads, profile.threads_batch)
+        costs = step_costs_for(engine, remeasure=True)
     finally:
         engine.close()
     if as_json:
-        click.echo(json.dumps({**profile.to_json(), "path": str(path)}, indent=2))
+        click.echo(json.dumps({**profile.to_json(), "path": str(path), "step_costs": costs}, indent=2))
         return
     click.echo(f"{'threads':>7}  {'prefill tok/s':>13}  {'decode tok/s':>12}")
     for m in ms:
@@ -253,6 +259,9 @@ def tune_cmd(model, show, reps, n_prompt, n_gen, as_json):
             line += f"; the untuned default ({profile.default_threads}) is {g['default_gap'] * 100:.1f}% from it"
         click.echo(line)
     click.echo(f"Saved: threads {profile.threads}, threads_batch {profile.threads_batch} -> {path}")
+    click.echo("A step of w tokens costs, against one: " +
+               ", ".join(f"{w}: {c:.2f}" for w, c in costs.items() if w in (2, 3, 5, 9)) +
+               " (speculative decoding drafts by this)")
 
 
 class _NoBar:
