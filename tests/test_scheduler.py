@@ -33,8 +33,10 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
+    # Speculation off: these tests count decode steps, and accepted drafts
+    # would make fewer of them (tests/test_speculative.py covers it batched).
     with Engine(tiny_model, n_ctx=4096, threads=1, n_seq_max=8, stop_on_repeat=False,
-                prompt_cache=False) as e:
+                prompt_cache=False, speculative="off") as e:
         yield e
 
 
@@ -148,7 +150,7 @@ def test_engine_cancel_stops_every_stream(engine):
 
 def test_a_long_prompt_is_prefilled_in_chunks_between_running_tokens(tiny_model):
     with Engine(tiny_model, n_ctx=8192, threads=1, n_seq_max=4, prefill_chunk=64, prompt_cache=False,
-                stop_on_repeat=False) as e:
+                stop_on_repeat=False, speculative="off") as e:
         long_prompt = e.tokenize("".join(random.Random(3).choice(words(e)) for _ in range(3000)))
         assert len(long_prompt) > 2000
         # a greedy stream that runs to its limit, not to end-of-generation
@@ -217,7 +219,7 @@ def test_requests_wait_for_room_in_the_shared_context(tiny_model):
     # 1024 the same pair runs together.
     def pair(n_ctx):
         with Engine(tiny_model, n_ctx=n_ctx, threads=1, n_seq_max=4, stop_on_repeat=False,
-                    prompt_cache=False) as e:
+                    prompt_cache=False, speculative="off") as e:
             p1, p2 = e.tokenize(" ".join(["weather"] * 40)), e.tokenize(" ".join(["market"] * 40))
             done = concurrently([lambda p=p: collect(e, p, max_tokens=150, **GREEDY)[1] for p in (p1, p2)])
             return [d.stats.generated_tokens for d in done], e.status()["steps_by_sequences"]
