@@ -12,7 +12,7 @@ first token to last), the share of drafted tokens accepted, the speed-up
 over off, and whether the answer is the same as off's.
 
     python scripts/bench_speculative.py --threads 2
-    python scripts/bench_speculative.py --model qwen2.5-coder-1.5b-instruct --tokens 384 --json
+    python scripts/bench_speculative.py --model qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct
 """
 
 from __future__ import annotations
@@ -85,12 +85,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=256, help="most new tokens per answer")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--draft", help="also a draft model for each target (e.g. qwen2.5-coder-0.5b-instruct)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     models = args.model or ["smollm2-135m-instruct"]
     rows = []
     for model in models:
-        with edgeinfer.load(model, threads=args.threads, prompt_cache=False) as engine:
+        extra = {"draft": args.draft, "speculative": "auto"} if args.draft else {}
+        modes = MODES + (("draft",) if args.draft else ())
+        with edgeinfer.load(model, threads=args.threads, prompt_cache=False, **extra) as engine:
             head = (f"# {hardware.cpu_model()}, {engine.threads} threads, native {engine.native.setting}, "
                     f"{engine.name}, up to {args.tokens} tokens, median of {args.reps}")
             if not args.json:
@@ -98,18 +101,19 @@ def main() -> None:
             for task, prompt in TASKS.items():
                 tokens = engine.chat_tokens([{"role": "user", "content": prompt}])
                 run(engine, tokens, "off", 8)   # warm up
-                results = {m: [] for m in MODES}
+                results = {m: [] for m in modes}
                 for _ in range(args.reps):
-                    for mode in MODES:   # interleaved, so drift on the box hits every mode alike
+                    for mode in modes:   # interleaved, so drift on the box hits every mode alike
                         results[mode].append(run(engine, tokens, mode, args.tokens))
                 base_text = results["off"][0][0]
                 base = statistics.median(s.decode_tps for _, s, _ in results["off"])
-                for mode in MODES:
+                for mode in modes:
                     tps = statistics.median(s.decode_tps for _, s, _ in results[mode])
                     drafted = sum(s.drafted_tokens for _, s, _ in results[mode])
                     accepted = sum(s.accepted_tokens for _, s, _ in results[mode])
                     rows.append({
-                        "model": engine.name, "task": task, "mode": mode, "prompt_tokens": len(tokens),
+                        "model": engine.name, "task": task,
+                        "mode": f"draft {engine.draft.name}" if mode == "draft" else mode, "prompt_tokens": len(tokens),
                         "generated": results[mode][0][1].generated_tokens, "decode_tps": round(tps, 1),
                         "speedup": round(tps / base, 3) if base else None,
                         "drafted": drafted, "accepted": accepted,

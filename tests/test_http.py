@@ -546,3 +546,16 @@ def test_a_client_that_hangs_up_frees_its_sequence(server):
         key = "edgeinfer_time_to_first_token_seconds_count"
         assert after.get(key, 0) == before.get(key, 0), f"stream={stream}"
     assert server.json("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})[0] == 200
+
+
+def test_speculative_per_request(server):
+    client = server.openai()
+    a = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20, temperature=0,
+                                       extra_body={"speculative": "off", "ignore_eos": True})
+    b = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20, temperature=0,
+                                       extra_body={"speculative": "lookup", "ignore_eos": True})
+    assert a.choices[0].message.content == b.choices[0].message.content
+    status, body = server.json("POST", "/v1/chat/completions", {"messages": HELLO, "speculative": "always"})
+    assert status == 400 and body["error"]["param"] == "speculative"
+    status, body = server.json("POST", "/v1/chat/completions", {"messages": HELLO, "speculative": "draft"})
+    assert status == 400 and "draft model" in body["error"]["message"]

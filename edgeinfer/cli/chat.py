@@ -129,8 +129,11 @@ def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int
     return edgeinfer.load(model, **opts, **extra)
 
 
-def _spec(speculative: str | None) -> dict:
-    return {"speculative": speculative} if speculative else {}
+def _spec(speculative: str | None, draft: str | None = None) -> dict:
+    out = {"speculative": speculative} if speculative else {}
+    if draft:
+        out["draft"] = ensure_model(draft, True, quiet=True)
+    return out
 
 
 def _sampling(temperature, top_k, top_p, max_tokens, seed) -> dict:
@@ -326,9 +329,11 @@ _model_opts = [
     click.option("--max-tokens", type=int, help="Longest answer in tokens."),
     click.option("--seed", type=int, help="Sampling seed, for reproducible answers."),
     click.option("--system", help="System prompt."),
-    click.option("--speculative", type=click.Choice(["auto", "lookup", "off"]), default=None,
-                 help="Speculative decoding: drafts from the prompt, checked in one batch (default auto: "
-                      "on while drafts keep being accepted)."),
+    click.option("--speculative", type=click.Choice(["auto", "lookup", "off", "draft"]), default=None,
+                 help="Speculative decoding: drafts checked in one batch (default auto: prompt-lookup "
+                      "drafts as far as they pay here)."),
+    click.option("--draft", metavar="MODEL", help="A smaller model with the same vocabulary that drafts "
+                                                  "(e.g. qwen2.5-coder-0.5b-instruct for the 1.5B)."),
 ]
 
 
@@ -343,7 +348,7 @@ def _with_model_opts(f):
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
 def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p, max_tokens, seed, system,
-             speculative):
+             speculative, draft):
     """Chat with MODEL in the terminal (default: the catalog's default model).
 
     \b
@@ -357,7 +362,7 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
     """
     interactive = sys.stdin.isatty()
     name = ensure_model(model, yes, quiet=False)
-    engine = _load(name, n_ctx, threads, threads_batch, **_spec(speculative))
+    engine = _load(name, n_ctx, threads, threads_batch, **_spec(speculative, draft))
     try:
         session = ChatSession(engine, system=system, **_sampling(temperature, top_k, top_p,
                                                                  max_tokens or 1024, seed))
@@ -384,7 +389,7 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
 def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p,
-            max_tokens, seed, system, speculative):
+            max_tokens, seed, system, speculative, draft):
     """Answer one PROMPT with MODEL (default: the one chosen for this
     machine) and exit. PROMPT '-' reads stdin.
 
@@ -400,7 +405,7 @@ def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature,
     if prompt == "-":
         prompt = sys.stdin.read()
     model = ensure_model(model, yes, quiet=False)
-    engine = _load(model, n_ctx, threads, threads_batch, **_spec(speculative))
+    engine = _load(model, n_ctx, threads, threads_batch, **_spec(speculative, draft))
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]

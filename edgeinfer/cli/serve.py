@@ -139,8 +139,9 @@ def _quote(arg: str) -> str:
               help="Longest request line in bytes.")
 @click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(1, None),
               help="Seconds an idle connection stays open.")
-@click.option("--speculative", type=click.Choice(["auto", "lookup", "off"]), default="auto", show_default=True,
-              help="Speculative decoding for requests that do not choose.")
+@click.option("--speculative", type=click.Choice(["auto", "lookup", "off", "draft"]), default=None,
+              help="Speculative decoding for requests that do not choose (default auto, or draft with --draft).")
+@click.option("--draft", metavar="MODEL", help="A smaller model with the same vocabulary that drafts.")
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @click.option("--print-systemd-unit", is_flag=True, help="Print a systemd unit for these options and exit.")
 @click.option("--unit-user", default="edgeinfer", show_default=True, help="With --print-systemd-unit: the "
@@ -150,7 +151,7 @@ def _quote(arg: str) -> str:
 @click.option("--memory-max", help="With --print-systemd-unit: MemoryMax= (default: 3/4 of RAM).")
 @click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
 def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, parallel, queue_limit, n_ctx, threads,
-              prefill_chunk, token, token_file, max_line, idle_timeout, speculative, yes, print_systemd_unit,
+              prefill_chunk, token, token_file, max_line, idle_timeout, speculative, draft, yes, print_systemd_unit,
               unit_user, unit_home, memory_max, cpu_quota):
     """Serve MODEL to other programs: JSON lines (docs/protocol.md) and,
     with --http, the OpenAI and Anthropic HTTP APIs (docs/http.md).
@@ -183,7 +184,7 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
                             ("--queue", queue_limit), ("--n-ctx", n_ctx), ("--threads", threads),
                             ("--prefill-chunk", prefill_chunk), ("--max-line", max_line),
                             ("--idle-timeout", idle_timeout),
-                            ("--speculative", None if speculative == "auto" else speculative)):
+                            ("--speculative", speculative), ("--draft", draft)):
             if value is not None:
                 opts += [flag, str(value)]
         click.echo(systemd_unit(model, opts, user=unit_user, home=unit_home, host=host, token_file=token_file,
@@ -199,7 +200,9 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
     from ..server.run import serve_all
 
     extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit, prefill_chunk=prefill_chunk,
-                                   speculative=speculative).items() if v is not None}
+                                   speculative=speculative,
+                                   draft=ensure_model(draft, yes, quiet=True) if draft else None).items()
+             if v is not None}
     http_opts = None
     if http_port is not None:
         http_opts = HttpOptions(host=host, port=http_port, token=secret, cors=list(cors), max_body=max_body)

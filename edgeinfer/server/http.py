@@ -104,6 +104,8 @@ def api_error_from(e: BaseException) -> ApiError:
         return ApiError("server", e.one_line())
     if isinstance(e, EdgeinferError):
         return ApiError("invalid_request", e.one_line())
+    if isinstance(e, (ValueError, TypeError)):   # an option the engine refused, e.g. speculative="draft" here
+        return ApiError("invalid_request", str(e))
     return ApiError("server", f"{type(e).__name__}: {e}")
 
 
