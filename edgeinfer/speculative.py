@@ -19,7 +19,10 @@ one-point proposal), and for such a proposal this is the standard
 speculative-sampling rule: the guess is kept with probability p(guess),
 and otherwise the token comes from p with the guess removed and
 renormalised. So the output has the target's distribution at any
-temperature, and at temperature 0 it is the same text, token for token.
+temperature. At temperature 0 it is the plain answer wherever the logits
+are the same; a wider step rounds them a little differently, which on
+real models can flip a near-tie (docs/python-api.md, "Speculative
+decoding").
 """
 
 from __future__ import annotations
