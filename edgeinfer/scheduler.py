@@ -42,7 +42,7 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats, TextEvent
 from .grammar import GrammarGate
 from .sampling import StopMatcher, repeating, sampler_chain
-from .speculative import PROBE_EVERY, Estimate, NgramIndex, SpecConfig, best_draft
+from .speculative import Estimate, NgramIndex, SpecConfig, best_draft
 
 # While other streams decode, a step carries as many prompt tokens as this
 # machine prefills in GAP_TARGET seconds (measured as steps run), so a long
@@ -485,7 +485,7 @@ class Scheduler:
             k = min(k, best_draft(costs, est.accept, k, others=n_decoding - 1)) if costs else 0
             if k < spec.min_draft:
                 est.idle += 1
-                if est.idle < PROBE_EVERY:
+                if est.idle < est.wait:
                     return []
                 k = spec.min_draft
         if k < spec.min_draft:
@@ -582,7 +582,8 @@ class Scheduler:
             self.counters["drafted"] += len(drafts)
             self.counters["accepted"] += kept
             if run.estimate is not None:
-                run.estimate.record(len(drafts), kept)
+                costs = eng.step_costs() or {}
+                run.estimate.record(len(drafts), kept, extra=costs.get(1 + len(drafts), 1.0) - 1.0)
         run.drafts = []
         return made
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 MODES = ("auto", "off", "lookup", "draft")
 PROBE_EVERY = 16   # auto: tokens decoded plainly before a short draft tests the water again
+PROBE_MOST = 256   # ... and the longest wait, reached by doubling it after each probe that fails
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,13 @@ def best_draft(costs: dict[int, float], accept: float, available: int, others: i
 
 class Estimate:
     """A sequence's running share of draft tokens kept, for auto: it starts
-    hopeful, so that drafting is tried, and follows what happens."""
+    hopeful, so that drafting is tried, and follows what happens.
+
+    ``wait`` is how many plain steps pass before a probe while drafts do
+    not pay: it doubles after every draft whose kept tokens did not make
+    up for the wider step (``extra``, in one-token steps), so that where
+    drafts seldom pay the probes cost next to nothing, and falls back when
+    one pays."""
 
     PRIOR = 0.6
     WEIGHT = 0.3
@@ -214,10 +221,13 @@ class Estimate:
     def __init__(self):
         self.accept = self.PRIOR
         self.idle = 0
+        self.wait = PROBE_EVERY
 
-    def record(self, drafted: int, kept: int) -> None:
+    def record(self, drafted: int, kept: int, extra: float = 0.0) -> None:
         self.accept = (1 - self.WEIGHT) * self.accept + self.WEIGHT * (kept / drafted)
         self.idle = 0
+        paid = kept > 0 and kept >= extra
+        self.wait = PROBE_EVERY if paid else min(2 * self.wait, PROBE_MOST)
 
 
 def _costs_path(engine):

@@ -92,8 +92,14 @@ def main() -> None:
     rows = []
     for model in models:
         extra = {"draft": args.draft, "speculative": "auto"} if args.draft else {}
-        modes = MODES + (("draft",) if args.draft else ())
-        with edgeinfer.load(model, threads=args.threads, prompt_cache=False, **extra) as engine:
+        try:
+            engine = edgeinfer.load(model, threads=args.threads, prompt_cache=False, **extra)
+        except edgeinfer.VocabularyMismatchError as e:   # --draft fits some targets, not all
+            print(f"# no draft for {model}: {e}", flush=True)
+            extra = {}
+            engine = edgeinfer.load(model, threads=args.threads, prompt_cache=False)
+        modes = MODES + (("draft",) if extra else ())
+        with engine:
             head = (f"# {hardware.cpu_model()}, {engine.threads} threads, native {engine.native.setting}, "
                     f"{engine.name}, up to {args.tokens} tokens, median of {args.reps}")
             if not args.json:
