@@ -190,7 +190,10 @@ def test_the_chat_goes_on_after_a_stopped_answer(terminal, tiny_model):
     term.wait_for_prompt(after=3)
     stats = last_stats(term)
     # the second turn reuses the stopped turn's KV state: its prompt was cached
-    assert int(stats[3]) == 5 and stats[4] == "length"
+    # (where Ctrl-C landed decides the context, so a sampled end-of-turn
+    # within 5 tokens can happen: then it ends as "stop")
+    generated, finish = int(stats[3]), stats[4]
+    assert (generated == 5 and finish == "length") or (0 < generated < 5 and finish == "stop"), stats.group(0)
     assert int(stats[2]) > 0
 
     term.send("C-d")
