@@ -24,7 +24,7 @@ from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, Compare
                      ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
                      EngineBusyError, EngineError, GGUFError, InvalidNameError, MemoryFitError,
                      ModelNotFoundError, NativeSettingError, QuantizeError, StoreError,
-                     TemplateError, GrammarError, VocabularyMismatchError, ServerConfigError, ServerError, ServerBusyError, AuthError,
+                     TemplateError, GrammarError, VocabularyMismatchError, SpeculativeError, ServerConfigError, ServerError, ServerBusyError, AuthError,
                      ConnectionLostError)
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
@@ -40,7 +40,7 @@ __all__ = [
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",
-    "TemplateError", "GrammarError", "VocabularyMismatchError", "QuantizeError", "CompareError", "ServerConfigError", "ServerError",
+    "TemplateError", "GrammarError", "VocabularyMismatchError", "SpeculativeError", "QuantizeError", "CompareError", "ServerConfigError", "ServerError",
     "ServerBusyError", "AuthError", "ConnectionLostError",
 ]
 

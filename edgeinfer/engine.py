@@ -27,7 +27,7 @@ import llama_cpp as lc
 
 from . import hardware, selftest
 from . import native as _native
-from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError
+from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, SpeculativeError
 from .fit import box_profile, refusal
 from .gguf_file import GGUFInfo, read_gguf
 from .grammar import check_grammar
@@ -128,7 +128,7 @@ class Engine(SequenceKV):
         self.speculative = speculative if isinstance(speculative, SpecConfig) else SpecConfig(mode=speculative)
         self.draft = None
         if self.speculative.mode == "draft" and draft is None:
-            raise ValueError("speculative='draft' needs a draft model: load(..., draft=NAME)")
+            raise SpeculativeError("speculative='draft' needs a draft model")
         self._cancel = threading.Event()       # engine.cancel() during a whole-context call
         self._model = self._ctx = None
         self._batch = None
@@ -475,7 +475,7 @@ class Engine(SequenceKV):
         if speculative is not None and speculative != spec.mode:
             spec = dataclasses.replace(spec, mode=speculative)
         if spec.mode == "draft" and self.draft is None:
-            raise ValueError("speculative='draft' needs a draft model: load(..., draft=NAME)")
+            raise SpeculativeError("speculative='draft' needs a draft model")
         return None if spec.mode == "off" else spec
 
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,

@@ -28,6 +28,7 @@
     ├── TemplateError                 a chat template failed or was hostile
     ├── GrammarError (ValueError)     a JSON schema or grammar that cannot
     │                                 constrain generation
+    ├── SpeculativeError (ValueError) a speculative setting that cannot work
     ├── ServerConfigError (ValueError)
     │                                 a server that must not start as asked
     └── ServerError                   the server answered with an error
@@ -141,6 +142,14 @@ class VocabularyMismatchError(EngineError, ValueError):
     text than the target's."""
 
     hint = "pick a draft from the target's family, e.g. qwen2.5-coder-0.5b-instruct for the 1.5B"
+
+
+class SpeculativeError(EdgeinferError, ValueError):
+    """A speculative-decoding setting that cannot work: an unknown mode,
+    draft lengths out of range, or ``"draft"`` on an engine loaded without
+    a draft model."""
+
+    hint = "choose auto, lookup or off, or load with draft=NAME (--draft MODEL) for draft"
 
 
 class QuantizeError(EdgeinferError):

@@ -31,6 +31,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from .errors import SpeculativeError
+
 MODES = ("auto", "off", "lookup", "draft")
 PROBE_EVERY = 16   # auto: tokens decoded plainly before a short draft tests the water again
 PROBE_MOST = 256   # ... and the longest wait, reached by doubling it after each probe that fails
@@ -56,11 +58,11 @@ class SpecConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"speculative must be one of {', '.join(MODES)}, not {self.mode!r}")
+            raise SpeculativeError(f"speculative must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not 1 <= self.min_ngram <= self.ngram <= 16:
-            raise ValueError("speculative n-gram sizes must satisfy 1 <= min_ngram <= ngram <= 16")
+            raise SpeculativeError("speculative n-gram sizes must satisfy 1 <= min_ngram <= ngram <= 16")
         if not 1 <= self.min_draft <= self.max_draft <= 64:
-            raise ValueError("draft lengths must satisfy 1 <= min_draft <= max_draft <= 64")
+            raise SpeculativeError("draft lengths must satisfy 1 <= min_draft <= max_draft <= 64")
 
 
 class NgramIndex:

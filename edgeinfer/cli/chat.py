@@ -129,10 +129,10 @@ def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int
     return edgeinfer.load(model, **opts, **extra)
 
 
-def _spec(speculative: str | None, draft: str | None = None) -> dict:
+def _spec(speculative: str | None, draft: str | None, yes: bool) -> dict:
     out = {"speculative": speculative} if speculative else {}
     if draft:
-        out["draft"] = ensure_model(draft, True, quiet=True)
+        out["draft"] = ensure_model(draft, yes, quiet=False)
     return out
 
 
@@ -362,7 +362,7 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
     """
     interactive = sys.stdin.isatty()
     name = ensure_model(model, yes, quiet=False)
-    engine = _load(name, n_ctx, threads, threads_batch, **_spec(speculative, draft))
+    engine = _load(name, n_ctx, threads, threads_batch, **_spec(speculative, draft, yes))
     try:
         session = ChatSession(engine, system=system, **_sampling(temperature, top_k, top_p,
                                                                  max_tokens or 1024, seed))
@@ -405,7 +405,7 @@ def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature,
     if prompt == "-":
         prompt = sys.stdin.read()
     model = ensure_model(model, yes, quiet=False)
-    engine = _load(model, n_ctx, threads, threads_batch, **_spec(speculative, draft))
+    engine = _load(model, n_ctx, threads, threads_batch, **_spec(speculative, draft, yes))
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]

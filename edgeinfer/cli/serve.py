@@ -201,7 +201,7 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
 
     extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit, prefill_chunk=prefill_chunk,
                                    speculative=speculative,
-                                   draft=ensure_model(draft, yes, quiet=True) if draft else None).items()
+                                   draft=ensure_model(draft, yes, quiet=not sys.stderr.isatty()) if draft else None).items()
              if v is not None}
     http_opts = None
     if http_port is not None:

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from .. import grammar
 from ..errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError, GrammarError,
-                      TemplateError)
+                      SpeculativeError, TemplateError)
 from ..events import DoneEvent
 from .defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY
 from .jsonl import is_loopback
@@ -100,12 +100,12 @@ def api_error_from(e: BaseException) -> ApiError:
         return ApiError("invalid_request", e.one_line(), param="response_format", code="bad_schema")
     if isinstance(e, TemplateError):
         return ApiError("invalid_request", e.one_line(), param="messages")
+    if isinstance(e, SpeculativeError):
+        return ApiError("invalid_request", e.one_line(), param="speculative")
     if isinstance(e, EngineError):
         return ApiError("server", e.one_line())
     if isinstance(e, EdgeinferError):
         return ApiError("invalid_request", e.one_line())
-    if isinstance(e, (ValueError, TypeError)):   # an option the engine refused, e.g. speculative="draft" here
-        return ApiError("invalid_request", str(e))
     return ApiError("server", f"{type(e).__name__}: {e}")
 
 

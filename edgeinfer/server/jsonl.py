@@ -310,8 +310,6 @@ class _Connection:
             await self.send(error_event(rid, "bad_schema", e.one_line()))
         except EdgeinferError as e:
             await self.send(error_event(rid, "bad_request", e.one_line()))
-        except (ValueError, TypeError) as e:   # an option the engine refused
-            await self.send(error_event(rid, "bad_request", str(e)))
         except (ConnectionError, RuntimeError):
             pass
         except Exception as e:
