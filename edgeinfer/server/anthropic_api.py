@@ -17,9 +17,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent
 from ..speculative import MODES as SPEC_MODES
+from . import generation
+from .api import SSE_HEADERS, Generation, sse, stream_events
 from .fields import Fields, text_content
-from .http import Generation, sse
-from .openai_api import stream_events
+from .generation import GenerationRequest
 
 # Our finish reasons as Anthropic stop reasons; a loop cut short reads as
 # max_tokens, the reason that says "the answer was cut".
@@ -32,78 +33,73 @@ def _stop_reason(stats) -> str:
     return STOP_REASON.get(stats.finish_reason, "end_turn")
 
 
-def _conversation(f: Fields) -> tuple[list[dict], str | None]:
-    """Chat messages for the template, and the assistant prefill if the
-    conversation ends with one."""
+def _conversation(f: Fields, images: list) -> dict:
+    """The prompt fields of the request: chat messages for the template,
+    and the assistant prefill if the conversation ends with one."""
     out = []
     system = f.body.get("system")
     if system is not None:
-        out.append({"role": "system", "content": text_content(system, "system")})
+        out.append({"role": "system", "content": text_content(system, "system", images)})
     msgs = f.body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise f.bad("messages", 'must be a non-empty list of {"role": "user" | "assistant", "content": ...}')
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise f.bad(f"messages[{i}].role", 'must be "user" or "assistant" (system goes in the top-level system)')
-        out.append({"role": m["role"], "content": text_content(m.get("content"), f"messages[{i}].content")})
+        out.append({"role": m["role"], "content": text_content(m.get("content"), f"messages[{i}].content", images)})
     prefill = None
     if out[-1]["role"] == "assistant":
         prefill = out.pop()["content"].rstrip()   # as Anthropic does: trailing whitespace is not allowed to matter
-    return out, prefill
+    return {"messages": out, "prefill": prefill}
 
 
-async def _tokens(front, f: Fields) -> list[int]:
-    messages, prefill = _conversation(f)
-    engine = front.require_engine()
-
-    def render():
-        ids = engine.chat_tokens(messages)
-        if prefill:
-            ids += engine.tokenize(prefill, add_bos=False)
-        return ids
-
-    return await asyncio.to_thread(render)
-
-
-def _refusals(f: Fields) -> None:
-    f.refuse("tools", lambda v: v == [], "tools are not supported by this server")
+def _request(f: Fields, front) -> GenerationRequest:
+    """The request as far as count_tokens needs it: model and prompt."""
+    front.check_model(f.body.get("model"), required=True)
     f.refuse("thinking", lambda v: isinstance(v, dict) and v.get("type") == "disabled",
              "extended thinking is not supported")
+    images: list = []
+    req = GenerationRequest(**_conversation(f, images))
+    req.tools = None if f.body.get("tools") in (None, []) else f.body["tools"]
+    names = {}
+    if images:
+        req.images, names["images"] = [block for _, block in images], images[0][0]
+    req.refuse_unsupported(names)
+    return req
+
+
+def _output_schema(f: Fields):
+    oc = f.body.get("output_config")
+    if oc is None:
+        return None
+    fmt = oc.get("format") if isinstance(oc, dict) else None
+    if not isinstance(oc, dict) or (fmt is not None and not (
+            isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict))):
+        raise f.bad("output_config", 'format must be {"type": "json_schema", "schema": {...}}')
+    return fmt["schema"] if fmt is not None else None
 
 
 async def messages(front, body: dict, request):
     f = Fields(body)
-    front.check_model(body.get("model"), required=True)
-    _refusals(f)
-    engine = front.require_engine()
-    max_tokens = f.integer("max_tokens", 1, 1 << 31)
-    if max_tokens is None:
+    req = _request(f, front)
+    req.max_tokens = f.integer("max_tokens", 1, 1 << 31)
+    if req.max_tokens is None:
         raise f.bad("max_tokens", "is required: the most tokens the answer may have")
-    sampling = {}
     for name, lo, hi in (("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)):
         v = f.number(name, lo, hi)
         if v is not None:
-            sampling[name] = v
+            req.sampling[name] = v
     top_k = f.integer("top_k", 0, 1_000_000)
     if top_k is not None:
-        sampling["top_k"] = top_k
-    schema = None
-    oc = body.get("output_config")
-    if oc is not None:
-        fmt = oc.get("format") if isinstance(oc, dict) else None
-        if not isinstance(oc, dict) or (fmt is not None and not (
-                isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict))):
-            raise f.bad("output_config", 'format must be {"type": "json_schema", "schema": {...}}')
-        schema = fmt["schema"] if fmt is not None else None
-    stops = f.stops("stop_sequences")
+        req.sampling["top_k"] = top_k
+    req.json_schema = _output_schema(f)
+    req.stop = f.stops("stop_sequences")
     stream = f.boolean("stream")
-    tokens = await _tokens(front, f)
-    max_tokens = max(1, min(max_tokens, engine.n_ctx - len(tokens)))
-    gen = await Generation.start(front, tokens, "/v1/messages", json_schema=schema, max_tokens=max_tokens,
-                                 stop=stops, seed=f.seed("seed"),
-                                 speculative=f.choice("speculative", SPEC_MODES), **sampling)
+    req.seed = f.seed("seed")
+    req.speculative = f.choice("speculative", SPEC_MODES)
+    gen = await Generation.start(front, req, "/v1/messages")
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    head = {"id": msg_id, "type": "message", "role": "assistant", "model": engine.name}
+    head = {"id": msg_id, "type": "message", "role": "assistant", "model": front.engine.name}
 
     if not stream:
         text = await gen.text(request)
@@ -115,7 +111,7 @@ async def messages(front, body: dict, request):
     async def body_iter():
         yield sse({"type": "message_start", "message": {
             **head, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": len(tokens), "output_tokens": 0}}}, "message_start")
+            "usage": {"input_tokens": len(gen.tokens), "output_tokens": 0}}}, "message_start")
         yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
                   "content_block_start")
         async for ev in stream_events(gen, front, "/v1/messages", error_event=True):
@@ -133,8 +129,7 @@ async def messages(front, body: dict, request):
                 yield sse({"type": "content_block_delta", "index": 0,
                            "delta": {"type": "text_delta", "text": ev.text}}, "content_block_delta")
 
-    return StreamingResponse(body_iter(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(body_iter(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _usage(stats) -> dict:
@@ -144,10 +139,6 @@ def _usage(stats) -> dict:
 
 
 async def count_tokens(front, body: dict, request):
-    f = Fields(body)
-    front.check_model(body.get("model"), required=True)
-    _refusals(f)
-    tokens = await _tokens(front, f)
+    req = _request(Fields(body), front)
+    tokens = await asyncio.to_thread(generation.render, front.require_engine(), req)
     return JSONResponse({"input_tokens": len(tokens)})
-
-

@@ -3,10 +3,7 @@ that names it."""
 
 from __future__ import annotations
 
-from .http import ApiError
-
-MAX_STOPS = 16
-MAX_STOP_CHARS = 256
+from .generation import RequestError, check_stops
 
 
 class Fields:
@@ -15,8 +12,8 @@ class Fields:
     def __init__(self, body: dict):
         self.body = body
 
-    def bad(self, name: str, message: str) -> ApiError:
-        return ApiError("invalid_request", f"{name}: {message}", param=name)
+    def bad(self, name: str, message: str) -> RequestError:
+        return RequestError(name, f"{name}: {message}")
 
     def present(self, name: str) -> bool:
         return self.body.get(name) is not None
@@ -62,16 +59,7 @@ class Fields:
         return v
 
     def stops(self, name: str) -> list[str]:
-        v = self.body.get(name)
-        if v is None:
-            return []
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or len(v) > MAX_STOPS or \
-                not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in v):
-            raise self.bad(name, f"must be a string or a list of at most {MAX_STOPS} non-empty strings of at most "
-                                 f"{MAX_STOP_CHARS} characters")
-        return v
+        return check_stops(self.body.get(name), name)
 
     def seed(self, name: str = "seed"):
         v = self.integer(name, -(1 << 63), (1 << 64) - 1)
@@ -88,22 +76,29 @@ class Fields:
             raise self.bad(name, why)
 
 
-def text_content(content, name: str, block_types=("text",)) -> str:
+IMAGE_BLOCKS = ("image", "image_url", "input_image")
+
+
+def text_content(content, name: str, images: list | None = None) -> str:
     """A message's content as text: a string, or a list of text blocks
-    (``{"type": "text", "text": ...}``). Anything else is a 400."""
+    (``{"type": "text", "text": ...}``). Image blocks go to ``images``
+    as ``(name, block)``, for the request to refuse by name; anything else
+    is a 400."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         parts = []
         for i, block in enumerate(content):
             if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-                raise ApiError("invalid_request", f"{name}[{i}]: a content block is an object with a type",
-                               param=name)
-            if block["type"] not in block_types:
-                raise ApiError("invalid_request", f"{name}[{i}]: content of type {block['type'][:40]!r} is not "
-                                                  "supported; this server reads text only", param=name)
+                raise RequestError(name, f"{name}[{i}]: a content block is an object with a type")
+            if block["type"] in IMAGE_BLOCKS and images is not None:
+                images.append((name, block))
+                continue
+            if block["type"] != "text":
+                raise RequestError(name, f"{name}[{i}]: content of type {block['type'][:40]!r} is not "
+                                         "supported; this server reads text only")
             if not isinstance(block.get("text"), str):
-                raise ApiError("invalid_request", f"{name}[{i}].text must be a string", param=name)
+                raise RequestError(name, f"{name}[{i}].text must be a string")
             parts.append(block["text"])
         return "".join(parts)
-    raise ApiError("invalid_request", f"{name} must be a string or a list of text blocks", param=name)
+    raise RequestError(name, f"{name} must be a string or a list of text blocks")

@@ -16,9 +16,7 @@ header) is refused unless ``--cors ORIGIN`` allows that origin.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import json
 import logging
 import socket
 import time
@@ -31,17 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import grammar
-from ..errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError, GrammarError,
-                      SpeculativeError, TemplateError)
-from ..events import DoneEvent
+from . import anthropic_api, generation, openai_api
+from .api import RETRY_AFTER_S, ApiError, api_error_from, error_response, read_json
 from .defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY
 from .jsonl import is_loopback
 from .metrics import Metrics
 
 log = logging.getLogger("edgeinfer.http")
-
-RETRY_AFTER_S = 2
 
 
 @dataclass
@@ -52,76 +46,6 @@ class HttpOptions:
     cors: list[str] = field(default_factory=list)
     max_body: int = DEFAULT_MAX_BODY
     drain_timeout: float = 30.0
-
-
-class ApiError(Exception):
-    """A request answered with an error status, in the API's own shape."""
-
-    # kind → (HTTP status, OpenAI error type, Anthropic error type)
-    KINDS = {
-        "invalid_request": (400, "invalid_request_error", "invalid_request_error"),
-        "authentication": (401, "authentication_error", "authentication_error"),
-        "permission": (403, "permission_error", "permission_error"),
-        "not_found": (404, "not_found_error", "not_found_error"),
-        "method": (405, "invalid_request_error", "invalid_request_error"),
-        "too_large": (413, "invalid_request_error", "request_too_large"),
-        "media_type": (415, "invalid_request_error", "invalid_request_error"),
-        "rate_limit": (429, "rate_limit_error", "rate_limit_error"),
-        "unavailable": (503, "server_error", "overloaded_error"),
-        "server": (500, "server_error", "api_error"),
-    }
-
-    def __init__(self, kind: str, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        assert kind in self.KINDS, kind
-        self.kind, self.param, self.code = kind, param, code
-        self.status = self.KINDS[kind][0]
-
-    def headers(self) -> dict:
-        return {"Retry-After": str(RETRY_AFTER_S)} if self.kind in ("rate_limit", "unavailable") else {}
-
-    def openai_body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.KINDS[self.kind][1], "param": self.param,
-                          "code": self.code}}
-
-    def anthropic_body(self) -> dict:
-        return {"type": "error", "error": {"type": self.KINDS[self.kind][2], "message": str(self)}}
-
-
-def api_error_from(e: BaseException) -> ApiError:
-    """The HTTP face of an exception raised while serving a request."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, ContextOverflowError):
-        return ApiError("invalid_request", e.one_line(), param="messages", code="context_length_exceeded")
-    if isinstance(e, EngineBusyError):
-        return ApiError("rate_limit", e.one_line(), code="busy")
-    if isinstance(e, GrammarError):
-        return ApiError("invalid_request", e.one_line(), param="response_format", code="bad_schema")
-    if isinstance(e, TemplateError):
-        return ApiError("invalid_request", e.one_line(), param="messages")
-    if isinstance(e, SpeculativeError):
-        return ApiError("invalid_request", e.one_line(), param="speculative")
-    if isinstance(e, EngineError):
-        return ApiError("server", e.one_line())
-    if isinstance(e, EdgeinferError):
-        return ApiError("invalid_request", e.one_line())
-    return ApiError("server", f"{type(e).__name__}: {e}")
-
-
-def is_anthropic(path: str) -> bool:
-    return path.startswith("/v1/messages")
-
-
-def error_response(e: ApiError, path: str) -> JSONResponse:
-    body = e.anthropic_body() if is_anthropic(path) else e.openai_body()
-    return JSONResponse(body, status_code=e.status, headers=e.headers())
-
-
-def sse(data, event: str | None = None) -> bytes:
-    """One server-sent event."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode("utf-8")
 
 
 def host_of(header: str) -> str:
@@ -181,99 +105,6 @@ def _endpoint(path: str) -> str:
     return path if path in ROUTE_PATHS else "other"
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The request's JSON object; ApiError for a body too large, not JSON
-    or not an object."""
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype not in ("application/json", ""):
-        raise ApiError("media_type", f"send the body as application/json, not {ctype[:60]} "
-                                     "(curl: -H 'Content-Type: application/json')")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError("too_large", f"the body is over {limit:,} bytes, the most this server accepts")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ApiError("invalid_request", f"the body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError("invalid_request", "the body must be a JSON object")
-    return body
-
-
-class Generation:
-    """One request's event stream, started: its first event is already in
-    hand, so anything that fails before it (a full queue, a prompt too
-    long) is still an HTTP error rather than a broken stream."""
-
-    def __init__(self, events, first, endpoint: str, metrics: Metrics):
-        self._events, self._first = events, first
-        self.endpoint, self.metrics = endpoint, metrics
-        self.stats = None
-
-    @classmethod
-    async def start(cls, front: "HttpFront", tokens: list[int], endpoint: str, *, json_schema=None,
-                    **kwargs) -> "Generation":
-        engine = front.require_engine()
-        gbnf = None
-        if json_schema is not None:
-            gbnf = await asyncio.to_thread(grammar.resolve, json_schema)  # big schemas take a while
-        events = engine.astream_tokens(tokens, grammar=gbnf, **kwargs)
-        try:
-            first = await events.__anext__()
-        except BaseException:
-            await events.aclose()
-            raise
-        return cls(events, first, endpoint, front.metrics)
-
-    async def __aiter__(self):
-        """TextEvents, then the DoneEvent (kept in ``.stats`` too). Closing
-        this iterator early cancels the request."""
-        last = None   # the first token's wait is time to first token, counted apart
-        async with contextlib.aclosing(self._events) as events:
-            ev = self._first
-            while True:
-                if isinstance(ev, DoneEvent):
-                    self.stats = ev.stats
-                    self.metrics.finished(ev.stats)
-                    yield ev
-                    return
-                if ev.tokens:
-                    now = time.perf_counter()
-                    if last is None:   # tokens held back with the first one came at the same moment
-                        self.metrics.inter_token(0.0, len(ev.tokens) - 1)
-                    else:
-                        self.metrics.inter_token(now - last, len(ev.tokens))
-                    last = now
-                yield ev
-                ev = await events.__anext__()
-
-    async def text(self, request: Request) -> str:
-        """The whole answer. A client that hangs up while waiting for it
-        cancels the request (a stream notices through its writes; this
-        watches the connection instead)."""
-        async def collect():
-            return "".join([ev.text async for ev in self if not isinstance(ev, DoneEvent)])
-
-        async def hang_up():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(hang_up())
-        try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (answer, gone):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(answer, gone, return_exceptions=True)
-        if not answer.done() or answer.cancelled():
-            raise ApiError("invalid_request", "the client closed the connection before the answer was ready")
-        return answer.result()
-
-
 class HttpFront:
     """The HTTP server of one Engine (which may still be loading)."""
 
@@ -291,8 +122,6 @@ class HttpFront:
 
     # -- the app ----------------------------------------------------------
     def _build_app(self) -> Starlette:
-        from . import anthropic_api, openai_api
-
         routes = [
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_page, methods=["GET"]),
@@ -352,22 +181,12 @@ class HttpFront:
         return self.engine
 
     def check_model(self, model, param: str = "model", required: bool = False) -> None:
-        """404 for a model this server does not run (its name with or
-        without the tag is fine)."""
-        engine = self.require_engine()
-        if model is None:
-            if required:
-                raise ApiError("invalid_request", f"{param} is required: {engine.name}", param=param)
-            return
-        if not isinstance(model, str):
-            raise ApiError("invalid_request", f"{param} must be a string", param=param)
-        if model not in (engine.name, engine.name.split(":")[0]):
-            raise ApiError("not_found", f"this server runs {engine.name}, not {model[:100]}; "
-                                        "GET /v1/models lists it", param=param, code="model_not_found")
+        """404 for a model this server does not run (generation.check_model)."""
+        generation.check_model(self.require_engine().name, model, param=param, required=required)
 
     async def health(self, request: Request) -> Response:
         if self.engine is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.stopping:
             return JSONResponse({"status": "stopping"}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.engine.name,
@@ -387,22 +206,15 @@ class HttpFront:
 
     async def models(self, request: Request) -> Response:
         engine = self.require_engine()
-        cards = [self._model_card(engine.name, True)]
-        if self.store is not None:
-            try:
-                for m in await asyncio.to_thread(self.store.list):
-                    if m.ref != engine.name:
-                        cards.append(self._model_card(m.ref, False))
-            except EdgeinferError:
-                pass
+        names = await asyncio.to_thread(generation.model_names, engine.name, self.store)
         self.metrics.count("/v1/models", 200)
-        return JSONResponse({"object": "list", "data": cards})
+        return JSONResponse({"object": "list", "data": [self._model_card(n, n == engine.name) for n in names]})
 
     async def model(self, request: Request) -> Response:
         try:
             self.check_model(request.path_params["model_id"])
-        except ApiError as e:
-            return error_response(e, request.url.path)
+        except Exception as e:
+            return error_response(api_error_from(e), request.url.path)
         return JSONResponse(self._model_card(self.engine.name, True))
 
     # -- lifecycle --------------------------------------------------------

@@ -20,10 +20,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .. import grammar
-from ..errors import ContextOverflowError, EdgeinferError, EngineBusyError, GrammarError, ServerConfigError
+from ..errors import ServerConfigError
 from ..events import DoneEvent
-from . import protocol
+from . import generation, protocol
 from .defaults import DEFAULT_MAX_LINE, DEFAULT_PORT  # noqa: F401  (DEFAULT_PORT: re-exported)
 from .protocol import Call, ProtocolError, encode, error_event
 
@@ -222,9 +221,10 @@ class _Connection:
                 raise ProtocolError("shutting_down", "the server is stopping; no new requests", call.id)
             if call.id in self.inflight:
                 raise ProtocolError("duplicate_id", f"request {call.id!r} is still running", call.id)
-            if call.model is not None and call.model != self.engine.name:
-                raise ProtocolError("not_found", f"this server runs {self.engine.name}, not {call.model}",
-                                    call.id)
+            try:
+                generation.check_model(self.engine.name, call.model)
+            except generation.ModelNotServedError as e:
+                raise ProtocolError(generation.meaning(e).code, generation.message(e), call.id) from None
             task = asyncio.create_task(self.generate(call))
             self.inflight[call.id] = task
             self.server._requests.add(task)
@@ -241,42 +241,24 @@ class _Connection:
         elif call.op == "stats":
             await self.send({"id": call.id, "event": "result", **self.engine.status()})
         elif call.op == "models":
-            await self.send({"id": call.id, "event": "result", "loaded": self.engine.name,
-                             "models": self.server_models()})
+            names = await asyncio.to_thread(generation.model_names, self.engine.name, self.server.store)
+            models = [{"name": n, "loaded": False} for n in names]
+            models[0] = {"name": self.engine.name, "loaded": True, "n_ctx": self.engine.n_ctx}
+            await self.send({"id": call.id, "event": "result", "loaded": self.engine.name, "models": models})
 
     def _done(self, rid, task: asyncio.Task) -> None:
         if self.inflight.get(rid) is task:
             del self.inflight[rid]
         self.server._requests.discard(task)
 
-    def server_models(self) -> list[dict]:
-        out = [{"name": self.engine.name, "loaded": True, "n_ctx": self.engine.n_ctx}]
-        store = self.server.store
-        if store is not None:
-            try:
-                for m in store.list():
-                    if m.ref != self.engine.name:
-                        out.append({"name": m.ref, "loaded": False})
-            except EdgeinferError:
-                pass
-        return out
-
     async def generate(self, call: Call) -> None:
         rid = call.id
-        engine = self.engine
         try:
-            if call.op == "generate":
-                tokens = await asyncio.to_thread(engine.tokenize, call.prompt)
-            else:
-                tokens = await asyncio.to_thread(engine.chat_tokens, call.messages)
-            gbnf = None
-            if call.json_schema is not None or call.grammar is not None:
-                gbnf = await asyncio.to_thread(grammar.resolve, call.json_schema, call.grammar)
+            run = await generation.run(self.engine, call.request)
             parts = []
             # aclosing: however the loop ends (a write to a closed socket
             # raises here), the stream is closed, which cancels its sequence.
-            async with contextlib.aclosing(engine.astream_tokens(tokens, grammar=gbnf, **call.gen,
-                                                                     **call.sampling)) as events:
+            async with contextlib.aclosing(run.events) as events:
                 async for ev in events:
                     if isinstance(ev, DoneEvent):
                         done = {"id": rid, "event": "done", "finish_reason": ev.stats.finish_reason,
@@ -302,19 +284,16 @@ class _Connection:
                 except Exception:
                     pass
             raise
-        except ContextOverflowError as e:
-            await self.send(error_event(rid, "context_overflow", e.one_line()))
-        except EngineBusyError as e:
-            await self.send(error_event(rid, "busy", e.one_line()))
-        except GrammarError as e:
-            await self.send(error_event(rid, "bad_schema", e.one_line()))
-        except EdgeinferError as e:
-            await self.send(error_event(rid, "bad_request", e.one_line()))
-        except (ConnectionError, RuntimeError):
-            pass
         except Exception as e:
-            log.exception("request %r failed", rid)
-            await self.send(error_event(rid, "internal", f"{type(e).__name__}: {e}"))
+            if self.closed or self.writer.is_closing() or isinstance(e, ConnectionError):
+                return   # our own writes failed: the client is gone
+            m = generation.meaning(e)
+            if m.code == "internal":
+                log.error("request %r failed: %s", rid, generation.message(e), exc_info=e)
+            try:
+                await self.send(error_event(rid, m.code, generation.message(e)))
+            except (ConnectionError, RuntimeError):
+                pass
 
 
 def _is_stale_socket(path: str) -> bool:

@@ -2,43 +2,45 @@
 
 Requests carry an ``id`` and an ``op``; every reply carries the request's
 ``id`` and an ``event``. This module only parses and checks: it turns a
-line into a :class:`Call` or raises :class:`ProtocolError` with the code
-and message the client will see. docs/protocol.md describes the wire
-format with examples.
+line into a :class:`Call` (whose ``request`` is a
+:class:`~.generation.GenerationRequest` for ``generate`` and ``chat``) or
+raises :class:`ProtocolError` with the code and message the client will
+see. docs/protocol.md describes the wire format with examples.
+
+It loads nothing heavy (no llama.cpp), as the client imports it.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..sampling import OPTIONS
 from ..speculative import MODES as SPEC_MODES
+from . import generation
+from .generation import GenerationRequest, RequestError
 
 OPS = ("generate", "chat", "cancel", "models", "health", "stats")
 GENERATING_OPS = ("generate", "chat")
 MAX_ID = 128            # characters in a request id
-MAX_STOPS = 16
-MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
 
-# Sampling options a request may set, with the range each must fall in.
-RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 10.0),
-    "top_k": (0, 1_000_000),
-    "top_p": (0.0, 1.0),
-    "min_p": (0.0, 1.0),
-    "repeat_penalty": (0.0, 10.0),
-    "repeat_last_n": (-1, 1_000_000),
-    "frequency_penalty": (-2.0, 2.0),
-    "presence_penalty": (-2.0, 2.0),
-    "dry_multiplier": (0.0, 10.0),
-    "dry_base": (1.0, 10.0),
-    "dry_allowed_length": (0, 1_000_000),
-    "dry_last_n": (-1, 1_000_000),
+# Sampling options a request may set (edgeinfer.sampling.OPTIONS, whose
+# names and types a test holds these to), with the range each must fall in.
+RANGES: dict[str, tuple[type, float, float]] = {
+    "temperature": (float, 0.0, 10.0),
+    "top_k": (int, 0, 1_000_000),
+    "top_p": (float, 0.0, 1.0),
+    "min_p": (float, 0.0, 1.0),
+    "repeat_penalty": (float, 0.0, 10.0),
+    "repeat_last_n": (int, -1, 1_000_000),
+    "frequency_penalty": (float, -2.0, 2.0),
+    "presence_penalty": (float, -2.0, 2.0),
+    "dry_multiplier": (float, 0.0, 10.0),
+    "dry_base": (float, 1.0, 10.0),
+    "dry_allowed_length": (int, 0, 1_000_000),
+    "dry_last_n": (int, -1, 1_000_000),
 }
-assert set(RANGES) == set(OPTIONS)
 
 # Error codes a client may see, and what each means.
 CODES = {
@@ -56,6 +58,7 @@ CODES = {
     "shutting_down": "the server is stopping",
     "internal": "the server failed; the connection stays usable",
 }
+assert {m.code for _, m in generation.ERRORS} <= set(CODES)
 
 
 class ProtocolError(Exception):
@@ -78,15 +81,10 @@ class Call:
     id: str | int | None
     op: str
     token: str | None = None
-    prompt: str | None = None
-    messages: list[dict] | None = None
     target: str | int | None = None
     model: str | None = None
     stream: bool = True
-    gen: dict = field(default_factory=dict)       # max_tokens, stop, seed
-    json_schema: dict | str | None = None
-    grammar: str | None = None
-    sampling: dict = field(default_factory=dict)
+    request: GenerationRequest | None = None      # generate and chat
 
 
 def error_event(request_id, code: str, message: str) -> dict:
@@ -149,9 +147,9 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
             raise bad("generate needs prompt: a string")
-        call.prompt = prompt
+        req = GenerationRequest(prompt=prompt)
     else:
-        call.messages = _messages(obj.get("messages"), bad)
+        req = GenerationRequest(messages=_messages(obj.get("messages"), bad))
     stream = obj.get("stream", True)
     if not isinstance(stream, bool):
         raise bad("stream must be true or false")
@@ -159,23 +157,19 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
     max_tokens = obj.get("max_tokens", 256)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= n_ctx:
         raise bad(f"max_tokens must be an integer from 1 to {n_ctx} (the context size)")
-    call.gen["max_tokens"] = max_tokens
-    stop = obj.get("stop", [])
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > MAX_STOPS or \
-            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
-        raise bad(f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings "
-                  f"of at most {MAX_STOP_CHARS} characters")
-    call.gen["stop"] = stop
+    req.max_tokens = max_tokens
+    try:
+        req.stop = generation.check_stops(obj.get("stop"), "stop")
+    except RequestError as e:
+        raise bad(str(e)) from None
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32):
         raise bad("seed must be an integer from 0 to 4294967295")
-    call.gen["seed"] = seed
+    req.seed = seed
     ignore_eos = obj.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos must be true or false")
-    call.gen["ignore_eos"] = ignore_eos
+    req.ignore_eos = ignore_eos
     json_schema, grammar = obj.get("json_schema"), obj.get("grammar")
     if json_schema is not None and not (isinstance(json_schema, dict) or json_schema == "json"):
         raise bad('json_schema must be a JSON schema (an object) or "json" for any JSON object')
@@ -183,27 +177,29 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
         raise bad("grammar must be a string of GBNF")
     if json_schema is not None and grammar is not None:
         raise bad("give json_schema or grammar, not both")
-    call.json_schema, call.grammar = json_schema, grammar
+    req.json_schema, req.grammar = json_schema, grammar
     speculative = obj.get("speculative")
     if speculative is not None:
         if speculative not in SPEC_MODES:
             raise bad(f"speculative must be one of {', '.join(SPEC_MODES)}")
-        call.gen["speculative"] = speculative
-    for name, (lo, hi) in RANGES.items():
+        req.speculative = speculative
+    for name, (kind, lo, hi) in RANGES.items():
         if name not in obj or obj[name] is None:
             continue
         v = obj[name]
-        kind = OPTIONS[name][0]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) \
                 or not lo <= v <= hi:
             what = "an integer" if kind is int else "a number"
             raise bad(f"{name} must be {what} from {lo:g} to {hi:g}")
-        call.sampling[name] = kind(v)
+        req.sampling[name] = kind(v)
+    # Fields the request model has but this server does not honour yet
+    # (tools, logprobs, n, suffix, images) are unknown here, so refused.
     known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed", "ignore_eos",
              "json_schema", "grammar", "speculative", *RANGES}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
+    call.request = req
     return call
 
 

@@ -1,0 +1,191 @@
+"""What the HTTP faces share: errors in each API's shape, server-sent
+events, reading a JSON body, and a started generation.
+
+``http`` mounts the faces; ``openai_api`` and ``anthropic_api`` parse
+requests into a :class:`~.generation.GenerationRequest` and format its
+events with what is here. The imports run one way:
+``http → {openai_api, anthropic_api} → {fields, api} → generation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..events import DoneEvent
+from . import generation
+from .generation import HTTP_KINDS, GenerationRequest
+
+log = logging.getLogger("edgeinfer.http")
+
+RETRY_AFTER_S = 2
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """A request answered with an error status, in the API's own shape."""
+
+    KINDS = HTTP_KINDS   # kind → (HTTP status, OpenAI error type, Anthropic error type)
+
+    def __init__(self, kind: str, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        assert kind in self.KINDS, kind
+        self.kind, self.param, self.code = kind, param, code
+        self.status = self.KINDS[kind][0]
+
+    def headers(self) -> dict:
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.kind in ("rate_limit", "unavailable") else {}
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.KINDS[self.kind][1], "param": self.param,
+                          "code": self.code}}
+
+    def anthropic_body(self) -> dict:
+        return {"type": "error", "error": {"type": self.KINDS[self.kind][2], "message": str(self)}}
+
+
+assert {m.kind for _, m in generation.ERRORS} <= set(HTTP_KINDS)
+
+
+def api_error_from(e: BaseException) -> ApiError:
+    """The HTTP face of an exception raised while serving a request
+    (generation.ERRORS says what each one means)."""
+    if isinstance(e, ApiError):
+        return e
+    m = generation.meaning(e)
+    return ApiError(m.kind, generation.message(e), param=m.param, code=m.api_code)
+
+
+def is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(e: ApiError, path: str) -> JSONResponse:
+    body = e.anthropic_body() if is_anthropic(path) else e.openai_body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers())
+
+
+def sse(data, event: str | None = None) -> bytes:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode("utf-8")
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request's JSON object; ApiError for a body too large, not JSON
+    or not an object."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype not in ("application/json", ""):
+        raise ApiError("media_type", f"send the body as application/json, not {ctype[:60]} "
+                                     "(curl: -H 'Content-Type: application/json')")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError("too_large", f"the body is over {limit:,} bytes, the most this server accepts")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError("invalid_request", f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "the body must be a JSON object")
+    return body
+
+
+class Generation:
+    """One request's event stream, started: its first event is already in
+    hand, so anything that fails before it (a full queue, a prompt too
+    long) is still an HTTP error rather than a broken stream."""
+
+    def __init__(self, run: generation.Run, first, endpoint: str, metrics):
+        self._run, self._first = run, first
+        self.tokens = run.tokens          # the prompt's ids
+        self.endpoint, self.metrics = endpoint, metrics
+        self.stats = None
+
+    @classmethod
+    async def start(cls, front, req: GenerationRequest, endpoint: str) -> "Generation":
+        """``front`` has ``require_engine()`` and ``metrics``."""
+        run = await generation.run(front.require_engine(), req)
+        try:
+            first = await run.events.__anext__()
+        except BaseException:
+            await run.aclose()
+            raise
+        return cls(run, first, endpoint, front.metrics)
+
+    async def __aiter__(self):
+        """TextEvents, then the DoneEvent (kept in ``.stats`` too). Closing
+        this iterator early cancels the request."""
+        last = None   # the first token's wait is time to first token, counted apart
+        async with contextlib.aclosing(self._run.events) as events:
+            ev = self._first
+            while True:
+                if isinstance(ev, DoneEvent):
+                    self.stats = ev.stats
+                    self.metrics.finished(ev.stats)
+                    yield ev
+                    return
+                if ev.tokens:
+                    now = time.perf_counter()
+                    if last is None:   # tokens held back with the first one came at the same moment
+                        self.metrics.inter_token(0.0, len(ev.tokens) - 1)
+                    else:
+                        self.metrics.inter_token(now - last, len(ev.tokens))
+                    last = now
+                yield ev
+                ev = await events.__anext__()
+
+    async def text(self, request: Request) -> str:
+        """The whole answer. A client that hangs up while waiting for it
+        cancels the request (a stream notices through its writes; this
+        watches the connection instead)."""
+        async def collect():
+            return "".join([ev.text async for ev in self if not isinstance(ev, DoneEvent)])
+
+        async def hang_up():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(hang_up())
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (answer, gone):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(answer, gone, return_exceptions=True)
+        if not answer.done() or answer.cancelled():
+            raise ApiError("invalid_request", "the client closed the connection before the answer was ready")
+        return answer.result()
+
+
+async def stream_events(gen: Generation, front, endpoint: str, error_event=None):
+    """The stream's events; a failure after the headers went out becomes
+    one error event (the OpenAI client raises it) instead of a cut stream.
+    Counts the request once it ends."""
+    status = 200
+    t0 = time.perf_counter()
+    try:
+        async for ev in gen:
+            yield ev
+    except Exception as e:
+        err = api_error_from(e)
+        status = err.status
+        if status >= 500:
+            log.error("%s failed mid-stream: %s", endpoint, err, exc_info=not isinstance(e, ApiError))
+        yield sse(err.anthropic_body(), "error") if error_event else sse(err.openai_body())
+    finally:
+        front.metrics.count(endpoint, status)
+        st = gen.stats
+        if st is not None:
+            log.info(
+                "%s stream: %d+%d tokens (%d cached), %s, %.2f s", endpoint, st.prompt_tokens,
+                st.generated_tokens, st.cached_tokens, st.finish_reason, time.perf_counter() - t0)

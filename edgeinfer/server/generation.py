@@ -1,0 +1,272 @@
+"""One request model for every front end.
+
+The JSON-lines protocol, the OpenAI API and the Anthropic API each parse
+their requests into a :class:`GenerationRequest`, hand it to :func:`run`,
+and format the events that come back. What the faces share is written
+here once:
+
+- the request itself, with a place for the fields no face honours yet
+  (tools, log-probabilities, several answers, a suffix, images): a face
+  that reads one puts it in the request, and :meth:`GenerationRequest.refuse_unsupported`
+  refuses it by name, so nothing is silently ignored;
+- the limits every face applies (stop strings, the model's name with or
+  without its tag, the model list from the store);
+- running a request against an engine: the prompt is rendered and the
+  grammar resolved in a thread, ``max_tokens`` is fitted to the context,
+  then :meth:`Engine.astream_tokens` streams;
+- :data:`ERRORS`, the one table from an exception to what it means on
+  each face: the JSON-lines error code, the HTTP status with each API's
+  error type, OpenAI's ``code`` and ``param``. A llama.cpp failure means
+  "the server failed" on every face; bad input means "bad request".
+
+The engine is duck-typed: anything with ``name``, ``n_ctx``,
+``n_seq_max``, ``n_vocab``, ``tokenize``, ``chat_tokens`` and
+``astream_tokens`` serves (tests/fakes.py has a scripted one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, fields
+from typing import AsyncIterator, Mapping
+
+from ..errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError, GrammarError,
+                      SpeculativeError, TemplateError)
+
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+
+# -- errors of a request -------------------------------------------------------
+class RequestError(EdgeinferError, ValueError):
+    """A request field that is missing, of the wrong type, out of range or
+    not supported; ``param`` names it in the face's own words."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotServedError(EdgeinferError, LookupError):
+    """A request for a model other than the one this server runs."""
+
+
+# -- the request ---------------------------------------------------------------
+# Fields no face honours yet, each with why it is refused. Supporting one
+# means: run() uses it, and its line goes.
+UNSUPPORTED: dict[str, str] = {
+    "tools": "tools are not supported by this server",
+    "logprobs": "log-probabilities are not supported",
+    "n": "only n=1 is supported: send several requests for several answers",
+    "suffix": "suffix (fill-in-the-middle) is not supported",
+    "images": "images are not supported; this server reads text only",
+}
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate, whichever face asked.
+
+    The prompt is one of ``prompt`` (text, tokenized as is), ``messages``
+    (rendered by the model's chat template, then ``prefill``: assistant
+    text the answer continues) or ``tokens`` (ids). ``max_tokens`` None
+    means the engine's fair share of the context."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prefill: str | None = None
+    tokens: list[int] | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    sampling: dict = field(default_factory=dict)     # temperature, top_k, ... (edgeinfer.sampling.OPTIONS)
+    json_schema: dict | str | None = None             # a schema, its JSON text, or "json" for any object
+    grammar: str | None = None                        # GBNF; not with json_schema
+    speculative: str | None = None                    # None: the engine's own mode
+    ignore_eos: bool = False
+    # Not supported yet (UNSUPPORTED): a face that reads one sets it here.
+    tools: list | None = None
+    logprobs: int | None = None                       # log-probabilities per token, top N
+    n: int = 1                                        # answers per request
+    suffix: str | None = None                         # fill-in-the-middle: text after the answer
+    images: list | None = None
+
+    def __post_init__(self):
+        given = [x for x in (self.prompt, self.messages, self.tokens) if x is not None]
+        if len(given) != 1:
+            raise TypeError("a GenerationRequest has exactly one of prompt, messages or tokens")
+
+    def refuse_unsupported(self, names: Mapping[str, str] | None = None) -> None:
+        """RequestError for the first field set that this server cannot
+        honour; ``names`` maps a field to the face's name for it."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, why in UNSUPPORTED.items():
+            if getattr(self, name) not in (defaults[name], [], ""):
+                param = (names or {}).get(name, name)
+                raise RequestError(param, f"{param}: {why}")
+
+
+# -- limits every face applies -----------------------------------------------------
+def check_stops(value, name: str = "stop") -> list[str]:
+    """Stop strings as a list: a string or a list of up to MAX_STOPS
+    non-empty strings of at most MAX_STOP_CHARS characters."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_STOPS or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
+        raise RequestError(name, f"{name} must be a string or a list of at most {MAX_STOPS} non-empty strings "
+                                 f"of at most {MAX_STOP_CHARS} characters")
+    return value
+
+
+def serves(served: str, model: str) -> bool:
+    """Whether ``model`` names the model served: its whole name, or the
+    name without its tag (``smollm2-135m-instruct`` for
+    ``smollm2-135m-instruct:q4_1``)."""
+    return model in (served, served.split(":")[0])
+
+
+def check_model(served: str, model, *, param: str = "model", required: bool = False) -> None:
+    """RequestError for a missing or non-string name; ModelNotServedError
+    for the name of a model this server does not run."""
+    if model is None:
+        if required:
+            raise RequestError(param, f"{param} is required: {served}")
+        return
+    if not isinstance(model, str):
+        raise RequestError(param, f"{param} must be a string")
+    if not serves(served, model):
+        raise ModelNotServedError(f"this server runs {served}, not {model[:100]}; its model list names it")
+
+
+def model_names(served: str, store) -> list[str]:
+    """The model served, then the others in the store (if it can be read);
+    blocking, so call it in a thread."""
+    names = [served]
+    if store is not None:
+        try:
+            names += [m.ref for m in store.list() if m.ref != served]
+        except EdgeinferError:
+            pass   # an unreadable store still leaves the model that runs
+    return names
+
+
+# -- running a request -------------------------------------------------------------
+def render(engine, req: GenerationRequest) -> list[int]:
+    """The request's prompt as token ids (blocking: templates and long
+    prompts take a while)."""
+    if req.tokens is not None:
+        if not all(0 <= t < engine.n_vocab for t in req.tokens):
+            raise RequestError("prompt", f"prompt: token ids must be from 0 to {engine.n_vocab - 1}")
+        return list(req.tokens)
+    if req.prompt is not None:
+        return engine.tokenize(req.prompt)
+    ids = engine.chat_tokens(req.messages)
+    if req.prefill:
+        ids += engine.tokenize(req.prefill, add_bos=False)
+    return ids
+
+
+def fitted_max_tokens(engine, req: GenerationRequest, n_prompt: int) -> int:
+    """``max_tokens`` within what the context has left after the prompt.
+    Unset, a fair share: a default of the whole context would reserve all
+    of it for one request and keep every other from batching beside it."""
+    v = req.max_tokens
+    if v is None:
+        v = max(256, engine.n_ctx // engine.n_seq_max)
+    return max(1, min(v, engine.n_ctx - n_prompt))
+
+
+@dataclass
+class Run:
+    """A request under way: its prompt ids, and its events (TextEvents,
+    then a DoneEvent). Nothing runs until the first event is awaited;
+    closing ``events`` cancels the request."""
+
+    tokens: list[int]
+    max_tokens: int
+    events: AsyncIterator
+
+    def __aiter__(self):
+        return self.events.__aiter__()
+
+    async def aclose(self) -> None:
+        await self.events.aclose()
+
+
+async def run(engine, req: GenerationRequest) -> Run:
+    """Start ``req`` on ``engine``. Rendering, a bad field or a schema
+    that does not convert raise here; what the engine refuses (a prompt
+    over the context, a full queue) raises at the first event."""
+    req.refuse_unsupported()   # a face that forgot to refuse one still never ignores it
+    tokens = await asyncio.to_thread(render, engine, req)
+    gbnf = None
+    if req.json_schema is not None or req.grammar is not None:
+        from .. import grammar   # loads llama.cpp's converter: only when a request needs it
+        gbnf = await asyncio.to_thread(grammar.resolve, req.json_schema, req.grammar)  # big schemas take a while
+    max_tokens = fitted_max_tokens(engine, req, len(tokens))
+    events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
+                                   ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
+                                   **req.sampling)
+    return Run(tokens, max_tokens, events)
+
+
+# -- the error table -------------------------------------------------------------
+@dataclass(frozen=True)
+class Meaning:
+    """What an exception means on each face."""
+
+    code: str                   # the JSON-lines error code (protocol.CODES)
+    kind: str                   # the HTTP kind: a status and each API's error type (HTTP_KINDS)
+    api_code: str | None = None  # OpenAI's error.code
+    param: str | None = None     # OpenAI's error.param, when the class implies one
+
+
+# HTTP kind → (status, OpenAI error type, Anthropic error type)
+HTTP_KINDS: dict[str, tuple[int, str, str]] = {
+    "invalid_request": (400, "invalid_request_error", "invalid_request_error"),
+    "authentication": (401, "authentication_error", "authentication_error"),
+    "permission": (403, "permission_error", "permission_error"),
+    "not_found": (404, "not_found_error", "not_found_error"),
+    "method": (405, "invalid_request_error", "invalid_request_error"),
+    "too_large": (413, "invalid_request_error", "request_too_large"),
+    "media_type": (415, "invalid_request_error", "invalid_request_error"),
+    "rate_limit": (429, "rate_limit_error", "rate_limit_error"),
+    "unavailable": (503, "server_error", "overloaded_error"),
+    "server": (500, "server_error", "api_error"),
+}
+
+# The first row whose class the exception is an instance of gives its
+# meaning: most specific first. A class not listed falls to its nearest
+# listed base; anything unforeseen is the server's failure.
+ERRORS: tuple[tuple[type[BaseException], Meaning], ...] = (
+    (RequestError, Meaning("bad_request", "invalid_request")),           # param: the exception's own
+    (ModelNotServedError, Meaning("not_found", "not_found", "model_not_found", "model")),
+    (ContextOverflowError, Meaning("context_overflow", "invalid_request", "context_length_exceeded", "messages")),
+    (EngineBusyError, Meaning("busy", "rate_limit", "busy")),
+    (GrammarError, Meaning("bad_schema", "invalid_request", "bad_schema", "response_format")),
+    (TemplateError, Meaning("bad_request", "invalid_request", None, "messages")),
+    (SpeculativeError, Meaning("bad_request", "invalid_request", None, "speculative")),
+    (EngineError, Meaning("internal", "server")),                        # llama.cpp failed: not the client's doing
+    (EdgeinferError, Meaning("bad_request", "invalid_request")),         # any other refusal of ours
+    (Exception, Meaning("internal", "server")),
+)
+
+
+def meaning(e: BaseException) -> Meaning:
+    """The row of :data:`ERRORS` for ``e``, with a RequestError's own param."""
+    for cls, m in ERRORS:
+        if isinstance(e, cls):
+            if isinstance(e, RequestError):
+                return Meaning(m.code, m.kind, m.api_code, e.param)
+            return m
+    return Meaning("internal", "server")   # a BaseException that is not an Exception
+
+
+def message(e: BaseException) -> str:
+    """The one-line message a client sees for ``e``."""
+    if isinstance(e, EdgeinferError):
+        return e.one_line()
+    return f"{type(e).__name__}: {e}"
