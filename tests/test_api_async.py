@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from edgeinfer.engine import DoneEvent, Engine, TextEvent
+from edgeinfer.engine import Engine
+from edgeinfer.events import DoneEvent, TextEvent
 from edgeinfer.errors import ContextOverflowError, TemplateError
 
 GREEDY = dict(temperature=0)
@@ -238,4 +239,8 @@ def test_a_closed_event_loop_cancels_its_stream_and_nothing_else(engine, monkeyp
     assert engine.last_stats.generated_tokens < 3000
     assert thread_errors == []
     assert not worker_threads()
-    assert engine.generate("The weather was", max_tokens=5, **GREEDY)
+    # The engine still serves: a new request runs to its own end (an empty
+    # answer would be a legitimate one).
+    done = list(engine.stream("The weather was", max_tokens=5, **GREEDY))[-1]
+    assert isinstance(done, DoneEvent) and done.stats.finish_reason in ("stop", "length")
+    assert done.stats.generated_tokens <= 5 and done.stats.prompt_tokens > 0

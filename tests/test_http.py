@@ -11,13 +11,14 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import anthropic
 import jsonschema
 import openai
 import pytest
+from served import Served
+from served import start_http
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,80 +36,10 @@ CHOICES = {
 }
 
 
-class Served:
-    def __init__(self, proc: subprocess.Popen, port: int, log: list[str]):
-        self.proc, self.port, self.log = proc, port, log
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def openai(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def anthropic(self, key: str = "none") -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.base, api_key=key, max_retries=0, timeout=120)
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, dict, bytes]:
-        """One raw HTTP request: status, headers (lower-case), body."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-            hdrs = {"Content-Type": "application/json", **(headers or {})}
-            conn.request(method, path, body=data, headers=hdrs)
-            r = conn.getresponse()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-        finally:
-            conn.close()
-
-    def json(self, method: str, path: str, body=None, headers=None) -> tuple[int, dict]:
-        status, _, data = self.request(method, path, body, headers)
-        return status, json.loads(data)
-
-    def metrics(self) -> dict[str, float]:
-        status, _, data = self.request("GET", "/metrics")
-        assert status == 200
-        out = {}
-        for line in data.decode().splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-def start(model, *args, env=None) -> Served:
-    cmd = [sys.executable, "-m", "edgeinfer", "serve", str(model), "--no-jsonl", "--http", "0", "--threads", "1",
-           *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 90
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(r"^Serving .* http://127\.0\.0\.1:(\d+)", line)
-        if m:
-            # Keep reading the log, so the server never blocks on a full pipe.
-            threading.Thread(target=lambda: seen.extend(proc.stderr), daemon=True).start()
-            return Served(proc, int(m.group(1)), seen)
-    proc.kill()
-    raise AssertionError("the server did not start: " + "".join(seen)[-2000:])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     home = tmp_path_factory.mktemp("http-home")
-    s = start(tiny_model, "--parallel", "4", "--n-ctx", "2048", "--max-body", "65536",
+    s = start_http(tiny_model, "--parallel", "4", "--n-ctx", "2048", "--max-body", "65536",
               env={"EDGEINFER_HOME": str(home), "EDGEINFER_TOKEN": ""})
     yield s
     assert s.stop() == 0
@@ -276,7 +207,7 @@ def test_a_browser_page_is_refused_without_cors(server):
 
 
 def test_cors_allows_the_origin_given(tiny_model, tmp_path):
-    s = start(tiny_model, "--cors", "http://localhost:3000", env={"EDGEINFER_HOME": str(tmp_path)})
+    s = start_http(tiny_model, "--cors", "http://localhost:3000", env={"EDGEINFER_HOME": str(tmp_path)})
     try:
         status, headers, _ = s.request("OPTIONS", "/v1/chat/completions", headers={
             "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
@@ -300,7 +231,7 @@ def test_a_token_is_required_beyond_loopback_and_checked(tiny_model, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    s = start(tiny_model, "--token-file", str(token_file), env=env)
+    s = start_http(tiny_model, "--token-file", str(token_file), env=env)
     try:
         with pytest.raises(openai.AuthenticationError):
             s.openai("wrong-wrong-wrong-wrong").chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
@@ -413,7 +344,7 @@ def test_wrong_content_type_route_and_method(server):
 
 
 def test_busy_is_a_429_with_retry_after(tiny_model, tmp_path):
-    s = start(tiny_model, "--parallel", "1", "--queue", "0", env={"EDGEINFER_HOME": str(tmp_path)})
+    s = start_http(tiny_model, "--parallel", "1", "--queue", "0", env={"EDGEINFER_HOME": str(tmp_path)})
     try:
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
         conn.request("POST", "/v1/completions", body=json.dumps({
@@ -459,7 +390,7 @@ def test_health_is_503_until_the_model_is_loaded(tiny_model):
     async def main():
         front = HttpFront(None, HttpOptions(port=0))
         await front.start()
-        s = Served(None, front.port, [])
+        s = Served(None, front.port)
         try:
             status, headers, body = await asyncio.to_thread(s.request, "GET", "/health")
             assert status == 503 and json.loads(body)["status"] == "loading" and "retry-after" in headers
@@ -513,7 +444,7 @@ def test_metrics_move_by_the_right_amounts(server):
 
 
 def test_sigterm_lets_a_stream_finish(tiny_model, tmp_path):
-    s = start(tiny_model, env={"EDGEINFER_HOME": str(tmp_path)})
+    s = start_http(tiny_model, env={"EDGEINFER_HOME": str(tmp_path)})
     conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
     conn.request("POST", "/v1/completions", body=json.dumps({
         "prompt": "The weather was", "max_tokens": 300, "ignore_eos": True, "stream": True}),

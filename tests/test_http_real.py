@@ -10,7 +10,7 @@ import os
 import jsonschema
 import pytest
 
-from test_http import start
+from served import start_http
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -20,7 +20,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture
 def served(real_model_home):
-    s = start(MODEL, "--parallel", "2", "--n-ctx", "2048", env={"EDGEINFER_HOME": os.environ["EDGEINFER_HOME"]})
+    s = start_http(MODEL, "--parallel", "2", "--n-ctx", "2048", env={"EDGEINFER_HOME": os.environ["EDGEINFER_HOME"]})
     yield s
     assert s.stop() == 0
 
