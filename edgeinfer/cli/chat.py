@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import queue
+import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .. import catalog
-from ..chat import ChatSession
-from ..engine import DoneEvent
-from ..sampling import OPTIONS
-from ..errors import EdgeinferError, ModelNotFoundError
-from ..store import ModelStore
+from ..errors import EdgeinferError
+from ..events import DoneEvent
+from ..speculative import MODES
+from ._common import ensure_model, load_engine
+
+if TYPE_CHECKING:
+    from ..chat import ChatSession
 
 HELP = """\
 Commands:
@@ -33,100 +35,34 @@ Commands:
   /exit              leave (so do Ctrl-D, and Ctrl-C on an empty line)
 Write several lines between \"\"\" and \"\"\". Ctrl-C stops an answer."""
 
-SETTABLE = {**{k: kind for k, (kind, _) in OPTIONS.items()}, "max_tokens": int, "seed": int}
+def settable() -> dict:
+    """What /set can change, and the type of each value."""
+    from ..sampling import OPTIONS
+
+    return {**{k: kind for k, (kind, _) in OPTIONS.items()}, "max_tokens": int, "seed": int}
 
 
-def stream_cancellable(engine, make_stream):
-    """Run a stream on a worker thread and yield its events here.
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event):
+    """Within the block, Ctrl-C sets ``event`` instead of raising
+    KeyboardInterrupt.
 
-    The main thread waits on a queue in short slices, so Ctrl-C arrives at
-    once even while llama.cpp is inside a long prefill; it cancels the
-    engine and the stream still ends with its DoneEvent (``cancelled``).
+    The REPL passes ``event`` to the stream as its ``cancel``: the
+    scheduler thread, which runs llama.cpp, sees it within a step (during
+    a long prefill too, through llama.cpp's abort callback), and the
+    stream ends as usual with its DoneEvent, finish "cancelled". Raising
+    KeyboardInterrupt instead would close the stream before that event
+    arrives, and /stats would not see the stopped answer. Off the main
+    thread, where no handler can be installed, Ctrl-C raises as before.
     """
-    q: queue.Queue = queue.Queue()
-    end = object()
-
-    def work():
-        try:
-            for ev in make_stream():
-                q.put(ev)
-        except BaseException as e:  # re-raised on the main thread
-            q.put(e)
-        finally:
-            q.put(end)
-
-    t = threading.Thread(target=work, daemon=True, name="edgeinfer-generate")
-    t.start()
-    interrupted = False
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: event.set())
     try:
-        while True:
-            try:
-                item = q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:
-                interrupted = True
-                engine.cancel()
-                continue
-            if item is end:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield
     finally:
-        # Also when Ctrl-C lands in the caller while it prints a piece (the
-        # generator is closed at its yield): stop the worker and wait, so
-        # the engine is free and the history holds only what was shown.
-        if t.is_alive():
-            engine.cancel()
-        t.join()
-    if interrupted:
-        raise KeyboardInterrupt
-
-
-def ensure_model(name: str | None, yes: bool, quiet: bool = False) -> str:
-    """The store name to load; offers to pull a catalog model that is missing."""
-    from ..names import parse_ref
-    from ..pull import pull
-
-    choice = None
-    if name is None:
-        from ..model_choice import choose
-
-        choice = choose()
-        ref = choice.entry.ref
-    else:
-        ref = name
-    if os.path.isfile(ref):
-        return ref
-    if ref.endswith(".gguf") or os.sep in ref:
-        raise ModelNotFoundError(f"{ref}: no such file", hint="check the path")
-    store = ModelStore()
-    if store.get(parse_ref(ref)) is not None:
-        return ref
-    entry = catalog.lookup(parse_ref(ref))
-    if entry is None:
-        raise ModelNotFoundError(f"model '{ref}' is not in the store or the catalog",
-                                 hint="run 'edgeinfer list --catalog' to see the names that can be pulled, "
-                                      "or pull a URL or file with 'edgeinfer pull'")
-    if choice is not None:
-        click.echo(f"Default model for this machine: {choice.line()}", err=True)
-    if not yes:
-        if not sys.stdin.isatty():
-            raise ModelNotFoundError(f"model '{ref}' is not in the store",
-                                     hint=f"run 'edgeinfer pull {ref}' or add --yes")
-        if not click.confirm(f"{entry.ref} is not downloaded yet ({entry.size / 1e6:.0f} MB). Pull it now?",
-                             default=True, err=True):
-            raise ModelNotFoundError(f"model '{ref}' is not in the store", hint=f"run 'edgeinfer pull {ref}'")
-    pull(entry.ref, quiet=quiet)
-    return entry.ref
-
-
-def _load(model: str, n_ctx: int | None, threads: int | None, threads_batch: int | None, **extra):
-    import edgeinfer
-
-    opts = {k: v for k, v in dict(n_ctx=n_ctx, threads=threads, threads_batch=threads_batch).items() if v}
-    return edgeinfer.load(model, **opts, **extra)
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _spec(speculative: str | None, draft: str | None, yes: bool) -> dict:
@@ -136,8 +72,9 @@ def _spec(speculative: str | None, draft: str | None, yes: bool) -> dict:
     return out
 
 
-def _sampling(temperature, top_k, top_p, max_tokens, seed) -> dict:
-    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
+def _sampling(temperature, top_k, top_p, max_tokens, seed, ignore_eos=False) -> dict:
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                ignore_eos=ignore_eos or None)
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -205,22 +142,26 @@ class Repl:
             self.answer(text)
 
     def answer(self, text: str) -> None:
-        engine = self.session.engine
+        stop = threading.Event()
         try:
-            for ev in stream_cancellable(engine, lambda: self.session.stream(text)):
-                if not isinstance(ev, DoneEvent):
-                    self.out.write(ev.text)
-                    self.out.flush()
+            with ctrl_c_sets(stop), contextlib.closing(self.session.stream(text, cancel=stop)) as events:
+                for ev in events:
+                    if not isinstance(ev, DoneEvent):
+                        self.out.write(ev.text)
+                        self.out.flush()
         except KeyboardInterrupt:
-            self.out.write("\n")
-            self.say("(stopped)")
-            return
+            # Raised outside the handler's reach (off the main thread, or by
+            # the output itself): closing the stream cancelled the answer and
+            # waited for the engine, so the history holds what was shown.
+            stop.set()
         except EdgeinferError as e:
             self.out.write("\n")
             self.say(f"Error: {e.one_line()}")
             return
         self.out.write("\n")
         self.out.flush()
+        if stop.is_set():
+            self.say("(stopped)")
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
@@ -242,14 +183,15 @@ class Repl:
                 self.say("System prompt set; conversation cleared.")
         elif name == "/set":
             key, _, value = arg.partition(" ")
-            if key not in SETTABLE or not value.strip():
-                self.say(f"Usage: /set NAME VALUE, NAME one of {', '.join(SETTABLE)}")
+            kinds = settable()
+            if key not in kinds or not value.strip():
+                self.say(f"Usage: /set NAME VALUE, NAME one of {', '.join(kinds)}")
                 return None
             try:
-                s.options[key] = SETTABLE[key](value.strip())
+                s.options[key] = kinds[key](value.strip())
             except ValueError:
                 self.say(f"'{value.strip()}' is not a valid {key} - try e.g. /set {key} "
-                         f"{'0.7' if SETTABLE[key] is float else '40'}")
+                         f"{'0.7' if kinds[key] is float else '40'}")
                 return None
             self.say(f"{key} = {s.options[key]}")
         elif name == "/stats":
@@ -320,20 +262,27 @@ def _save_history(readline, hist) -> None:
 
 
 _model_opts = [
-    click.option("--n-ctx", type=int, help="Context size in tokens (default 4096)."),
-    click.option("--threads", type=int, help="Threads for decoding (default: physical cores)."),
-    click.option("--threads-batch", type=int, help="Threads for prompt processing."),
-    click.option("--temperature", type=float, help="0 for greedy; default 0.8."),
+    click.option("--n-ctx", type=int, help="Context size in tokens (default 4096; 2048 or 1024 on a box with "
+                                           "under 3 or 1.5 GiB of memory, and never past the model's own "
+                                           "context; 'edgeinfer doctor' shows this machine's)."),
+    click.option("--threads", type=int, help="Threads for decoding (default: what 'edgeinfer tune' chose, else "
+                                             "the physical cores, fewer while other work keeps them busy)."),
+    click.option("--threads-batch", type=int, help="Threads for prompt processing (default: as --threads)."),
+    click.option("--temperature", type=float, help="0 for greedy (default: the model's catalog setting, "
+                                                   "else 0.8)."),
     click.option("--top-k", type=int),
     click.option("--top-p", type=float),
-    click.option("--max-tokens", type=int, help="Longest answer in tokens."),
+    click.option("--max-tokens", type=int, help="Longest answer in tokens (default 1024)."),
     click.option("--seed", type=int, help="Sampling seed, for reproducible answers."),
     click.option("--system", help="System prompt."),
-    click.option("--speculative", type=click.Choice(["auto", "lookup", "off", "draft"]), default=None,
+    click.option("--speculative", type=click.Choice(MODES), default=None,
                  help="Speculative decoding: drafts checked in one batch (default auto: prompt-lookup "
-                      "drafts as far as they pay here)."),
+                      "drafts as far as they pay here; draft needs --draft)."),
     click.option("--draft", metavar="MODEL", help="A smaller model with the same vocabulary that drafts "
                                                   "(e.g. qwen2.5-coder-0.5b-instruct for the 1.5B)."),
+    click.option("--ignore-eos", is_flag=True,
+                 help="Run every answer to --max-tokens or the end of the context, past the model's end of "
+                      "turn (for benchmarks, and for tests that must stop an answer still running)."),
 ]
 
 
@@ -348,7 +297,7 @@ def _with_model_opts(f):
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
 def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p, max_tokens, seed, system,
-             speculative, draft):
+             speculative, draft, ignore_eos):
     """Chat with MODEL in the terminal (default: the catalog's default model).
 
     \b
@@ -360,12 +309,14 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
     Example:
       edgeinfer chat --yes
     """
+    from ..chat import ChatSession
+
     interactive = sys.stdin.isatty()
     name = ensure_model(model, yes, quiet=False)
-    engine = _load(name, n_ctx, threads, threads_batch, **_spec(speculative, draft, yes))
+    engine = load_engine(name, n_ctx, threads, threads_batch, **_spec(speculative, draft, yes))
     try:
         session = ChatSession(engine, system=system, **_sampling(temperature, top_k, top_p,
-                                                                 max_tokens or 1024, seed))
+                                                                 max_tokens or 1024, seed, ignore_eos))
         if interactive:
             _setup_readline()
             read = input
@@ -389,7 +340,7 @@ def chat_cmd(model, yes, n_ctx, threads, threads_batch, temperature, top_k, top_
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @_with_model_opts
 def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature, top_k, top_p,
-            max_tokens, seed, system, speculative, draft):
+            max_tokens, seed, system, speculative, draft, ignore_eos):
     """Answer one PROMPT with MODEL (default: the one chosen for this
     machine) and exit. PROMPT '-' reads stdin.
 
@@ -405,21 +356,24 @@ def run_cmd(args, as_json, raw, yes, n_ctx, threads, threads_batch, temperature,
     if prompt == "-":
         prompt = sys.stdin.read()
     model = ensure_model(model, yes, quiet=False)
-    engine = _load(model, n_ctx, threads, threads_batch, **_spec(speculative, draft, yes))
+    engine = load_engine(model, n_ctx, threads, threads_batch, **_spec(speculative, draft, yes))
     try:
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]
-        opts = _sampling(temperature, top_k, top_p, max_tokens or 1024, seed)
+        opts = _sampling(temperature, top_k, top_p, max_tokens or 1024, seed, ignore_eos)
         parts, stats = [], None
-        make = (lambda: engine.stream(prompt, **opts)) if raw else (lambda: engine.stream_chat(messages, **opts))
-        for ev in stream_cancellable(engine, make):
-            if isinstance(ev, DoneEvent):
-                stats = ev.stats
-            else:
-                parts.append(ev.text)
-                if not as_json:
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
+        # Ctrl-C raises KeyboardInterrupt in here; leaving the stream cancels
+        # the answer and waits for the engine to let go of it.
+        stream = engine.stream(prompt, **opts) if raw else engine.stream_chat(messages, **opts)
+        with contextlib.closing(stream) as events:
+            for ev in events:
+                if isinstance(ev, DoneEvent):
+                    stats = ev.stats
+                else:
+                    parts.append(ev.text)
+                    if not as_json:
+                        sys.stdout.write(ev.text)
+                        sys.stdout.flush()
         if as_json:
             click.echo(json.dumps({"model": engine.name, "text": "".join(parts),
                                    "stats": stats.to_dict() if stats else None}, indent=2))

@@ -14,7 +14,8 @@ import click
 from ..errors import ServerConfigError
 from ..server.defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, DEFAULT_MAX_LINE, DEFAULT_PORT
 from ..server.jsonl import Options, check_exposure, is_loopback
-from .chat import _load, ensure_model
+from ..speculative import MODES
+from ._common import ensure_model, load_engine
 
 
 def read_token(token: str | None, token_file: str | None) -> str | None:
@@ -139,7 +140,7 @@ def _quote(arg: str) -> str:
               help="Longest request line in bytes.")
 @click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(1, None),
               help="Seconds an idle connection stays open.")
-@click.option("--speculative", type=click.Choice(["auto", "lookup", "off", "draft"]), default=None,
+@click.option("--speculative", type=click.Choice(MODES), default=None,
               help="Speculative decoding for requests that do not choose (default auto, or draft with --draft).")
 @click.option("--draft", metavar="MODEL", help="A smaller model with the same vocabulary that drafts.")
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
@@ -212,7 +213,7 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
                    f"queue {queue_limit}, context {engine.n_ctx} tokens"
                    f"{', token required' if secret else ''}. Ctrl-C or SIGTERM stops.", err=True)
 
-    asyncio.run(serve_all(lambda: _load(name, n_ctx, threads, None, **extra), jsonl_opts=opts if jsonl else None,
+    asyncio.run(serve_all(lambda: load_engine(name, n_ctx, threads, None, **extra), jsonl_opts=opts if jsonl else None,
                           http_opts=http_opts, store=edgeinfer.ModelStore(), ready=ready))
     click.echo("Stopped.", err=True)
 

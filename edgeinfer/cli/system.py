@@ -180,7 +180,7 @@ def _trials(trials: list[dict]):
 def _load_for_measuring(model, n_ctx=2048, **kw):
     import edgeinfer
 
-    from .chat import ensure_model
+    from ._common import ensure_model
 
     name = ensure_model(model, yes=False)
     return edgeinfer.load(name, n_ctx=n_ctx, prompt_cache=False, **kw)
