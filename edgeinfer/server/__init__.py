@@ -1,7 +1,13 @@
-"""The socket faces of an Engine: the JSON-lines server and its clients.
+"""The socket faces of an Engine: the JSON-lines server, the HTTP APIs
+and the JSON-lines clients.
 
-``protocol`` parses and checks requests, ``jsonl`` serves them over
-asyncio, ``client`` holds :class:`Client` and :class:`AsyncClient`.
+Every face parses its requests into one
+:class:`~.generation.GenerationRequest` and formats the events
+:func:`~.generation.run` streams back; ``generation.ERRORS`` says what
+each exception means on every face. ``protocol`` parses JSON lines and
+``jsonl`` serves them over asyncio; ``openai_api`` and ``anthropic_api``
+parse and format HTTP with the toolkit in ``api``, and ``http`` mounts
+them; ``client`` holds :class:`Client` and :class:`AsyncClient`.
 """
 
 from .client import AsyncClient, Client
