@@ -15,21 +15,23 @@ The public API is flat::
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .catalog import CatalogEntry, default_entry, load_catalog
-from .chat import ChatSession
-from .engine import DoneEvent, Engine, Stats, TextEvent
-from .errors import (AllSourcesFailedError, CatalogError, ChecksumError, CompareError,
-                     ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
-                     EngineBusyError, EngineError, GGUFError, InvalidNameError, MemoryFitError,
-                     ModelNotFoundError, NativeSettingError, QuantizeError, StoreError,
-                     TemplateError, GrammarError, VocabularyMismatchError, SpeculativeError, ServerConfigError, ServerError, ServerBusyError, AuthError,
-                     ConnectionLostError)
+from .errors import (AllSourcesFailedError, AuthError, CatalogError, ChecksumError, CompareError,
+                     ConnectionLostError, ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
+                     EngineBusyError, EngineError, GGUFError, GrammarError, InvalidNameError, MemoryFitError,
+                     ModelNotFoundError, NativeSettingError, QuantizeError, ServerBusyError, ServerConfigError,
+                     ServerError, SpeculativeError, StoreError, TemplateError, VocabularyMismatchError)
+from .events import DoneEvent, Stats, TextEvent
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
 from .server.client import AsyncClient, Client
-from .store import Manifest, ModelStore
+from .store import Manifest, ModelStore, resolve_model
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
+    from .engine import Engine
 
 __version__ = "0.1.0"
 
@@ -45,16 +47,18 @@ __all__ = [
 ]
 
 
-def resolve_model(name_or_path: str | os.PathLike, store: ModelStore | None = None) -> tuple[Path, Manifest | None]:
-    """A GGUF path for a store name (``name[:tag]``) or a file path."""
-    text = os.fspath(name_or_path)
-    p = Path(text).expanduser()
-    if p.is_file():
-        return p, None
-    if text.endswith(".gguf") or os.sep in text:
-        raise ModelNotFoundError(f"{text}: no such file", hint="check the path")
-    m = (store or ModelStore()).resolve(text)
-    return m.path, m
+def __getattr__(name: str):
+    # The Engine (and with it llama.cpp's library) loads on first use, so
+    # that `import edgeinfer` and commands such as `edgeinfer list` stay light.
+    if name == "Engine":
+        from .engine import Engine
+
+        return Engine
+    if name == "ChatSession":
+        from .chat import ChatSession
+
+        return ChatSession
+    raise AttributeError(f"module 'edgeinfer' has no attribute {name!r}")
 
 
 def default_model():
@@ -66,7 +70,7 @@ def default_model():
     return model_choice.choose()
 
 
-def load(name_or_path: str | os.PathLike | None = None, **options) -> Engine:
+def load(name_or_path: str | os.PathLike | None = None, **options) -> "Engine":
     """Load a model from the store (by ``name[:tag]``) or from a GGUF path;
     with none, the default model for this machine (:func:`default_model`),
     which must be in the store.
@@ -99,4 +103,6 @@ def load(name_or_path: str | os.PathLike | None = None, **options) -> Engine:
             options.setdefault("system_prompt", manifest.system)
         if manifest.sampling:
             options.setdefault("sampling", manifest.sampling)
+    from .engine import Engine
+
     return Engine(path, **options)

@@ -3,90 +3,103 @@ target's vocabulary proposes the next few tokens, greedily, and the target
 checks them in one step (edgeinfer.speculative says why the answer keeps
 the target's distribution).
 
-The draft is an Engine of its own (self-tested, memory-checked, with a KV
-cache holding the same sequences as the target's), but it never runs a
-scheduler of its own: the target's scheduler thread drives its context
+The draft is a llama.cpp context of its own (its file self-tested like
+any other) with a KV ledger holding the same sequence slots as the
+target's. It has no scheduler: the target's scheduler thread drives it
 between steps, so the two models never compute at the same time.
 """
 
 from __future__ import annotations
 
-import llama_cpp as lc
-import numpy as np
+from pathlib import Path
 
 from .errors import VocabularyMismatchError
 
 MAX_VOCAB_DIFFERENCE = 128   # padding rows some conversions add; llama.cpp's own tolerance
 
 
-def check_vocab(target, draft) -> None:
+def check_vocab(target, draft, target_name: str, draft_name: str) -> None:
     """Raise VocabularyMismatchError unless every token id means the same
-    text to both models (a vocabulary a few padding entries longer is fine:
-    the draft never proposes an id the target lacks)."""
-    if abs(target.n_vocab - draft.n_vocab) > MAX_VOCAB_DIFFERENCE:
+    text to both vocabularies (llama.Vocab; one a few padding entries
+    longer is fine: the draft never proposes an id the target lacks)."""
+    if abs(target.n_tokens - draft.n_tokens) > MAX_VOCAB_DIFFERENCE:
         raise VocabularyMismatchError(
-            f"{draft.name} has {draft.n_vocab:,} tokens and {target.name} {target.n_vocab:,}: "
+            f"{draft_name} has {draft.n_tokens:,} tokens and {target_name} {target.n_tokens:,}: "
             "a draft model must share the target's vocabulary")
-    for what, fn in (("BOS", lc.llama_vocab_bos), ("EOS", lc.llama_vocab_eos)):
-        if fn(target._vocab) != fn(draft._vocab):
-            raise VocabularyMismatchError(f"{draft.name} and {target.name} have different {what} tokens")
-    for t in range(min(target.n_vocab, draft.n_vocab)):
+    for what in ("bos", "eos"):
+        if getattr(target, what) != getattr(draft, what):
+            raise VocabularyMismatchError(f"{draft_name} and {target_name} have different {what.upper()} tokens")
+    for t in range(min(target.n_tokens, draft.n_tokens)):
         if target.token_bytes(t, special=True) != draft.token_bytes(t, special=True):
             raise VocabularyMismatchError(
-                f"token {t} is {target.token_text(t)!r} to {target.name} and {draft.token_text(t)!r} "
-                f"to {draft.name}: a draft model must share the target's vocabulary")
+                f"token {t} is {target.token_text(t)!r} to {target_name} and {draft.token_text(t)!r} "
+                f"to {draft_name}: a draft model must share the target's vocabulary")
 
 
 class DraftModel:
-    """Proposes tokens for the sequences of one target engine."""
+    """Proposes tokens for the sequences of one target context."""
 
-    def __init__(self, target, model, **load):
-        from . import resolve_model
-        from .engine import Engine
+    def __init__(self, name: str, model, ctx, n_vocab: int):
+        """``model`` and ``ctx``: the draft's llama.Model and llama.Context,
+        which this object now owns; ``n_vocab``: the ids both models share."""
+        from .kv import KVLedger
 
-        path, manifest = resolve_model(model)
-        self.engine = Engine(path, n_ctx=target.n_ctx, n_seq_max=target.n_seq_max, threads=target.threads,
-                             threads_batch=target.threads_batch, kv_type=target.kv_type, prompt_cache=False,
-                             speculative="off", name=manifest.ref if manifest else None,
-                             sha256=manifest.sha256 if manifest else None, **load)
+        self.name, self.model, self.ctx = name, model, ctx
+        self.ledger = KVLedger(ctx)
+        self.n_vocab = n_vocab
+
+    @classmethod
+    def open(cls, path: str | Path, *, name: str, sha256: str | None, target_vocab, target_name: str,
+             n_ctx: int, n_seq_max: int, threads: int, threads_batch: int, kv_type: str,
+             native: str | None = None, mmap: bool = True) -> "DraftModel":
+        """Load the draft at ``path`` beside a target: the same context size,
+        sequence slots, threads and K cache type; its vocabulary checked
+        against the target's."""
+        from . import llama, selftest
+        from . import native as _native
+        from .gguf_file import read_gguf
+
+        path = Path(path)
+        info = read_gguf(path)
+        verdict = selftest.ensure(path, info, sha256=sha256, name=name, forced=_native.forced_setting(native),
+                                  threads=threads, threads_batch=threads_batch, mmap=mmap)
+        _native.init_backend()
+        model = llama.Model(path, _native.ModelParams(verdict.setting, info, mmap=mmap))
         try:
-            check_vocab(target, self.engine)
+            check_vocab(target_vocab, model.vocab, target_name, name)
+            ctx = llama.Context(model, n_ctx=n_ctx, n_batch=llama_batch(n_ctx), n_seq_max=n_seq_max,
+                                threads=threads, threads_batch=threads_batch, kv_type=kv_type)
         except BaseException:
-            self.engine.close()
+            model.free()
             raise
-        self.name = self.engine.name
-        self.n_vocab = min(target.n_vocab, self.engine.n_vocab)
+        return cls(name, model, ctx, min(target_vocab.n_tokens, model.vocab.n_tokens))
 
     def propose(self, seq: int, history: list[int], k: int) -> list[int]:
         """``k`` greedy tokens to follow ``history`` in sequence ``seq``. The
         draft's KV cache keeps what it shares with the history (the accepted
         part of its last draft included) and evaluates only the rest."""
-        e = self.engine
-        kv = e._kv_tokens[seq]
-        n = 0
-        for a, b in zip(kv, history):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(history) - 1)           # the last token is evaluated again for its logits
-        if e._kv_truncate(seq, n) != n:
-            e._kv_clear(seq)
-            n = 0
+        n = self.ledger.sync_to(seq, history)
         out: list[int] = []
         todo = history[n:]
+        vocab = self.model.vocab
         for _ in range(k):
-            if e._decode(todo, seq) != 0:
+            if self.ledger.evaluate(seq, todo) != 0:
                 break
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(e._ctx, -1), shape=(e.n_vocab,))
-            tok = int(logits[:self.n_vocab].argmax())
-            if e.is_eog(tok):
+            tok = int(self.ctx.logits(-1)[:self.n_vocab].argmax())
+            if vocab.is_eog(tok):
                 break
             out.append(tok)
             todo = [tok]
         return out
 
     def forget(self, seq: int) -> None:
-        self.engine._kv_clear(seq)
+        self.ledger.clear(seq)
 
     def close(self) -> None:
-        self.engine.close()
+        self.ctx.free()
+        self.model.free()
+
+
+def llama_batch(n_ctx: int) -> int:
+    """The draft's batch: it evaluates a history once, then a token at a time."""
+    return min(512, n_ctx)

@@ -1,9 +1,13 @@
-"""The llama.cpp-backed runtime: load a model, tokenize, prefill, decode.
+"""A loaded model: the public generate/stream/chat over a scheduler.
 
-Everything that touches llama.cpp goes through :class:`Engine`: the model,
-the context, the tokenizer and the KV operations of each sequence, through
-llama-cpp-python's low-level API (``llama_cpp.llama_*``). Generation runs
-in the engine's :class:`~edgeinfer.scheduler.Scheduler`, one thread that
+An :class:`Engine` is assembled from parts, each with one job:
+:mod:`edgeinfer.settings` resolves what the load uses (a pure function),
+:mod:`edgeinfer.selftest` picks a native setting that survives here,
+:mod:`edgeinfer.llama` is the doorway to llama.cpp (model, context,
+batch, vocabulary), :mod:`edgeinfer.kv` keeps the ledger of what each
+sequence holds, :mod:`edgeinfer.prompt_cache` keeps prefixes across
+requests and restarts, :mod:`edgeinfer.draft` is an optional draft model,
+and :mod:`edgeinfer.scheduler` runs every generation on one thread that
 batches every caller's sequences into shared decode steps.
 
 Generation comes in three layers (as in mlx-lm): the scheduler's step is
@@ -13,7 +17,7 @@ the hot loop; :meth:`Engine.stream` yields :class:`TextEvent` and a final
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -23,42 +27,26 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import llama_cpp as lc
-
-from . import hardware, selftest
+from . import llama, selftest, settings
 from . import native as _native
 from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, SpeculativeError
-from .fit import box_profile, refusal
+from .events import DoneEvent, Stats, TextEvent
+from .fit import refusal
 from .gguf_file import GGUFInfo, read_gguf
 from .grammar import check_grammar
 from .grammar import resolve as constrain
-from .events import DoneEvent, Stats, TextEvent
-from .kv import SequenceKV
+from .kv import KVLedger
 from .prompt_cache import PromptCache
 from .sampling import DEFAULTS as DEFAULT_SAMPLING
 from .sampling import check_options
-from .speculative import SpecConfig, step_costs_for
-from .scheduler import DEFAULT_QUEUE, Request, Scheduler, default_parallel, new_seed
+from .scheduler import DEFAULT_QUEUE, Scheduler, new_seed
+from .sequence import Request
+from .speculative import SpecConfig, measure_step_costs, step_costs_for
 
-_NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
-# K cache types by name (ggml type ids).
-KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
-
-
-def _take(req: Request, item) -> bool:
-    """Count ``item`` as read; raise it if it is an error; True if it ends the stream."""
-    req.consumed += 1
-    if isinstance(item, BaseException):
-        raise item
-    return isinstance(item, DoneEvent)
+__all__ = ["Engine", "TextEvent", "DoneEvent", "Stats"]
 
 
-async def _until_done(events) -> None:
-    while not isinstance(await events.get(), (DoneEvent, BaseException)):
-        pass
-
-
-class Engine(SequenceKV):
+class Engine:
     """A loaded model and its llama.cpp context.
 
     >>> import edgeinfer
@@ -76,7 +64,7 @@ class Engine(SequenceKV):
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int | None = None,
                  threads: int | None = None, threads_batch: int | None = None,
-                 n_batch: int = 512, mmap: bool = True, mlock: bool = False,
+                 n_batch: int = settings.DEFAULT_N_BATCH, mmap: bool = True, mlock: bool = False,
                  seed: int | None = None, n_seq_max: int | None = None, name: str | None = None,
                  sha256: str | None = None, chat_template: str | None = None,
                  lock_timeout: float | None = None, check_memory: bool = True,
@@ -91,49 +79,23 @@ class Engine(SequenceKV):
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
         self.sha256 = sha256
-        # Defaults sized to this machine's memory (fit.box_profile): a small
-        # box gets a shorter context, fewer sequences and a q8_0 K cache.
-        self.box = box_profile()
-        train_ctx = self.info.context_length or self.box.n_ctx
-        self.n_ctx = int(n_ctx) if n_ctx else min(self.box.n_ctx, train_ctx)
-        kv_type = kv_type or self.box.kv_type
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
-        self.kv_type = kv_type
+        self._model = self._ctx = self._scheduler = self.draft = None
+        self._cancel = threading.Event()       # engine.cancel() during a whole-context call
+        # Everything the load uses, resolved before llama.cpp allocates anything.
+        self.settings = s = settings.for_load(
+            self.info.context_length, sha256, n_ctx=n_ctx, threads=threads, threads_batch=threads_batch,
+            n_batch=n_batch, n_seq_max=n_seq_max, kv_type=kv_type, flash_attn=flash_attn,
+            speculative=speculative, has_draft=draft is not None)
+        self.box, self.n_ctx, self.kv_type = s.box, s.n_ctx, s.kv_type
+        self.threads, self.threads_batch, self.threads_source = s.threads, s.threads_batch, s.threads_source
+        self.n_batch, self.n_seq_max, self.flash_attn, self.speculative = s.n_batch, s.n_seq_max, s.flash_attn, \
+            s.speculative
         if check_memory:
-            self._check_memory()
-        # Threads: what the caller says, else this machine's tuned profile
-        # for this model (`edgeinfer tune`), else physical cores.
-        self.threads_source = "given" if (threads or threads_batch) else "default"
-        if not (threads or threads_batch):
-            from .tuning import load_profile
-
-            profile = load_profile(sha256)
-            if profile is not None:
-                threads, threads_batch = profile.threads, profile.threads_batch
-                self.threads_source = "tuned"
-        self.threads = int(threads or hardware.default_threads())
-        self.threads_batch = int(threads_batch or self.threads)
-        if self.threads_source != "given":
-            # A busy box: leave the cores other work holds (hardware.threads_for_load).
-            busy = hardware.busy_cores()
-            cap = hardware.threads_for_load(max(self.threads, self.threads_batch), busy)
-            if cap < max(self.threads, self.threads_batch):
-                self.threads, self.threads_batch = min(self.threads, cap), min(self.threads_batch, cap)
-                self.threads_source += f", capped at {cap}: {busy:.1f} cores busy with other work"
+            err = refusal(self.name, self.info, self.n_ctx)
+            if err is not None:
+                raise err
         self.seed = seed
         self.lock_timeout = lock_timeout
-        if speculative is None:   # a draft model given is a choice made
-            speculative = "draft" if draft is not None else "auto"
-        self.speculative = speculative if isinstance(speculative, SpecConfig) else SpecConfig(mode=speculative)
-        self.draft = None
-        if self.speculative.mode == "draft" and draft is None:
-            raise SpeculativeError("speculative='draft' needs a draft model")
-        self._cancel = threading.Event()       # engine.cancel() during a whole-context call
-        self._model = self._ctx = None
-        self._batch = None
-        self._scheduler: Scheduler | None = None
-        self._local = threading.local()         # token_to_piece buffers, one per thread
         # Native code is tried in a child process before this one trusts it
         # (selftest.py): the first load of a file on a machine costs a test
         # run, later loads read the record.
@@ -142,55 +104,22 @@ class Engine(SequenceKV):
             threads=self.threads, threads_batch=self.threads_batch, mmap=mmap)
         _native.init_backend()
         self._mparams = _native.ModelParams(self.native.setting, self.info, mmap=mmap, mlock=mlock)
-        self._model = lc.llama_model_load_from_file(str(self.path).encode(), self._mparams.params)
-        if not self._model:
-            raise EngineError(f"llama.cpp could not load {self.path}",
-                              hint="run with EDGEINFER_DEBUG=1 to see llama.cpp's log")
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx
-        cparams.n_batch = cparams.n_ubatch = self.n_batch = min(int(n_batch), self.n_ctx)
-        if n_seq_max is None:
-            n_seq_max = min(default_parallel(self.n_ctx, hardware.default_threads()), self.box.max_parallel)
-        cparams.n_seq_max = self.n_seq_max = max(1, int(n_seq_max))
-        # One pool of n_ctx cells for every sequence, of any length; without
-        # it llama.cpp splits the context evenly between them.
-        cparams.kv_unified = True
-        cparams.n_threads = self.threads
-        cparams.n_threads_batch = self.threads_batch
-        cparams.no_perf = True
-        # Flash attention is off by default: its CPU kernel takes another
-        # path for short batches, so the few tokens evaluated after a
-        # reused prefix would get different logits than in a cold prefill
-        # (up to 0.65 on the default model) and a cache hit could change
-        # the answer. Off, a hit is bit-exact. On is a few % faster.
-        cparams.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                   else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        self.flash_attn = bool(flash_attn)
-        # Only K: llama.cpp quantizes the V cache only with flash attention.
-        cparams.type_k = KV_TYPES[kv_type]
-        self._kv_types = (cparams.type_k, cparams.type_v)
-        self._ctx = lc.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        self._model = llama.Model(self.path, self._mparams)
+        self.vocab = self._model.vocab
+        self.n_vocab = self.vocab.n_tokens
+        self.add_bos = self.vocab.add_bos
+        try:
+            self._ctx = llama.Context(self._model, n_ctx=self.n_ctx, n_batch=self.n_batch,
+                                      n_seq_max=self.n_seq_max, threads=self.threads,
+                                      threads_batch=self.threads_batch, kv_type=self.kv_type,
+                                      flash_attn=self.flash_attn)
+        except BaseException:
             self._free()
-            raise EngineError(f"llama.cpp could not create a context of {self.n_ctx} tokens",
-                              hint="try a smaller n_ctx")
-        # The abort callback is polled by ggml between graph nodes, so a
-        # cancel lands inside a long prefill, not after it.
-        self._abort_cb = lc.ggml_abort_callback(lambda _data: self._should_abort())
-        lc.llama_set_abort_callback(self._ctx, self._abort_cb, None)
-        self._abort_on = True
-        self._mem = lc.llama_get_memory(self._ctx)
-        self._vocab = lc.llama_model_get_vocab(self._model)
-        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
-        self._batch = lc.llama_batch_init(self.n_batch, 0, self.n_seq_max)
-        self.add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
-        self._kv_tokens: dict[int, list[int]] = {s: [] for s in range(self.n_seq_max)}
-        self.last_seq = 0   # the sequence of the request admitted last
+            raise
         self.chat_template = chat_template if chat_template is not None else self.info.chat_template
         self.system_prompt = system_prompt or None
         # The model's own defaults (from its catalog entry) over ours.
         self.sampling = {**DEFAULT_SAMPLING, **check_options(sampling or {})}
-        self.last_stats: Stats | None = None
         self.stop_on_repeat = bool(stop_on_repeat)  # finish_reason "repetition" (sampling.repeating)
         # prompt_cache=False turns off every reuse of KV state, so each
         # request prefills from scratch (the baseline the cache must match).
@@ -203,34 +132,50 @@ class Engine(SequenceKV):
             self.prompt_cache = PromptCache(self.cache_namespace(), disk=cache_disk, **budgets)
         else:
             self.prompt_cache = None
-        self._scheduler = Scheduler(self, n_seq=self.n_seq_max, queue_limit=queue_limit,
+        self._ledger = KVLedger(self._ctx, reuse=self.reuse_kv, prompt_cache=self.prompt_cache)
+        try:
+            if draft is not None:
+                self.draft = self._open_draft(draft, native, mmap)
+            self._step_costs: dict[int, float] | None = None
+            if self.speculative.mode == "auto":
+                # Measured here, before the scheduler thread starts, on this thread.
+                try:
+                    self._step_costs = step_costs_for(self)
+                except Exception:   # no measure, no auto drafts; lookup still works when asked for
+                    self._step_costs = None
+        except BaseException:
+            self._free()
+            raise
+        self._scheduler = Scheduler(self._ctx, self._ledger, name=self.name, native=self.native.setting,
+                                    draft=self.draft, step_costs=self._step_costs,
+                                    stop_on_repeat=self.stop_on_repeat, queue_limit=queue_limit,
                                     prefill_chunk=prefill_chunk)
-        if draft is not None:
-            from .draft import DraftModel
 
-            try:
-                self.draft = DraftModel(self, draft)
-            except BaseException:
-                self.close()
-                raise
-        self._step_costs: dict[int, float] | None = None
-        if self.speculative.mode == "auto":
-            try:
-                self._step_costs = step_costs_for(self)
-            except Exception:   # no measure, no auto drafts; lookup still works when asked for
-                self._step_costs = None
+    def _open_draft(self, draft, native, mmap):
+        from .draft import DraftModel
+        from .store import resolve_model
+
+        path, manifest = resolve_model(draft)
+        return DraftModel.open(path, name=manifest.ref if manifest else Path(path).name,
+                               sha256=manifest.sha256 if manifest else None, target_vocab=self.vocab,
+                               target_name=self.name, n_ctx=self.n_ctx, n_seq_max=self.n_seq_max,
+                               threads=self.threads, threads_batch=self.threads_batch, kv_type=self.kv_type,
+                               native=native, mmap=mmap)
 
     def step_costs(self) -> dict[int, float] | None:
         """What a decode step of w tokens costs here, relative to one token
         (speculative auto weighs drafts with it); None if not measured."""
         return self._step_costs
 
-    # -- lifecycle ---------------------------------------------------------
-    def _check_memory(self) -> None:
-        err = refusal(self.name, self.info, self.n_ctx)
-        if err is not None:
-            raise err
+    def measure_step_costs(self) -> dict[int, float]:
+        """Seconds per decode step of 1, 2, 3, 5 and 9 tokens of one
+        sequence on this machine (edgeinfer.speculative)."""
+        def run():
+            return measure_step_costs(self._ctx, self._ledger)
 
+        return run() if self._scheduler is None else self._exclusive(run)   # None: still loading
+
+    # -- lifecycle ---------------------------------------------------------
     def close(self, timeout: float = 30.0) -> None:
         """Free the context and the model; the engine is unusable after.
 
@@ -249,14 +194,11 @@ class Engine(SequenceKV):
             self.draft = None
         if getattr(self, "prompt_cache", None) is not None:
             self.prompt_cache.flush()
-        if self._batch is not None:
-            lc.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx:
-            lc.llama_free(self._ctx)
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.free()
             self._ctx = None
-        if self._model:
-            lc.llama_model_free(self._model)
+        if getattr(self, "_model", None) is not None:
+            self._model.free()
             self._model = None
 
     def __enter__(self) -> "Engine":
@@ -267,7 +209,7 @@ class Engine(SequenceKV):
 
     def __del__(self):
         # Nobody holds the engine, so no stream reads from it: stop the
-        # scheduler (which holds only a weak proxy), then free.
+        # scheduler (which holds no reference to the engine), then free.
         try:
             sched = getattr(self, "_scheduler", None)
             if sched is not None and sched._thread is not threading.current_thread():
@@ -277,6 +219,16 @@ class Engine(SequenceKV):
         except Exception:
             pass
 
+    @property
+    def last_stats(self) -> Stats | None:
+        """The figures of the generation that finished last."""
+        return self._scheduler.last_stats if self._scheduler is not None else None
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence slot of the request admitted last."""
+        return self._scheduler.last_seq if self._scheduler is not None else 0
+
     def status(self) -> dict:
         """What the scheduler is doing: active sequences, queue depth, KV
         cells used, prompt-cache hits, steps by sequences per step, recent
@@ -285,25 +237,18 @@ class Engine(SequenceKV):
         return self._scheduler.status()
 
     def _exclusive(self, fn):
-        """Run ``fn`` on the scheduler thread while no sequence runs."""
+        """Run ``fn`` on the scheduler thread while no sequence runs;
+        :meth:`cancel` aborts a decode it runs."""
         self._check_open()
-
-        def run():
-            self._cancel.clear()
-            self._scheduler._abort_events = [self._cancel]
-            try:
-                return fn()
-            finally:
-                self._scheduler._abort_events = []
-
-        return self._scheduler.call(run, timeout=self.lock_timeout)
+        self._cancel.clear()
+        return self._scheduler.call(fn, timeout=self.lock_timeout, cancel=self._cancel)
 
     def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
         """Change the decode and prompt-processing thread counts in place."""
         def apply():
             self.threads = int(threads)
             self.threads_batch = int(threads_batch or threads)
-            lc.llama_set_n_threads(self._ctx, self.threads, self.threads_batch)
+            self._ctx.set_threads(self.threads, self.threads_batch)
 
         self._exclusive(apply)
 
@@ -314,50 +259,45 @@ class Engine(SequenceKV):
         return self._exclusive(lambda: self._benchmark(n_prompt, n_gen, seq))
 
     def _benchmark(self, n_prompt: int, n_gen: int, seq: int) -> tuple[float, float]:
-        # Ordinary text tokens, spread over the vocabulary, never control tokens.
-        ids = [t for t in range(min(self.n_vocab, 30000)) if not lc.llama_vocab_is_control(self._vocab, t)
-               and not self.is_eog(t)]
-        prompt = [ids[(i * 7919) % len(ids)] for i in range(n_prompt)]
-        self._kv_clear(seq)
+        ledger = self._ledger
+        prompt = self.vocab.spread(n_prompt)
+        ledger.clear(seq)
         t0 = time.perf_counter()
-        if n_prompt and self._decode(prompt, seq) != 0:
+        if n_prompt and ledger.evaluate(seq, prompt) != 0:
             raise EngineError("benchmark cancelled")
         t1 = time.perf_counter()
-        self._kv_clear(seq)
+        ledger.clear(seq)
+        ids = self.vocab.plain_tokens()
         tok = ids[len(ids) // 2]
         t2 = time.perf_counter()
         for _ in range(n_gen):
-            if self._decode([tok], seq) != 0:
+            if ledger.evaluate(seq, [tok]) != 0:
                 raise EngineError("benchmark cancelled")
         t3 = time.perf_counter()
-        self._kv_clear(seq)
+        ledger.clear(seq)
         return t1 - t0, t3 - t2
 
     def eval_logits(self, tokens: list[int], seq: int = 0):
         """Logits for every position of ``tokens`` (at most n_batch of them),
         evaluated from an empty sequence, as a float32 array of shape
         (len(tokens), n_vocab). For quality measurements, not generation."""
-        import numpy as np
-
         self._check_open()
         if not 0 < len(tokens) <= self.n_batch:
             raise ValueError(f"eval_logits takes 1..{self.n_batch} tokens")
 
         def run():
-            self._kv_clear(seq)
-            b = self._batch
+            ctx, ledger = self._ctx, self._ledger
+            ledger.clear(seq)
+            b = ctx.batch
+            b.clear()
             for i, t in enumerate(tokens):
-                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, 1
-                b.seq_id[i][0] = seq
-            b.n_tokens = len(tokens)
-            self._abort_during(True)
-            rc = lc.llama_decode(self._ctx, b)
+                b.add(t, i, seq, True)
+            rc = ctx.decode(b, abortable=True)
             if rc != 0:
-                self._kv_clear(seq)
+                ledger.clear(seq)
                 raise EngineError(f"llama_decode failed with status {rc}")
-            ptr = lc.llama_get_logits(self._ctx)
-            out = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).copy()
-            self._kv_clear(seq)
+            out = ctx.all_logits(len(tokens))
+            ledger.clear(seq)
             return out
 
         return self._exclusive(run)
@@ -369,8 +309,28 @@ class Engine(SequenceKV):
         if self._scheduler is not None:
             self._scheduler.cancel_all()
 
-    def _should_abort(self) -> bool:
-        return self._scheduler.should_abort()
+    # -- KV state (every call names its sequence) ------------------------------
+    def seq_state(self, seq: int = 0) -> bytearray:
+        """The KV state of sequence ``seq``."""
+        return self._exclusive(lambda: self._ledger.save(seq))
+
+    def restore_seq_state(self, state: bytes | bytearray, tokens: list[int], seq: int = 0) -> bool:
+        """Load a state saved by seq_state() for ``tokens`` into ``seq``."""
+        return self._exclusive(lambda: self._ledger.restore(seq, state, tokens))
+
+    def kv_tokens(self, seq: int | None = None) -> list[int]:
+        """The tokens whose KV state sequence ``seq`` holds (default: the
+        sequence of the request admitted last)."""
+        return list(self._ledger.tokens(self.last_seq if seq is None else seq))
+
+    def kv_clear(self, seq: int | None = None) -> None:
+        """Forget the KV state of ``seq``, or of every sequence."""
+        seqs = range(self.n_seq_max) if seq is None else [seq]
+        self._exclusive(lambda: [self._ledger.clear(s) for s in seqs])
+
+    def kv_cells_used(self) -> int:
+        """Cells the sequences hold (a shared prefix counts once per sequence)."""
+        return self._ledger.cells_used()
 
     # -- tokens ------------------------------------------------------------
     def _check_open(self) -> None:
@@ -381,35 +341,28 @@ class Engine(SequenceKV):
         """Text to token ids. With ``special=False`` (the default) text such
         as ``<|im_end|>`` stays plain text and never becomes a control token."""
         self._check_open()
-        data = text.encode("utf-8")
-        add = self.add_bos if add_bos is None else add_bos
-        cap = len(data) + 8
-        buf = (lc.llama_token * cap)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
-        if n < 0:
-            cap = -n
-            buf = (lc.llama_token * cap)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
-        return list(buf[:n])
+        return self.vocab.tokenize(text, add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
-        buf = getattr(self._local, "piece", None)
-        if buf is None:
-            buf = self._local.piece = ctypes.create_string_buffer(256)
-        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = self._local.piece = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        """The bytes of one token (a piece of a UTF-8 character, maybe);
+        ``special``: control tokens as their text, else as nothing."""
+        return self.vocab.token_bytes(token, special)
 
     def detokenize(self, tokens: Iterable[int], special: bool = False) -> str:
-        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
+        """Token ids to text (bytes that are not whole UTF-8 become U+FFFD)."""
+        return self.vocab.detokenize(tokens, special)
 
     def is_eog(self, token: int) -> bool:
-        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+        """True for a token that ends a turn (end of sequence, end of turn ...)."""
+        return self.vocab.is_eog(token)
 
     def token_text(self, token_id: int) -> str:
-        return self.token_bytes(token_id, special=True).decode("utf-8", "replace")
+        """A token's text, control tokens included (``<|im_end|>``)."""
+        return self.vocab.token_text(token_id)
+
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token of the vocabulary."""
+        return self.vocab.eog_tokens()
 
     def cache_namespace(self) -> str:
         """A hash of everything that makes a saved KV state valid here."""
@@ -417,58 +370,13 @@ class Engine(SequenceKV):
         if not ident:  # a bare path: identify the file by name, size and time
             st = self.path.stat()
             ident = f"{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        lib = getattr(lc.llama_cpp, "_lib", None)
-        parts = [ident, str(self.n_ctx), str(self.n_seq_max), lc.__version__,
+        parts = [ident, str(self.n_ctx), str(self.n_seq_max), llama.binding_version(),
                  _native.system_info(),
-                 str(self._kv_types[0]), str(self._kv_types[1]), f"fa={self.flash_attn}",
-                 f"native={self.native.setting}",
-                 str(getattr(lib, "_name", ""))]
+                 str(self._ctx.kv_types[0]), str(self._ctx.kv_types[1]), f"fa={self.flash_attn}",
+                 f"native={self.native.setting}", llama.library_name()]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
-    def _abort_during(self, on: bool) -> None:
-        """ggml polls the abort callback at every graph node (~500 times a
-        token here), which costs a few % of decode speed. Single-token
-        decodes are short, and cancel is checked between them, so the
-        callback is installed only for multi-token batches (prefill)."""
-        if on != self._abort_on:
-            lc.llama_set_abort_callback(self._ctx, self._abort_cb if on else _NO_ABORT, None)
-            self._abort_on = on
-
-    def _decode(self, tokens: list[int], seq: int, logits_last: bool = True) -> int:
-        """Evaluate ``tokens`` after what ``seq`` holds, in n_batch chunks.
-        Returns 0, or 2 when cancelled; raises EngineError on failure."""
-        b = self._batch
-        kv = self._kv_tokens[seq]
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            pos0 = len(kv)
-            for i, t in enumerate(chunk):
-                b.token[i] = t
-                b.pos[i] = pos0 + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = 0
-            if logits_last and start + len(chunk) == len(tokens):
-                b.logits[len(chunk) - 1] = 1
-            b.n_tokens = len(chunk)
-            self._abort_during(len(chunk) > 1)
-            rc = lc.llama_decode(self._ctx, b)
-            if rc != 0:
-                self._kv_resync(seq)
-                if rc == 2:
-                    return 2
-                raise EngineError(f"llama_decode failed with status {rc}",
-                                  hint="the context may be full; start a new conversation")
-            kv.extend(chunk)
-        return 0
-
     # -- generation --------------------------------------------------------
-    def eog_tokens(self) -> tuple[int, ...]:
-        """Every end-of-generation token of the vocabulary."""
-        if getattr(self, "_eog", None) is None:
-            self._eog = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t))
-        return self._eog
-
     def _spec(self, speculative: str | None) -> SpecConfig | None:
         """A request's speculative decoding: the engine's, or its own mode."""
         spec = self.speculative
@@ -487,9 +395,9 @@ class Engine(SequenceKV):
             if ignore_eos:
                 raise GrammarError("ignore_eos cannot be combined with a schema or grammar: the grammar decides "
                                    "where the answer ends", hint="drop ignore_eos, or the schema")
-            check_grammar(self._vocab, gbnf)
+            check_grammar(self.vocab.handle, gbnf)
         if not tokens:
-            tokens = [lc.llama_vocab_bos(self._vocab)]
+            tokens = [self.vocab.bos]
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(tokens):,} tokens but the context holds {self.n_ctx:,}")
@@ -522,22 +430,22 @@ class Engine(SequenceKV):
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
                             json_schema, grammar, speculative)
         self._scheduler.submit(req)
-        done = False
         item = None
         try:
-            while not done:
+            while not _ends(item):
                 item = events.get()
-                done = isinstance(item, BaseException)  # an error ends the stream too
-                done = _take(req, item)
+                req.consumed += 1
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
         finally:
-            if not done:
+            if not _ends(item):
                 # Cancelled by the reader: wait (within a step or two) for the
                 # scheduler to free the sequence, so it is free when we return.
                 req.cancel()
                 self._scheduler.wake()
                 deadline = time.monotonic() + 10
-                while not isinstance(item, (DoneEvent, BaseException)):
+                while not _ends(item):
                     try:
                         item = events.get(timeout=max(0.0, deadline - time.monotonic()))
                     except queue.Empty:
@@ -551,23 +459,22 @@ class Engine(SequenceKV):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
         leaving the loop, cancels the request."""
-        import asyncio
-
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling,
                             lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
                             json_schema, grammar, speculative)
         self._scheduler.submit(req)
-        done = False
+        item = None
         try:
-            while not done:
+            while not _ends(item):
                 item = await events.get()
-                done = isinstance(item, BaseException)  # an error ends the stream too
-                done = _take(req, item)
+                req.consumed += 1
+                if isinstance(item, BaseException):
+                    raise item
                 yield item
         finally:
-            if not done:
+            if not _ends(item):
                 req.cancel()
                 self._scheduler.wake()
                 try:  # as in stream_tokens: return once the sequence is free
@@ -600,21 +507,20 @@ class Engine(SequenceKV):
         The template's own text may contain control tokens; the messages'
         content is tokenized as plain text, so a user who types
         ``<|im_end|>`` cannot close a turn."""
-        from .chat import render_segments
+        from .template import render_segments
 
         self._check_open()  # the vocabulary below is freed with the model
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        vocab = self.vocab
         segments = render_segments(self.chat_template, messages, add_generation_prompt,
-                                   bos_token=self.token_text(lc.llama_vocab_bos(self._vocab)),
-                                   eos_token=self.token_text(lc.llama_vocab_eos(self._vocab)))
+                                   bos_token=vocab.token_text(vocab.bos), eos_token=vocab.token_text(vocab.eos))
         ids: list[int] = []
-        bos = lc.llama_vocab_bos(self._vocab)
         for text, is_template in segments:
             if text:
-                ids.extend(self.tokenize(text, add_bos=False, special=is_template))
-        if self.add_bos and bos >= 0 and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
+                ids.extend(vocab.tokenize(text, add_bos=False, special=is_template))
+        if vocab.add_bos and vocab.bos >= 0 and (not ids or ids[0] != vocab.bos):
+            ids.insert(0, vocab.bos)
         return ids
 
     def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[TextEvent | DoneEvent]:
@@ -640,3 +546,13 @@ class Engine(SequenceKV):
         """Async version of :meth:`stream_chat`."""
         async for event in self.astream_tokens(self.chat_tokens(messages), **kwargs):
             yield event
+
+
+def _ends(item) -> bool:
+    """True for the item that ends a stream: its DoneEvent or an error."""
+    return isinstance(item, (DoneEvent, BaseException))
+
+
+async def _until_done(events) -> None:
+    while not _ends(await events.get()):
+        pass

@@ -165,7 +165,7 @@ class GrammarGate:
                                          len(buf), -1, False)
 
     def _fill(self, ctx, idx: int):
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        logits = ctx.logits(idx)
         self.cand["id"] = self.ids
         self.cand["logit"] = logits
         self.cand["p"] = 0.0
@@ -175,7 +175,8 @@ class GrammarGate:
         return arr
 
     def sample(self, chain, ctx, idx: int, is_eog) -> int:
-        """Draw the next token at batch row ``idx`` and advance both the
+        """Draw the next token at batch row ``idx`` of ``ctx`` (a
+        llama.Context) and advance both the
         chain and the grammar with it; -1 when the grammar allows no token
         at all (a dead end: the caller ends the answer).
 

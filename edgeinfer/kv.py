@@ -1,96 +1,126 @@
-"""The KV cache, one sequence at a time: save and restore a sequence's
-state, cut it, clear it, and give a new request the longest prefix it can
-reuse. A part of :class:`~edgeinfer.engine.Engine`; the scheduler calls the
-underscored methods on its own thread, users call the public ones, which
-run there between steps.
+"""The KV ledger: which tokens each sequence of a context holds.
+
+llama.cpp keeps the KV cells; the ledger keeps, per sequence, the tokens
+whose state those cells hold, so a new request can reuse the longest
+prefix it shares with what is already there. Its one invariant, "the
+ledger's tokens of ``seq`` are positions 0.. of ``seq`` in llama.cpp", is
+kept here and nowhere else: every change to a sequence's cells goes
+through a method of the ledger, and after a failed or aborted decode
+:meth:`resync` trusts llama.cpp's positions.
+
+The scheduler owns the target's ledger and calls it on its own thread; a
+draft model's context has a ledger of its own.
 """
 
 from __future__ import annotations
 
-import ctypes
-import llama_cpp as lc
-
+from .llama import DECODE_OK
 from .prompt_cache import common_prefix
 
 
-class SequenceKV:
-    """KV operations of an Engine; every call names its sequence id.
+class KVLedger:
+    """The tokens each sequence of ``ctx`` holds, and the operations on them."""
 
-    ``_kv_tokens[seq]`` mirrors the tokens whose KV state ``seq`` holds.
-    """
+    def __init__(self, ctx, *, reuse: bool = True, prompt_cache=None):
+        """``reuse``: False makes every request prefill from scratch (no
+        prefix is kept or shared); ``prompt_cache``: a PromptCache to look
+        in and fill, or None."""
+        self.ctx = ctx
+        self.n_seq = ctx.n_seq_max
+        self.reuse = reuse
+        self.prompt_cache = prompt_cache
+        self._tokens: dict[int, list[int]] = {s: [] for s in range(self.n_seq)}
 
-    # -- KV state (every call names its sequence) ---------------------------
-    def seq_state(self, seq: int = 0) -> bytearray:
-        """The KV state of sequence ``seq``."""
-        return self._exclusive(lambda: self._seq_state(seq))
+    # -- reading ----------------------------------------------------------------
+    def tokens(self, seq: int) -> list[int]:
+        """The tokens ``seq`` holds (the ledger's own list: do not change it)."""
+        return self._tokens[seq]
 
-    def _seq_state(self, seq: int) -> bytearray:
-        size = lc.llama_state_seq_get_size(self._ctx, seq)
-        out = bytearray(size)  # llama.cpp writes straight into it: one copy
-        view = (ctypes.c_uint8 * size).from_buffer(out)
-        n = lc.llama_state_seq_get_data(self._ctx, view, size, seq)
-        del view
-        del out[n:]
-        return out
+    def __len__(self) -> int:
+        return self.n_seq
 
-    def restore_seq_state(self, state: bytes | bytearray, tokens: list[int], seq: int = 0) -> bool:
-        """Load a state saved by seq_state() for ``tokens`` into ``seq``."""
-        return self._exclusive(lambda: self._restore_seq_state(state, tokens, seq))
+    def length(self, seq: int) -> int:
+        return len(self._tokens[seq])
 
-    def _restore_seq_state(self, state, tokens: list[int], seq: int) -> bool:
-        self._kv_clear(seq)
-        if isinstance(state, bytearray):
-            ptr = (ctypes.c_uint8 * len(state)).from_buffer(state)
-        else:  # bytes read back from disk: borrow the buffer, no copy
-            ptr = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))
-        if lc.llama_state_seq_set_data(self._ctx, ptr, len(state), seq) != len(state) or \
-                lc.llama_memory_seq_pos_max(self._mem, seq) != len(tokens) - 1:
-            self._kv_clear(seq)
-            return False
-        self._kv_tokens[seq][:] = tokens
-        return True
-
-    def kv_tokens(self, seq: int | None = None) -> list[int]:
-        """The tokens whose KV state sequence ``seq`` holds (default: the
-        sequence of the request admitted last)."""
-        return list(self._kv_tokens[self.last_seq if seq is None else seq])
-
-    def kv_clear(self, seq: int | None = None) -> None:
-        """Forget the KV state of ``seq``, or of every sequence."""
-        seqs = range(self.n_seq_max) if seq is None else [seq]
-        self._exclusive(lambda: [self._kv_clear(s) for s in seqs])
-
-    def kv_cells_used(self) -> int:
+    def cells_used(self) -> int:
         """Cells the sequences hold (a shared prefix counts once per sequence)."""
-        return sum(len(t) for t in self._kv_tokens.values())
+        return sum(len(t) for t in self._tokens.values())
 
-    def _kv_clear(self, seq: int) -> None:
-        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        self._kv_tokens[seq].clear()
+    # -- changing ---------------------------------------------------------------
+    def extend(self, seq: int, tokens) -> None:
+        """Record that a decode put ``tokens`` after what ``seq`` held."""
+        self._tokens[seq].extend(tokens)
 
-    def _kv_truncate(self, seq: int, n: int) -> int:
+    def append(self, seq: int, token: int) -> None:
+        self._tokens[seq].append(token)
+
+    def clear(self, seq: int) -> None:
+        self.ctx.seq_rm(seq)
+        self._tokens[seq].clear()
+
+    def truncate(self, seq: int, n: int) -> int:
         """Keep only the first ``n`` positions of ``seq``; returns how many
         it now holds (0 if llama.cpp could not cut the sequence)."""
-        if n < len(self._kv_tokens[seq]):
-            if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
-                self._kv_clear(seq)
+        if n < len(self._tokens[seq]):
+            if not self.ctx.seq_rm(seq, n, -1):
+                self.clear(seq)
                 return 0
-            del self._kv_tokens[seq][n:]
-        return len(self._kv_tokens[seq])
+            del self._tokens[seq][n:]
+        return len(self._tokens[seq])
 
-    def _kv_resync(self, seq: int) -> None:
+    def drop_after(self, seq: int) -> None:
+        """Remove the cells a batch left past what the ledger records for
+        ``seq`` (an aborted step, or draft tokens the target refused)."""
+        self.ctx.seq_rm(seq, len(self._tokens[seq]), -1)
+
+    def resync(self, seq: int) -> None:
         """After an aborted or failed decode, trust llama.cpp's positions."""
-        pos_max = lc.llama_memory_seq_pos_max(self._mem, seq)
-        del self._kv_tokens[seq][max(pos_max + 1, 0):]
+        pos_max = self.ctx.seq_pos_max(seq)
+        del self._tokens[seq][max(pos_max + 1, 0):]
 
-    # -- prefix reuse (called by the scheduler, on its thread) ---------------
+    def save(self, seq: int) -> bytearray:
+        """The KV state of ``seq`` (what :meth:`restore` takes back)."""
+        return self.ctx.seq_state(seq)
+
+    def restore(self, seq: int, state, tokens: list[int]) -> bool:
+        """Load a state saved for ``tokens`` into ``seq``; False (and ``seq``
+        empty) when llama.cpp refuses it or it does not hold ``tokens``."""
+        self.clear(seq)
+        if not self.ctx.set_seq_state(seq, state) or self.ctx.seq_pos_max(seq) != len(tokens) - 1:
+            self.clear(seq)
+            return False
+        self._tokens[seq][:] = tokens
+        return True
+
+    def evaluate(self, seq: int, tokens: list[int], logits_last: bool = True) -> int:
+        """Decode ``tokens`` after what ``seq`` holds, in n_batch chunks, on
+        the context's own batch; the last row gets logits if asked. Returns
+        DECODE_OK, or llama.cpp's status when a chunk failed (2: aborted),
+        with the ledger resynced to what llama.cpp kept."""
+        ctx = self.ctx
+        b, n_batch = ctx.batch, ctx.n_batch
+        held = self._tokens[seq]
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start:start + n_batch]
+            last = logits_last and start + len(chunk) == len(tokens)
+            b.clear()
+            pos0 = len(held)
+            for i, t in enumerate(chunk):
+                b.add(t, pos0 + i, seq, last and i == len(chunk) - 1)
+            rc = ctx.decode(b)
+            if rc != DECODE_OK:
+                self.resync(seq)
+                return rc
+            held.extend(chunk)
+        return DECODE_OK
+
+    # -- prefix reuse (on the scheduler's thread) -------------------------------
     def choose_slot(self, tokens: list[int], free: list[int], idle_since: dict[int, float]) -> int:
         """The free sequence slot for ``tokens``: the one whose own KV
         shares the longest prefix with them, else an empty one, else the
         one idle longest."""
-        best = max(free, key=lambda s: (common_prefix(self._kv_tokens[s], tokens) if self.reuse_kv else 0,
-                                        not self._kv_tokens[s], -idle_since.get(s, 0.0)))
-        return best
+        return max(free, key=lambda s: (common_prefix(self._tokens[s], tokens) if self.reuse else 0,
+                                        not self._tokens[s], -idle_since.get(s, 0.0)))
 
     def reuse_prefix(self, tokens: list[int], seq: int) -> int:
         """Make ``seq`` hold the longest reusable prefix of ``tokens``: its
@@ -98,21 +128,21 @@ class SequenceKV:
         shares the cells), or the prompt cache's memory and disk tiers.
         Returns its length; at least one prompt token is left to evaluate,
         so the sampler gets logits."""
-        if not self.reuse_kv:
-            self._kv_clear(seq)
+        if not self.reuse:
+            self.clear(seq)
             return 0
         cap = len(tokens) - 1
-        n = min(common_prefix(self._kv_tokens[seq], tokens), cap)
+        n = min(common_prefix(self._tokens[seq], tokens), cap)
         donor, k = -1, n
-        for s in range(self.n_seq_max):
+        for s in range(self.n_seq):
             if s != seq:
-                shared = min(common_prefix(self._kv_tokens[s], tokens), cap)
+                shared = min(common_prefix(self._tokens[s], tokens), cap)
                 if shared > k:
                     donor, k = s, shared
         if donor >= 0:
-            self._kv_clear(seq)
-            lc.llama_memory_seq_cp(self._mem, donor, seq, 0, k)
-            self._kv_tokens[seq][:] = tokens[:k]
+            self.clear(seq)
+            self.ctx.seq_cp(donor, seq, 0, k)
+            self._tokens[seq][:] = tokens[:k]
             n = k
         if self.prompt_cache is not None:
             hit = self.prompt_cache.nearest(tokens, at_least=n)
@@ -120,9 +150,18 @@ class SequenceKV:
                 k, entry = hit
                 k = min(k, cap)
                 if k > n:
-                    if self._restore_seq_state(entry.state, list(entry.tokens), seq):
+                    if self.restore(seq, entry.state, list(entry.tokens)):
                         n = k
                     else:
                         self.prompt_cache.forget(entry.tokens)
                         n = 0
-        return self._kv_truncate(seq, n)
+        return self.truncate(seq, n)
+
+    def sync_to(self, seq: int, history: list[int]) -> int:
+        """Keep the part of ``seq`` that ``history`` starts with, all but its
+        last token (evaluated again for its logits); returns its length."""
+        n = min(common_prefix(self._tokens[seq], history), len(history) - 1)
+        if self.truncate(seq, n) != n:
+            self.clear(seq)
+            return 0
+        return n

@@ -31,29 +31,42 @@ import re
 import threading
 from pathlib import Path
 
-import llama_cpp as lc
-
 from . import hardware
 from .errors import NativeSettingError
 
 SETTINGS = ("full", "no_amx", "plain")
 ENV = "EDGEINFER_NATIVE"  # force a setting: full, no_amx, plain (or auto)
 
+
+
+class _OnFirstUse:
+    """llama_cpp, imported when first used: the record and machine checks
+    of the self-test import this module, and ``import edgeinfer`` must not
+    load libllama."""
+
+    def __getattr__(self, name: str):
+        import llama_cpp
+
+        return getattr(llama_cpp, name)
+
+
+lc = _OnFirstUse()
 _backend_lock = threading.Lock()
 _backend_ready = False
+_quiet_log = None   # the log callback, kept alive for as long as llama.cpp may call it
 
 
-@lc.llama_log_callback
-def _quiet_log(level, text, user_data):  # llama.cpp logs to stderr unless told otherwise
+def _log(level, text, user_data):  # llama.cpp logs to stderr unless told otherwise
     if os.environ.get("EDGEINFER_DEBUG") == "1":
         os.write(2, text or b"")
 
 
 def init_backend() -> None:
     """Initialise llama.cpp once per process, with its log kept quiet."""
-    global _backend_ready
+    global _backend_ready, _quiet_log
     with _backend_lock:
         if not _backend_ready:
+            _quiet_log = lc.llama_log_callback(_log)
             lc.llama_log_set(_quiet_log, ctypes.c_void_p(0))
             lc.llama_backend_init()
             _backend_ready = True
@@ -250,7 +263,9 @@ def llama_defaults(setting: str, info=None):
     which is swapped for the duration. For benchmarks and tests that open
     ``Llama`` directly, which would otherwise crash where the engine does not."""
     mp = ModelParams(setting, info)
-    mod = lc.llama_cpp  # the submodule whose attribute Llama calls
+    import llama_cpp
+
+    mod = llama_cpp.llama_cpp  # the submodule whose attribute Llama calls
     original = mod.llama_model_default_params
 
     def defaults():

@@ -90,6 +90,11 @@ REPEAT_MAX_PERIOD = 64   # the longest span that counts as one unit of a loop
 REPEAT_MIN_RUN = 32      # tokens of exact repetition before a loop is called
 
 
+def free_chain(chain) -> None:
+    """Free a chain made by :func:`sampler_chain`."""
+    lc.llama_sampler_free(chain)
+
+
 def repeating(tokens: list[int]) -> int:
     """The period of a loop the tail of ``tokens`` is stuck in, else 0.
 

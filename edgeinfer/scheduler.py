@@ -25,24 +25,20 @@ steps, through :meth:`Scheduler.call`.
 
 from __future__ import annotations
 
-import codecs
 import collections
-import itertools
 import os
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
 from typing import Callable
-
-import llama_cpp as lc
 
 from . import heat
 from .errors import EngineBusyError, EngineError
-from .events import DoneEvent, Stats, TextEvent
+from .events import DoneEvent, Stats
 from .grammar import GrammarGate
-from .sampling import StopMatcher, repeating, sampler_chain
-from .speculative import Estimate, NgramIndex, SpecConfig, best_draft
+from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK
+from .sampling import free_chain, sampler_chain
+from .sequence import Request, Sequence, State
+from .speculative import next_draft
 
 # While other streams decode, a step carries as many prompt tokens as this
 # machine prefills in GAP_TARGET seconds (measured as steps run), so a long
@@ -54,105 +50,40 @@ DEFAULT_QUEUE = 64            # requests that may wait for a slot
 STALL_EVENTS = 256            # undelivered events after which a sequence waits for its reader
 
 
-def default_parallel(n_ctx: int, cores: int) -> int:
-    """Sequences to run at once: batching gains flatten past about twice
-    the core count, and each sequence should have room for 512 tokens on
-    average in the shared context."""
-    return max(1, min(8, 2 * max(cores, 1), n_ctx // 512))
-
-
-_ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation: prompt tokens in, events out through ``sink``.
-
-    ``sink`` is called on the scheduler thread with each TextEvent, the
-    final DoneEvent, or an exception for the reader to raise. It must not
-    block; the reader counts what it has taken in ``consumed`` so a reader
-    that stops reading holds back only its own sequence."""
-
-    tokens: list[int]
-    max_tokens: int
-    stops: list[str]
-    seed: int
-    options: dict
-    sink: Callable[[object], None]
-    cancel_event: threading.Event | None = None   # the caller's own
-    admit_timeout: float | None = None            # None: wait for a slot forever
-    ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
-    grammar: str | None = None                    # GBNF the answer must follow
-    spec: SpecConfig | None = None                # speculative decoding; None: off
-    id: int = field(default_factory=lambda: next(_ids))
-    consumed: int = 0
-    # set by the scheduler
-    delivered: int = 0
-    seq: int = -1
-    stats: Stats | None = None
-    finished: bool = False
-
-    def __post_init__(self):
-        self._cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-        self.reserve = 0
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set() or (self.cancel_event is not None and self.cancel_event.is_set())
-
-
-class _Running:
-    """A request in a sequence slot: what is left to evaluate, its sampler
-    and the text state between steps."""
-
-    __slots__ = ("req", "seq", "pending", "chain", "gate", "utf8", "matcher", "generated", "pending_ids",
-                 "t0", "t_first", "stats", "prefilled", "n_cached", "ngrams", "estimate", "drafts")
-
-    def __init__(self, req: Request, seq: int, n_cached: int, chain, t0: float):
-        self.req, self.seq, self.chain, self.t0 = req, seq, chain, t0
-        self.gate = None   # a GrammarGate when the request has a grammar
-        self.pending = req.tokens[n_cached:]   # tokens still to evaluate
-        self.n_cached = n_cached
-        self.prefilled = False
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.matcher = StopMatcher(req.stops)
-        self.generated: list[int] = []
-        self.pending_ids: list[int] = []
-        self.t_first: float | None = None
-        self.stats = req.stats
-        # Speculation: the prompt and answer so far, indexed by n-gram.
-        spec = req.spec
-        self.ngrams = NgramIndex(req.tokens, spec.ngram, spec.min_ngram) if spec else None
-        self.estimate = Estimate() if spec and spec.mode == "auto" else None
-        self.drafts: list[int] = []     # drafted after pending[0], in this step
-
-
 class Scheduler:
-    """Runs every generation of one Engine on one thread."""
+    """Runs every generation of one context on one thread.
 
-    def __init__(self, engine, *, n_seq: int, queue_limit: int = DEFAULT_QUEUE,
-                 prefill_chunk: int | None = None):
-        # A proxy, so that an Engine nobody holds any more is still
-        # collected (its __del__ stops this thread, then frees the context).
-        self.engine = weakref.proxy(engine)
-        self.n_seq = n_seq
+    It owns what a step needs and nothing else: the llama.cpp context
+    (``ctx``, a llama.Context), the KV ledger of its sequences, the prompt
+    cache (the ledger's), a draft model if any, and this machine's step
+    costs for speculative auto. It holds no reference to the Engine, so an
+    Engine nobody holds is collected (its ``__del__`` stops this thread)."""
+
+    def __init__(self, ctx, ledger, *, name: str, native: str = "", draft=None,
+                 step_costs: dict[int, float] | None = None, stop_on_repeat: bool = True,
+                 queue_limit: int = DEFAULT_QUEUE, prefill_chunk: int | None = None):
+        self.ctx, self.ledger, self.vocab = ctx, ledger, ctx.vocab
+        self.name, self.native, self.draft = name, native, draft
+        self.step_costs = step_costs
+        self.stop_on_repeat = stop_on_repeat
+        self.n_seq = ctx.n_seq_max
         self.queue_limit = max(0, int(queue_limit))
         self.fixed_chunk = int(prefill_chunk) if prefill_chunk else None  # None: sized by measurement
         self._prefill_tps = 0.0
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
         self._calls: collections.deque = collections.deque()
-        self._running: dict[int, _Running] = {}        # seq → running request
-        self._idle_since = {s: 0.0 for s in range(n_seq)}  # LRU of free slots' cached KV
+        self._running: dict[int, Sequence] = {}        # slot → its sequence
+        self._idle_since = {s: 0.0 for s in range(self.n_seq)}  # LRU of free slots' cached KV
         self._closing = False
-        self._abort_events: list[threading.Event] = []
-        self.counters = collections.Counter()
+        self._abort_events: list[threading.Event] = []   # written on this thread only
+        self.counters: collections.Counter = collections.Counter()
         self.steps_by_size: collections.Counter = collections.Counter()  # sequences in a step → steps
         self.max_sequences_in_step = 0
-        self._recent = collections.deque(maxlen=256)      # (time, tokens generated in the step)
+        self.last_seq = 0                  # the slot of the request admitted last
+        self.last_stats: Stats | None = None
+        self._recent: collections.deque = collections.deque(maxlen=256)  # (time, tokens generated in the step)
+        ctx.should_abort = self.should_abort
         self._thread = threading.Thread(target=self._loop, name="edgeinfer-scheduler", daemon=True)
         self._thread.start()
 
@@ -161,28 +92,29 @@ class Scheduler:
         """Queue ``req``; raises EngineBusyError at once if the queue is full."""
         with self._cond:
             if self._closing:
-                raise EngineError(f"{self.engine.name} is closed",
+                raise EngineError(f"{self.name} is closed",
                                   hint="load the model again with edgeinfer.load()")
             waiting = len(self._queue)
             free = max(0, self.n_seq - len(self._running))
             if waiting >= self.queue_limit + free:
                 self.counters["busy"] += 1
-                raise EngineBusyError(f"{self.engine.name} is busy: {len(self._running)} sequences "
+                raise EngineBusyError(f"{self.name} is busy: {len(self._running)} sequences "
                                       f"running and {waiting} requests waiting")
             self._queue.append(req)
             self._cond.notify()
 
-    def call(self, fn: Callable, timeout: float | None = None):
+    def call(self, fn: Callable, timeout: float | None = None, cancel: threading.Event | None = None):
         """Run ``fn()`` on the scheduler thread while no sequence runs;
-        returns its result or raises what it raised."""
+        returns its result or raises what it raised. Setting ``cancel``
+        aborts a decode that ``fn`` runs."""
         if threading.current_thread() is self._thread:
             return fn()
         done = threading.Event()
         box: list = []
-        item = (fn, done, box)
+        item = (fn, done, box, cancel)
         with self._cond:
             if self._closing:
-                raise EngineError(f"{self.engine.name} is closed",
+                raise EngineError(f"{self.name} is closed",
                                   hint="load the model again with edgeinfer.load()")
             self._calls.append(item)
             self._cond.notify()
@@ -190,7 +122,7 @@ class Scheduler:
             with self._cond:
                 if item in self._calls:
                     self._calls.remove(item)
-                    raise EngineBusyError(f"{self.engine.name} is busy with other generations")
+                    raise EngineBusyError(f"{self.name} is busy with other generations")
             done.wait()
         ok, value = box[0]
         if not ok:
@@ -229,8 +161,8 @@ class Scheduler:
             tps = sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
         return {
             "active_sequences": running, "queue_depth": queued, "parallel": self.n_seq,
-            "queue_limit": self.queue_limit, "kv_cells_used": self.engine.kv_cells_used(),
-            "n_ctx": self.engine.n_ctx, "prompt_cache_hits": self.counters["cache_hits"],
+            "queue_limit": self.queue_limit, "kv_cells_used": self.ledger.cells_used(),
+            "n_ctx": self.ctx.n_ctx, "prompt_cache_hits": self.counters["cache_hits"],
             "requests": self.counters["requests"], "busy_refusals": self.counters["busy"],
             "steps": self.counters["steps"], "max_sequences_in_step": self.max_sequences_in_step,
             "steps_by_sequences": dict(sorted(self.steps_by_size.items())),
@@ -247,7 +179,7 @@ class Scheduler:
             return max(1, self.fixed_chunk)
         if not self._prefill_tps:
             return FIRST_CHUNK
-        return int(max(MIN_CHUNK, min(self.engine.n_batch, self._prefill_tps * GAP_TARGET)))
+        return int(max(MIN_CHUNK, min(self.ctx.n_batch, self._prefill_tps * GAP_TARGET)))
 
     def should_abort(self) -> bool:
         """Polled by llama.cpp during a multi-token step (the abort callback)."""
@@ -265,8 +197,8 @@ class Scheduler:
                     for r in list(self._queue):
                         self._finish_unstarted(r, "cancelled")
                     self._queue.clear()
-                    for fn, done, box in self._calls:
-                        box.append((False, EngineError(f"{self.engine.name} is closed")))
+                    for fn, done, box, _ in self._calls:
+                        box.append((False, EngineError(f"{self.name} is closed")))
                         done.set()
                     self._calls.clear()
                     return
@@ -275,15 +207,16 @@ class Scheduler:
                     self._admit()
                 if call is None and not self._running:
                     self._cond.wait(self._next_deadline())
-                    if not self._engine_alive():
-                        return
                     continue
             if call is not None:
-                fn, done, box = call
+                fn, done, box, cancel = call
+                self._abort_events = [cancel] if cancel is not None else []
                 try:
                     box.append((True, fn()))
                 except BaseException as e:
                     box.append((False, e))
+                finally:
+                    self._abort_events = []
                 done.set()
                 continue
             try:
@@ -291,13 +224,6 @@ class Scheduler:
             except BaseException as e:  # never leave a reader hanging
                 for run in list(self._running.values()):
                     self._fail(run, e if isinstance(e, EngineError) else EngineError(f"generation failed: {e}"))
-
-    def _engine_alive(self) -> bool:
-        try:
-            self.engine.n_ctx
-            return True
-        except ReferenceError:
-            return False
 
     def _next_deadline(self) -> float:
         deadlines = [r.submitted + r.admit_timeout for r in self._queue if r.admit_timeout is not None]
@@ -315,11 +241,11 @@ class Scheduler:
                 self._queue.remove(r)
                 self.counters["busy"] += 1
                 self._deliver(r, EngineBusyError(
-                    f"{self.engine.name} is busy: no sequence was free within {r.admit_timeout:g} s"))
+                    f"{self.name} is busy: no sequence was free within {r.admit_timeout:g} s"))
                 r.finished = True
 
     def _finish_unstarted(self, r: Request, reason: str) -> None:
-        stats = Stats(prompt_tokens=len(r.tokens), native=self.engine.native.setting, finish_reason=reason)
+        stats = Stats(prompt_tokens=len(r.tokens), native=self.native, finish_reason=reason)
         r.stats = stats
         self._deliver(r, DoneEvent(stats))
         r.finished = True
@@ -329,7 +255,7 @@ class Scheduler:
         """Move queued requests into free slots while the context has room
         for each one's prompt and max_tokens (FIFO: the head waits, so a
         long request is not starved by short ones behind it)."""
-        n_ctx = self.engine.n_ctx
+        n_ctx = self.ctx.n_ctx
         while self._queue and len(self._running) < self.n_seq:
             r = self._queue[0]
             reserved = sum(run.req.reserve for run in self._running.values())
@@ -345,44 +271,44 @@ class Scheduler:
                 r.finished = True
 
     def _start(self, r: Request) -> None:
-        eng = self.engine
+        ledger = self.ledger
         free = [s for s in range(self.n_seq) if s not in self._running]
-        seq = eng.choose_slot(r.tokens, free, self._idle_since)
+        seq = ledger.choose_slot(r.tokens, free, self._idle_since)
         t0 = time.perf_counter()
-        n = eng.reuse_prefix(r.tokens, seq)
+        n = ledger.reuse_prefix(r.tokens, seq)
         # What finished sequences left in the cache would widen every step's
         # attention (it spans all used cells), so only the KV of running
         # sequences stays; the prompt cache keeps what is worth keeping.
         for s in range(self.n_seq):
-            if s != seq and s not in self._running and eng._kv_tokens[s]:
-                eng._kv_clear(s)
-                if eng.draft is not None:
-                    eng.draft.forget(s)
-        r.stats = Stats(prompt_tokens=len(r.tokens), cached_tokens=n, native=eng.native.setting)
+            if s != seq and s not in self._running and ledger.length(s):
+                ledger.clear(s)
+                if self.draft is not None:
+                    self.draft.forget(s)
+        r.stats = Stats(prompt_tokens=len(r.tokens), cached_tokens=n, native=self.native)
         self.counters["requests"] += 1
         self.counters["cache_hits"] += n > 0
-        chain = sampler_chain(r.seed, n_vocab=eng.n_vocab, vocab=eng._vocab, n_ctx=eng.n_ctx,
-                              banned=eng.eog_tokens() if r.ignore_eos else (), **r.options)
+        ctx, vocab = self.ctx, self.vocab
+        chain = sampler_chain(r.seed, n_vocab=ctx.n_vocab, vocab=vocab.handle, n_ctx=ctx.n_ctx,
+                              banned=vocab.eog_tokens() if r.ignore_eos else (), **r.options)
         r.seq = seq
-        eng.last_seq = seq
-        run = _Running(r, seq, n, chain, t0)
+        self.last_seq = seq
+        run = Sequence(r, seq, n, chain=chain, t0=t0, stop_on_repeat=self.stop_on_repeat)
         if r.grammar is not None:
             try:
-                run.gate = GrammarGate(eng._vocab, r.grammar, eng.n_vocab)
+                run.gate = GrammarGate(vocab.handle, r.grammar, ctx.n_vocab)
             except BaseException:
-                lc.llama_sampler_free(chain)
+                free_chain(chain)
                 raise
         self._running[seq] = run
 
     # -- one step ---------------------------------------------------------
     def _step(self) -> None:
-        eng = self.engine
         for run in list(self._running.values()):
             if run.req.cancelled():
                 self._finish(run, "cancelled")
-        decoding = [run for run in self._running.values() if run.prefilled and
+        decoding = [run for run in self._running.values() if run.state is State.DECODING and
                     run.req.delivered - run.req.consumed < STALL_EVENTS]
-        prefilling = [run for run in self._running.values() if not run.prefilled]
+        prefilling = [run for run in self._running.values() if run.state is State.PREFILLING]
         if not decoding and not prefilling:
             if self._running:  # everyone is waiting for a slow reader
                 time.sleep(0.002)
@@ -390,16 +316,17 @@ class Scheduler:
         for run in decoding:
             run.drafts = self._draft(run, len(decoding))
         n_decode = sum(1 + len(run.drafts) for run in decoding)
-        limit = min(eng.n_batch - n_decode, self.prefill_chunk if decoding else eng.n_batch)
+        n_batch = self.ctx.n_batch
+        limit = min(n_batch - n_decode, self.prefill_chunk if decoding else n_batch)
         while True:
             plan = self._plan(decoding, prefilling, limit)
             t_step = time.perf_counter()
             rc = self._decode(plan)
-            if rc != 1:
+            if rc != DECODE_NO_ROOM:
                 break
             # No room in the KV cache for this batch (llama.cpp restored it):
             # retry with less prefill, then end the youngest stream.
-            in_prefill = sum(len(toks) for run, toks, _ in plan if not run.prefilled)
+            in_prefill = sum(len(toks) for run, toks, _ in plan if run.state is State.PREFILLING)
             if in_prefill > 1:
                 limit = in_prefill // 2
                 continue
@@ -415,12 +342,12 @@ class Scheduler:
             self._finish(youngest, "length")
             if not decoding:
                 return
-        if rc == 2:   # cancelled: the step is rolled back for everyone in it
+        if rc == DECODE_ABORTED:   # cancelled: the step is rolled back for everyone in it
             for run, toks, _ in plan:
                 if run.req.cancelled():
                     self._finish(run, "cancelled")
             return
-        if rc != 0:
+        if rc != DECODE_OK:
             err = EngineError(f"llama_decode failed with status {rc}",
                               hint="the context may be full; start a new conversation")
             for run, _, _ in plan:
@@ -437,19 +364,17 @@ class Scheduler:
         self.max_sequences_in_step = max(self.max_sequences_in_step, n_seqs)
         made = 0
         for run, toks, idx in plan:
-            if run.prefilled:
+            if run.state is State.DECODING:
                 made += self._verify(run, toks, idx)
                 continue
-            eng._kv_tokens[run.seq].extend(toks)
-            if not run.prefilled:
-                del run.pending[:len(toks)]
-                self.counters["prefilled"] += len(toks)
-                if run.pending:
-                    continue
-                run.prefilled = True
-                run.stats.prefill_tps = (len(run.req.tokens) - run.n_cached) / max(now - run.t0, 1e-9)
-                if eng.prompt_cache is not None and len(run.req.tokens) > run.n_cached:
-                    eng.prompt_cache.put(run.req.tokens, eng.seq_state(run.seq))
+            self.ledger.extend(run.seq, toks)
+            self.counters["prefilled"] += len(toks)
+            if not run.prefill_done(len(toks)):
+                continue
+            run.stats.prefill_tps = (len(run.req.tokens) - run.n_cached) / max(now - run.t0, 1e-9)
+            cache = self.ledger.prompt_cache
+            if cache is not None and len(run.req.tokens) > run.n_cached:
+                cache.put(run.req.tokens, self.ledger.save(run.seq))
             if run.req.cancelled():
                 self._finish(run, "cancelled")
                 continue
@@ -460,40 +385,21 @@ class Scheduler:
         self.counters["generated"] += made
         self._recent.append((time.perf_counter(), made))
 
-    def _draft(self, run: _Running, n_decoding: int) -> list[int]:
-        """The draft to verify after ``run``'s pending token this step: what
-        followed the latest earlier occurrence of its last few tokens, or
-        nothing. Drafts are shared out so that a step with several
-        streams stays about as wide as one drafting stream's."""
+    def _draft(self, run: Sequence, n_decoding: int) -> list[int]:
+        """The draft to verify after ``run``'s pending token this step
+        (edgeinfer.speculative.next_draft decides)."""
         spec = run.req.spec
         if spec is None:
             return []
-        eng = self.engine
-        room = eng.n_ctx - len(eng._kv_tokens[run.seq]) - 1
-        left = run.req.max_tokens - run.stats.generated_tokens - 1
+        held = self.ledger.tokens(run.seq)
+        draft = self.draft
+        propose = None
         if spec.mode == "draft":
-            k = min(spec.draft_tokens, room, left)
-            if k < 1:
-                return []
-            return eng.draft.propose(run.seq, eng._kv_tokens[run.seq] + run.pending[:1], k)
-        k = min(spec.max_draft // max(1, n_decoding), room, left)
-        est = run.estimate
-        if est is not None:
-            # auto: as long as this machine's step costs and the share kept
-            # so far say it pays; else a short probe now and then.
-            costs = self.engine.step_costs()
-            k = min(k, best_draft(costs, est.accept, k, others=n_decoding - 1)) if costs else 0
-            if k < spec.min_draft:
-                est.idle += 1
-                if est.idle < est.wait:
-                    return []
-                k = spec.min_draft
-        if k < spec.min_draft:
-            return []
-        draft = run.ngrams.draft(k)
-        if est is not None and not draft:
-            est.idle += 1
-        return draft if len(draft) >= spec.min_draft else []
+            def propose(k: int) -> list[int]:
+                return draft.propose(run.seq, held + run.pending[:1], k)
+        return next_draft(spec, run.estimate, run.ngrams, room=self.ctx.n_ctx - len(held) - 1,
+                          left=run.req.max_tokens - run.stats.generated_tokens - 1, n_decoding=n_decoding,
+                          costs=self.step_costs, propose=propose)
 
     def _plan(self, decoding, prefilling, limit):
         """(run, tokens to evaluate, batch index): for a decoding run its
@@ -518,51 +424,47 @@ class Scheduler:
         return plan
 
     def _decode(self, plan) -> int:
-        eng = self.engine
-        b = eng._batch
-        i = 0
+        ctx, ledger = self.ctx, self.ledger
+        b = ctx.batch
+        b.clear()
+        add = b.add
+        prefill = []
         for run, toks, idx in plan:
-            kv_len = len(eng._kv_tokens[run.seq])
-            every = 1 if run.prefilled else 0   # a decoding run's draft is checked row by row
+            pos0 = ledger.length(run.seq)
+            seq = run.seq
+            decoding = run.state is State.DECODING   # a decoding run's draft is checked row by row
+            if not decoding:
+                prefill.append(run)
             for j, t in enumerate(toks):
-                b.token[i] = t
-                b.pos[i] = kv_len + j
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = run.seq
-                b.logits[i] = every
-                i += 1
+                add(t, pos0 + j, seq, decoding)
             if idx >= 0:
-                b.logits[idx] = 1
-        b.n_tokens = i
+                b.want_logits(idx)
         # The abort callback costs a few % per token, so it is installed only
         # for steps that carry prompt chunks; a decode-only step is short.
-        prefill = [run for run, toks, _ in plan if not run.prefilled]
-        self._abort_events = [e for run in prefill for e in (run.req._cancelled, run.req.cancel_event) if e]
-        eng._abort_during(bool(prefill))
-        rc = lc.llama_decode(eng._ctx, b)
+        self._abort_events = [e for run in prefill for e in run.req.abort_events()]
+        rc = ctx.decode(b, abortable=bool(prefill))
         self._abort_events = []
-        if rc not in (0, 1):
+        if rc not in (DECODE_OK, DECODE_NO_ROOM):
             # Aborted or failed: llama.cpp keeps the ubatches it finished, so
             # roll every sequence of the step back to where it stood.
             for run, _, _ in plan:
-                lc.llama_memory_seq_rm(eng._mem, run.seq, len(eng._kv_tokens[run.seq]), -1)
+                ledger.drop_after(run.seq)
         return rc
 
-    def _verify(self, run: _Running, toks: list[int], idx: int) -> int:
+    def _verify(self, run: Sequence, toks: list[int], idx: int) -> int:
         """After a step that evaluated ``run``'s pending token and its
         draft at rows idx, idx+1, ...: draw the target's token at each row
         in turn, keeping the draft while it matches what was drawn (the
         module docstring of edgeinfer.speculative says why this keeps the
         distribution). The KV cells of the draft tokens not kept are
         removed. Returns the tokens generated."""
-        eng = self.engine
-        kv = eng._kv_tokens[run.seq]
-        start = len(kv)
+        ledger, seq = self.ledger, run.seq
+        start = ledger.length(seq)
         drafts = toks[1:]
         kept = made = 0
-        kv.append(toks[0])
-        # kv grows with each draft token kept, so that what _sample sees
-        # (a full context, say) is what it would see without speculation.
+        ledger.append(seq, toks[0])
+        # The ledger grows with each draft token kept, so that what _sample
+        # sees (a full context, say) is what it would see without speculation.
         for j in range(len(toks)):
             tok = self._sample(run, idx + j)
             if tok < 0:
@@ -571,60 +473,44 @@ class Scheduler:
             if run.req.finished or j >= len(drafts) or tok != drafts[j]:
                 break
             kept += 1
-            kv.append(drafts[j])
+            ledger.append(seq, drafts[j])
         # The cells of the draft tokens not kept go, unless the run ended and
         # released its whole sequence already.
-        if kept < len(drafts) and len(kv) == start + 1 + kept:
-            lc.llama_memory_seq_rm(eng._mem, run.seq, len(kv), -1)
+        if kept < len(drafts) and ledger.length(seq) == start + 1 + kept:
+            ledger.drop_after(seq)
         if drafts:
             run.stats.drafted_tokens += len(drafts)
             run.stats.accepted_tokens += kept
             self.counters["drafted"] += len(drafts)
             self.counters["accepted"] += kept
             if run.estimate is not None:
-                costs = eng.step_costs() or {}
+                costs = self.step_costs or {}
                 run.estimate.record(len(drafts), kept, extra=costs.get(1 + len(drafts), 1.0) - 1.0)
         run.drafts = []
         return made
 
-    def _sample(self, run: _Running, idx: int) -> int:
+    def _sample(self, run: Sequence, idx: int) -> int:
         """Sample the next token of ``run`` at batch row ``idx``; emit text;
         finish it if it ended. Returns the token generated, or -1 if the
         run ended without one."""
-        eng, req, stats = self.engine, run.req, run.stats
+        ctx, vocab = self.ctx, self.vocab
         if run.gate is None:
-            tok = lc.llama_sampler_sample(run.chain, eng._ctx, idx)
+            tok = ctx.sample(run.chain, idx)
         else:
-            tok = run.gate.sample(run.chain, eng._ctx, idx, eng.is_eog)
+            tok = run.gate.sample(run.chain, ctx, idx, vocab.is_eog)
             if tok < 0:  # the grammar allows nothing more
                 self._finish(run, "stop")
                 return -1
-        if run.t_first is None:
-            run.t_first = time.perf_counter()
-            stats.ttft_s = run.t_first - req.submitted
-        if eng.is_eog(tok):
+        run.first_token_at(time.perf_counter())
+        if vocab.is_eog(tok):
             self._finish(run, "stop")
             return -1
-        stats.generated_tokens += 1
-        run.pending_ids.append(tok)
-        run.generated.append(tok)
-        if run.ngrams is not None:
-            run.ngrams.extend((tok,))
-        text, stopped = run.matcher.feed(run.utf8.decode(eng.token_bytes(tok)))
-        if text:
-            self._deliver(req, TextEvent(text, run.pending_ids))
-            run.pending_ids = []
-        if stopped:
-            self._finish(run, "stop", hit_stop_string=True)
-        elif len(eng._kv_tokens[run.seq]) >= eng.n_ctx:
-            self._finish(run, "length")  # the context is full: end cleanly
-        elif eng.stop_on_repeat and not req.ignore_eos and len(run.generated) % 8 == 0 \
-                and repeating(run.generated):
-            self._finish(run, "repetition")  # stuck in a loop: say so rather than run on
-        elif stats.generated_tokens >= req.max_tokens:
-            self._finish(run, "length")
-        else:
-            run.pending = [tok]
+        event, reason = run.emit(tok, vocab.token_bytes(tok),
+                                 context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
+        if event is not None:
+            self._deliver(run.req, event)
+        if reason is not None:
+            self._finish(run, reason)
         return tok
 
     # -- ending -----------------------------------------------------------
@@ -635,45 +521,36 @@ class Scheduler:
         except Exception:  # the reader is gone (a closed event loop): stop its work
             req.cancel()
 
-    def _release(self, run: _Running) -> None:
+    def _release(self, run: Sequence) -> None:
         self._running.pop(run.seq, None)
-        if not self.engine.reuse_kv:
-            self.engine._kv_clear(run.seq)
+        if not self.ledger.reuse:
+            self.ledger.clear(run.seq)
         self._idle_since[run.seq] = time.perf_counter()
-        lc.llama_sampler_free(run.chain)
+        free_chain(run.chain)
         if run.gate is not None:
             run.gate.free()
         run.req.finished = True
         with self._cond:
             self._cond.notify()
 
-    def _finish(self, run: _Running, reason: str, hit_stop_string: bool = False) -> None:
+    def _finish(self, run: Sequence, reason: str) -> None:
         if run.req.finished:
             return
+        tail = run.finish(reason, time.perf_counter())
+        if tail is not None:
+            self._deliver(run.req, tail)
         stats = run.stats
-        # Whatever was held back (a possible stop-string prefix, the bytes
-        # of an unfinished character) belongs to the answer unless a stop
-        # string cut it off; every token id is reported once.
-        tail = "" if hit_stop_string else run.matcher.flush() + run.utf8.decode(b"", final=True)
-        if tail or run.pending_ids:
-            self._deliver(run.req, TextEvent(tail, run.pending_ids))
-        t_end = time.perf_counter()
-        if run.t_first is not None and stats.generated_tokens > 1:
-            stats.decode_tps = (stats.generated_tokens - 1) / max(t_end - run.t_first, 1e-9)
-        stats.finish_reason = reason
-        if hit_stop_string:
-            stats.stop_sequence = run.matcher.hit
-        stats.total_s = t_end - run.req.submitted
         # A Pi slows down when hot: the last reading, taken off this thread.
         stats.cpu_temperature_c, stats.throttled = heat.latest.get()
-        self.engine.last_stats = stats
+        self.last_stats = stats
         self._release(run)
         self._deliver(run.req, DoneEvent(stats))
 
-    def _fail(self, run: _Running, err: BaseException) -> None:
+    def _fail(self, run: Sequence, err: BaseException) -> None:
         if run.req.finished:
             return
-        self.engine._kv_resync(run.seq)
+        self.ledger.resync(run.seq)
+        run.state = State.FINISHED
         self._release(run)
         self._deliver(run.req, err)
 

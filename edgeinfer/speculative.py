@@ -126,40 +126,33 @@ class NgramIndex:
 WIDTHS = (1, 2, 3, 5, 9)
 
 
-def measure_step_costs(engine, widths=WIDTHS, context: int = 128, reps: int = 5) -> dict[int, float]:
+def measure_step_costs(ctx, ledger, widths=WIDTHS, context: int = 128, reps: int = 5) -> dict[int, float]:
     """Seconds per decode step of one sequence evaluating ``w`` tokens with
     logits at every row (a pending token and a draft of w - 1), after a
     ``context``-token prompt; the median of ``reps`` after a warm-up.
-    Runs on the scheduler thread while nothing else does."""
-    import llama_cpp as lc
-
-    def run():
-        ids = [t for t in range(min(engine.n_vocab, 30000)) if not lc.llama_vocab_is_control(engine._vocab, t)
-               and not engine.is_eog(t)]
-        prompt = [ids[(i * 7919) % len(ids)] for i in range(context)]
-        seq = 0
-        engine._kv_clear(seq)
-        if engine._decode(prompt, seq) != 0:
-            raise RuntimeError("cancelled")
-        b = engine._batch
-        out = {}
-        for w in widths:
-            times = []
-            for rep in range(reps + 1):
-                for i in range(w):
-                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = ids[(rep * 31 + i) % len(ids)], context + i, 1, 1
-                    b.seq_id[i][0] = seq
-                b.n_tokens = w
-                t0 = time.perf_counter()
-                if lc.llama_decode(engine._ctx, b) != 0:
-                    raise RuntimeError("decode failed")
-                times.append(time.perf_counter() - t0)
-                lc.llama_memory_seq_rm(engine._mem, seq, context, -1)
-            out[w] = statistics.median(times[1:])
-        engine._kv_clear(seq)
-        return out
-
-    return engine._exclusive(run)
+    ``ctx`` and ``ledger``: a llama.Context and its KV ledger, on the
+    thread that drives them, while nothing else runs on them."""
+    ids = ctx.vocab.plain_tokens()
+    seq = 0
+    ledger.clear(seq)
+    if ledger.evaluate(seq, ctx.vocab.spread(context)) != 0:
+        raise RuntimeError("cancelled")
+    b = ctx.batch
+    out = {}
+    for w in widths:
+        times = []
+        for rep in range(reps + 1):
+            b.clear()
+            for i in range(w):
+                b.add(ids[(rep * 31 + i) % len(ids)], context + i, seq, True)
+            t0 = time.perf_counter()
+            if ctx.decode(b) != 0:
+                raise RuntimeError("decode failed")
+            times.append(time.perf_counter() - t0)
+            ledger.drop_after(seq)
+        out[w] = statistics.median(times[1:])
+    ledger.clear(seq)
+    return out
 
 
 def relative_costs(seconds: dict[int, float]) -> dict[int, float]:
@@ -207,6 +200,36 @@ def best_draft(costs: dict[int, float], accept: float, available: int, others: i
     return best_k
 
 
+def next_draft(spec: SpecConfig, est: "Estimate | None", ngrams: NgramIndex | None, *, room: int, left: int,
+               n_decoding: int, costs: dict[int, float] | None, propose=None) -> list[int]:
+    """The draft a decoding sequence verifies after its pending token this
+    step: from the draft model (``propose(k)``), or what followed the
+    latest earlier occurrence of its last few tokens (``ngrams``), or
+    nothing. ``room``: cells left in the context after the pending token;
+    ``left``: tokens the request may still make after it. Drafts are
+    shared out so that a step with several streams stays about as wide as
+    one drafting stream's; auto (``est`` given) drafts only while this
+    machine's step ``costs`` and the share kept so far say it pays, and
+    otherwise probes now and then."""
+    if spec.mode == "draft":
+        k = min(spec.draft_tokens, room, left)
+        return propose(k) if k >= 1 and propose is not None else []
+    k = min(spec.max_draft // max(1, n_decoding), room, left)
+    if est is not None:
+        k = min(k, best_draft(costs, est.accept, k, others=n_decoding - 1)) if costs else 0
+        if k < spec.min_draft:
+            est.idle += 1
+            if est.idle < est.wait:
+                return []
+            k = spec.min_draft
+    if k < spec.min_draft or ngrams is None:
+        return []
+    draft = ngrams.draft(k)
+    if est is not None and not draft:
+        est.idle += 1
+    return draft if len(draft) >= spec.min_draft else []
+
+
 class Estimate:
     """A sequence's running share of draft tokens kept, for auto: it starts
     hopeful, so that drafting is tried, and follows what happens.
@@ -245,7 +268,9 @@ def step_costs_for(engine, remeasure: bool = False) -> dict[int, float]:
     """This machine's relative step costs for the engine's model and
     threads: remembered from an earlier measurement (edgeinfer tune, or the
     first load with speculative auto), else measured now (well under a
-    second for a small model, a few seconds for a 1.5B one) and kept."""
+    second for a small model, a few seconds for a 1.5B one) and kept.
+    ``engine``: anything with ``name``, ``sha256``, ``threads_batch`` and
+    ``measure_step_costs()`` (seconds by width)."""
     import json
     import os
 
@@ -257,7 +282,7 @@ def step_costs_for(engine, remeasure: bool = False) -> dict[int, float]:
                 return relative_costs(seconds)
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    seconds = measure_step_costs(engine)
+    seconds = engine.measure_step_costs()
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -240,3 +240,16 @@ class ModelStore:
             return m, False
         self.blob_path(m.sha256).unlink(missing_ok=True)
         return m, True
+
+
+def resolve_model(name_or_path: str | os.PathLike, store: ModelStore | None = None) -> tuple[Path, Manifest | None]:
+    """A GGUF path for a store name (``name[:tag]``) or a file path, with
+    the store's manifest for a name."""
+    text = os.fspath(name_or_path)
+    p = Path(text).expanduser()
+    if p.is_file():
+        return p, None
+    if text.endswith(".gguf") or os.sep in text:
+        raise ModelNotFoundError(f"{text}: no such file", hint="check the path")
+    m = (store or ModelStore()).resolve(text)
+    return m.path, m

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeinfer import chat as chat_module
+from edgeinfer import template as chat_module
 from edgeinfer.chat import ChatSession, render_segments
 from edgeinfer.engine import DoneEvent, Engine
 from edgeinfer.errors import EdgeinferError, TemplateError

@@ -234,16 +234,20 @@ def test_a_draft_model_keeps_the_answer(tiny_model, other_tiny, which):
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model, other_tiny, monkeypatch):
-    from edgeinfer import VocabularyMismatchError
-    from edgeinfer.engine import Engine as E
+    from edgeinfer import VocabularyMismatchError, llama
 
-    real = E.token_bytes
+    real_load, real_bytes = llama.Model.__init__, llama.Vocab.token_bytes
+
+    def load(self, path, params):   # mark the draft's vocabulary
+        real_load(self, path, params)
+        self.vocab.forged = self.path.name == other_tiny.name
 
     def forged(self, t, special=False):   # the draft's token 300 spells something else
-        out = real(self, t, special)
-        return b"<other>" if self.path.name == other_tiny.name and t == 300 else out
+        out = real_bytes(self, t, special)
+        return b"<other>" if getattr(self, "forged", False) and t == 300 else out
 
-    monkeypatch.setattr(E, "token_bytes", forged)
+    monkeypatch.setattr(llama.Model, "__init__", load)
+    monkeypatch.setattr(llama.Vocab, "token_bytes", forged)
     with pytest.raises(VocabularyMismatchError, match="token 300"):
         Engine(tiny_model, n_ctx=512, threads=1, draft=other_tiny)
     with pytest.raises(ValueError, match="draft model"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-import llama_cpp
 import pytest
 from click.testing import CliRunner
 
@@ -35,7 +34,7 @@ def model(tiny_model):
 
 def ctx_threads(engine) -> tuple[int, int]:
     """The thread counts llama.cpp's context really has."""
-    return llama_cpp.llama_n_threads(engine._ctx), llama_cpp.llama_n_threads_batch(engine._ctx)
+    return engine._ctx.threads()
 
 
 def save(engine_sha256: str, threads: int, threads_batch: int, fingerprint: str | None = None):

@@ -1,0 +1,179 @@
+"""One request in a sequence slot, and the rules that turn its tokens
+into text.
+
+A :class:`Sequence` is created when the scheduler admits a
+:class:`Request` into a slot and moves through named states::
+
+    PREFILLING ──► DECODING ──► FINISHED
+         └──────────────────────────▲   (cancelled, failed, a prefill only)
+
+Its text rules live here and nowhere else, so they can be driven token by
+token without a model: bytes become text only once they are whole UTF-8,
+text that may be the start of a stop string is held back, a stop string
+ends the answer (and is not part of it), and so do max_tokens, a loop
+(``repeating``) and a full context. Whatever was held back belongs to the
+answer at the end unless a stop string cut it off; every token id is
+reported exactly once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .events import Stats, TextEvent
+from .sampling import StopMatcher, repeating
+from .speculative import Estimate, NgramIndex, SpecConfig
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt tokens in, events out through ``sink``.
+
+    ``sink`` is called on the scheduler thread with each TextEvent, the
+    final DoneEvent, or an exception for the reader to raise. It must not
+    block; the reader counts what it has taken in ``consumed`` so a reader
+    that stops reading holds back only its own sequence."""
+
+    tokens: list[int]
+    max_tokens: int
+    stops: list[str]
+    seed: int
+    options: dict
+    sink: Callable[[object], None]
+    cancel_event: threading.Event | None = None   # the caller's own
+    admit_timeout: float | None = None            # None: wait for a slot forever
+    ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
+    grammar: str | None = None                    # GBNF the answer must follow
+    spec: SpecConfig | None = None                # speculative decoding; None: off
+    id: int = field(default_factory=lambda: next(_ids))
+    consumed: int = 0                             # events the reader has taken
+    # set by the scheduler
+    delivered: int = 0                            # events given to the sink
+    seq: int = -1                                 # the slot, once admitted
+    stats: Stats | None = None
+    finished: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    reserve: int = 0                              # context cells held for it (prompt + max_tokens)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set() or (self.cancel_event is not None and self.cancel_event.is_set())
+
+    def abort_events(self) -> list[threading.Event]:
+        """The events whose setting should stop this request mid-decode."""
+        return [e for e in (self._cancelled, self.cancel_event) if e is not None]
+
+
+class State(enum.Enum):
+    PREFILLING = "prefilling"   # prompt tokens still to evaluate
+    DECODING = "decoding"       # one token (and maybe a draft) per step
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request in slot ``seq``: what is left to evaluate, its sampler,
+    and the text state between steps."""
+
+    __slots__ = ("req", "seq", "state", "pending", "chain", "gate", "utf8", "matcher", "generated",
+                 "pending_ids", "t0", "t_first", "stats", "n_cached", "ngrams", "estimate", "drafts",
+                 "stop_on_repeat")
+
+    def __init__(self, req: Request, seq: int, n_cached: int, *, chain=None, t0: float | None = None,
+                 stop_on_repeat: bool = True):
+        self.req, self.seq, self.chain = req, seq, chain
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.state = State.PREFILLING
+        self.gate = None   # a GrammarGate when the request has a grammar
+        self.pending = req.tokens[n_cached:]   # tokens still to evaluate
+        self.n_cached = n_cached
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.matcher = StopMatcher(req.stops)
+        self.generated: list[int] = []
+        self.pending_ids: list[int] = []
+        self.t_first: float | None = None
+        if req.stats is None:
+            req.stats = Stats(prompt_tokens=len(req.tokens), cached_tokens=n_cached)
+        self.stats = req.stats
+        self.stop_on_repeat = stop_on_repeat and not req.ignore_eos
+        # Speculation: the prompt and answer so far, indexed by n-gram.
+        spec = req.spec
+        self.ngrams = NgramIndex(req.tokens, spec.ngram, spec.min_ngram) if spec else None
+        self.estimate = Estimate() if spec and spec.mode == "auto" else None
+        self.drafts: list[int] = []     # drafted after pending[0], in this step
+
+    @property
+    def prefilled(self) -> bool:
+        return self.state is not State.PREFILLING
+
+    def prefill_done(self, tokens: int) -> bool:
+        """Record that ``tokens`` more prompt tokens were evaluated; True
+        once the whole prompt is (the sequence then decodes)."""
+        del self.pending[:tokens]
+        if self.pending:
+            return False
+        self.state = State.DECODING
+        return True
+
+    def first_token_at(self, now: float) -> None:
+        if self.t_first is None:
+            self.t_first = now
+            self.stats.ttft_s = now - self.req.submitted
+
+    def emit(self, tok: int, piece: bytes, *, context_full: bool = False) -> tuple[TextEvent | None, str | None]:
+        """Take generated token ``tok`` (not an end-of-generation token),
+        whose bytes are ``piece``. Returns the text event to deliver now,
+        if any, and the finish reason if the answer ends with it.
+        ``context_full``: the context has no room for another token."""
+        stats = self.stats
+        stats.generated_tokens += 1
+        self.pending_ids.append(tok)
+        self.generated.append(tok)
+        if self.ngrams is not None:
+            self.ngrams.extend((tok,))
+        text, stopped = self.matcher.feed(self.utf8.decode(piece))
+        event = None
+        if text:
+            event = TextEvent(text, self.pending_ids)
+            self.pending_ids = []
+        if stopped:
+            return event, "stop_string"
+        if context_full:
+            return event, "length"     # the context is full: end cleanly
+        if self.stop_on_repeat and len(self.generated) % 8 == 0 and repeating(self.generated):
+            return event, "repetition"  # stuck in a loop: say so rather than run on
+        if stats.generated_tokens >= self.req.max_tokens:
+            return event, "length"
+        self.pending = [tok]
+        return event, None
+
+    def finish(self, reason: str, now: float) -> TextEvent | None:
+        """End the answer with ``reason`` ("stop_string" for a stop string,
+        reported as "stop"); returns the held-back text and ids to deliver
+        before the done event, if any."""
+        hit_stop = reason == "stop_string"
+        stats = self.stats
+        # Whatever was held back (a possible stop-string prefix, the bytes
+        # of an unfinished character) belongs to the answer unless a stop
+        # string cut it off; every token id is reported once.
+        tail = "" if hit_stop else self.matcher.flush() + self.utf8.decode(b"", final=True)
+        event = TextEvent(tail, self.pending_ids) if tail or self.pending_ids else None
+        self.pending_ids = []
+        if self.t_first is not None and stats.generated_tokens > 1:
+            stats.decode_tps = (stats.generated_tokens - 1) / max(now - self.t_first, 1e-9)
+        stats.finish_reason = "stop" if hit_stop else reason
+        if hit_stop:
+            stats.stop_sequence = self.matcher.hit
+        stats.total_s = now - self.req.submitted
+        self.state = State.FINISHED
+        return event
