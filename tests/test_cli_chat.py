@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -372,11 +373,78 @@ def test_ctrl_c_while_a_piece_is_printed_still_stops_the_generation(tiny_model):
         assert session.history[1]["content"].startswith(shown)
         assert len(session.history[1]["content"]) < len(shown) + 2000
     finally:
-        engine.cancel()
-        for t in threading.enumerate():
-            if t.name == "edgeinfer-generate":
-                t.join(timeout=300)
         engine.close()
+
+
+class SigintOnWrite(io.StringIO):
+    """A terminal where the person presses Ctrl-C (a real SIGINT to this
+    process) while the ``at``-th piece of an answer is printed."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at, self.writes = at, 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        if self.writes == self.at:
+            signal.raise_signal(signal.SIGINT)
+        return super().write(text)
+
+
+def test_ctrl_c_during_an_answer_ends_it_as_cancelled_and_the_chat_goes_on(tiny_model):
+    out = SigintOnWrite(at=20)
+    turns = iter(["Tell me a long story", "/stats", "/set max_tokens 5", "and then?"])
+
+    def read(_prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    handler = signal.getsignal(signal.SIGINT)
+    with edgeinfer.load(tiny_model, n_ctx=8192, lock_timeout=5) as engine:
+        # past end of turn: the first answer would run to the end of the context
+        session = ChatSession(engine, temperature=0, max_tokens=100000, ignore_eos=True)
+        assert Repl(session, read, out, interactive=True).run() == 0
+
+    shown = out.getvalue()
+    assert "(stopped)" in shown
+    assert re.search(r"finish: cancelled$", shown, re.M), shown[-300:]
+    assert signal.getsignal(signal.SIGINT) is handler          # Ctrl-C raises again between answers
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+    first = session.history[1]["content"]
+    assert first and first in shown                           # kept as far as it was shown
+    assert (session.last_stats.generated_tokens, session.last_stats.finish_reason) == (5, "length")
+
+
+def test_ctrl_c_stops_a_piped_answer_that_waits_for_its_reader(tiny_model):
+    """A real SIGINT, and an answer that cannot end before it: the pipe
+    holds 4 KiB, the answer about 17 KiB, and the engine generates at most
+    256 tokens ahead of what the chat has written."""
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
+        pytest.skip("needs a pipe whose size can be set (Linux)")
+    proc = subprocess.Popen(edgeinfer_cmd("chat", tiny_model, "--ignore-eos", "--max-tokens", 100000,
+                                          "--n-ctx", 8192, "--temperature", 0, "--speculative", "off"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        proc.stdin.write(b"Tell me a long story\n/stats\n/set max_tokens 5\nand then?\n/stats\n")
+        proc.stdin.close()
+        os.read(proc.stdout.fileno(), 1)     # the answer has begun, so Ctrl-C is the chat's to handle
+        proc.send_signal(signal.SIGINT)
+        proc.stdout.read()                   # the rest of the answers (stderr holds a few lines)
+        err = proc.stderr.read()
+        proc.wait(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 0, err
+    notes = err.decode().splitlines()
+    assert notes[0] == "(stopped)" and notes[2] == "max_tokens = 5", notes
+    stopped, then = STATS_LINE.fullmatch(notes[1]), STATS_LINE.fullmatch(notes[3])
+    assert stopped[4] == "cancelled" and 0 < int(stopped[3]) < 8192 - int(stopped[1])
+    assert (then[3], then[4]) == ("5", "length") and int(then[2]) > 0   # on the stopped turn's KV state
 
 
 # -- run ------------------------------------------------------------------------------
@@ -442,6 +510,40 @@ def test_run_greedy_is_the_same_across_processes(tiny_model):
     assert first.returncode == second.returncode == 0
     assert first.stdout == second.stdout
     assert first.stdout.strip()
+
+
+def test_run_ignore_eos_runs_past_the_end_of_turn_to_max_tokens(tiny_model):
+    args = ["run", tiny_model, "Tell me a long story", "--json", "--max-tokens", 300, "--temperature", 0]
+    plain = json.loads(invoke(args).stdout)["stats"]
+    past = json.loads(invoke(args + ["--ignore-eos"]).stdout)["stats"]
+
+    assert plain["generated_tokens"] < 300      # greedy falls into a loop, which ends the answer
+    assert (past["generated_tokens"], past["finish_reason"]) == (300, "length")
+
+
+def test_ctrl_c_stops_run_with_exit_status_130(tiny_model):
+    """As the piped chat above: the answer waits for its reader, so the
+    SIGINT is certain to land while it runs."""
+    fcntl = pytest.importorskip("fcntl")
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
+        pytest.skip("needs a pipe whose size can be set (Linux)")
+    proc = subprocess.Popen(edgeinfer_cmd("run", tiny_model, "Tell me a long story", "--ignore-eos",
+                                          "--max-tokens", 100000, "--n-ctx", 8192, "--temperature", 0,
+                                          "--speculative", "off"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        os.read(proc.stdout.fileno(), 1)
+        proc.send_signal(signal.SIGINT)
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 130, err
+    assert out.endswith(b"\n")                  # the part of the answer shown, then a newline
+    assert err == b""
 
 
 # -- missing models ----------------------------------------------------------------
