@@ -9,6 +9,7 @@ import importlib
 import json
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +72,22 @@ def test_debug_env_lets_the_exception_through(monkeypatch):
     result = run("pull", "no-such-model")
     assert result.exit_code == 1
     assert isinstance(result.exception, ModelNotFoundError)
+
+
+LOADS_LLAMA_CPP = "import sys{}; print('llama_cpp' in sys.modules)"
+
+
+def test_help_and_list_do_not_load_llama_cpp():
+    def loads(code: str) -> bool:
+        proc = subprocess.run([sys.executable, "-c", LOADS_LLAMA_CPP.format(code)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().splitlines()[-1] == "True"
+
+    if loads(", edgeinfer"):
+        pytest.skip("'import edgeinfer' itself loads llama_cpp")
+    for args in (["--help"], ["list"], ["chat", "--help"], ["serve", "--help"]):
+        assert not loads(f"; from edgeinfer.cli import cli; cli({args!r}, standalone_mode=False)"), args
 
 
 def test_import_of_a_truncated_gguf_is_refused(truncated, store):

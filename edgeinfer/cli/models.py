@@ -11,7 +11,6 @@ import click
 from ..gguf_file import read_gguf
 from ..progress import human_bytes
 from ..fit import DEFAULT_N_CTX
-from ..pull import import_file, pull
 from ..store import ModelStore
 
 
@@ -45,6 +44,8 @@ def pull_cmd(model, name, quiet, force):
     Example:
       edgeinfer pull smollm2-135m-instruct
     """
+    from ..pull import pull
+
     result = pull(model, quiet=quiet, name=name, force=force)
     m = result.manifest
     if result.source == "store":
@@ -192,6 +193,8 @@ def import_cmd(path, name):
     Example:
       edgeinfer import ./my-model.Q4_K_M.gguf --name my-model:q4_k_m
     """
+    from ..pull import import_file
+
     m = import_file(path, name)
     click.echo(f"imported {m.ref} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
 

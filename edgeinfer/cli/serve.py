@@ -13,7 +13,6 @@ import click
 
 from ..errors import ServerConfigError
 from ..server.defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, DEFAULT_MAX_LINE, DEFAULT_PORT
-from ..server.jsonl import Options, check_exposure, is_loopback
 from ..speculative import MODES
 from ._common import ensure_model, load_engine
 
@@ -44,6 +43,8 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 def systemd_unit(model: str | None, argv_opts: list[str], *, user: str, home: str, host: str | None,
                  token_file: str | None, memory_max: str | None, cpu_quota: str | None) -> str:
     """A unit that runs this server as a service with these options."""
+    from ..server.jsonl import is_loopback
+
     exec_args = [sys.executable, "-m", "edgeinfer", "serve"] + ([model] if model else []) + ["--yes"] + argv_opts
     creds = ""
     if token_file:
@@ -164,6 +165,8 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
       edgeinfer serve --http 8080 --no-jsonl --host 0.0.0.0 --token-file ~/.edgeinfer-token
       edgeinfer serve --print-systemd-unit > edgeinfer.service
     """
+    from ..server.jsonl import Options, check_exposure
+
     host = host or None
     if not jsonl and http_port is None:
         raise click.UsageError("--no-jsonl leaves nothing to serve: add --http PORT")
