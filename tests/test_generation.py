@@ -4,7 +4,9 @@ against the scripted engine."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 
 import pytest
 from fakes import ScriptedEngine
@@ -13,7 +15,7 @@ from edgeinfer import errors
 from edgeinfer.events import DoneEvent, TextEvent
 from edgeinfer.server import api, generation, protocol
 from edgeinfer.server.generation import (MAX_STOP_CHARS, MAX_STOPS, GenerationRequest, ModelNotServedError,
-                                         RequestError)
+                                         RequestError, StoppingError)
 
 # What each exception must mean, written out here rather than read from
 # the table, so a wrong row fails: (JSON-lines code, HTTP status, OpenAI
@@ -33,6 +35,7 @@ MEANINGS = [
     (errors.EdgeinferError("refused"), "bad_request", 400, "invalid_request_error", "invalid_request_error"),
     (RequestError("stop", "stop: too many"), "bad_request", 400, "invalid_request_error", "invalid_request_error"),
     (ModelNotServedError("not this one"), "not_found", 404, "not_found_error", "not_found_error"),
+    (StoppingError("stopping"), "shutting_down", 503, "server_error", "overloaded_error"),
     (RuntimeError("a bug"), "internal", 500, "server_error", "api_error"),
 ]
 
@@ -47,7 +50,7 @@ def test_each_exception_means_one_thing_on_every_face(exc, code, status, openai_
     assert err.openai_body()["error"]["type"] == openai_type
     assert err.anthropic_body()["error"]["type"] == anthropic_type
     assert generation.message(exc) in str(err)
-    assert bool(err.headers().get("Retry-After")) == (status == 429)
+    assert bool(err.headers().get("Retry-After")) == (status in (429, 503))
 
 
 def test_the_table_reads_most_specific_first():
@@ -157,3 +160,26 @@ def test_token_ids_out_of_the_vocabulary_are_a_bad_request():
         asyncio.run(_events(engine, GenerationRequest(tokens=[1, 100])))
     assert info.value.param == "prompt" and "0 to 99" in str(info.value)
     assert engine.calls == []
+
+
+def test_the_server_modules_import_one_way():
+    """No import circle among edgeinfer/server's modules (lazy imports
+    inside functions count too)."""
+    root = Path(generation.__file__).parent
+    deps = {}
+    for path in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        deps[path.stem] = names & {p.stem for p in root.glob("*.py")}
+
+    def reach(mod, path):
+        for d in deps[mod]:
+            assert d not in path, f"import circle: {' -> '.join([*path, d])}"
+            reach(d, [*path, d])
+
+    for mod in deps:
+        reach(mod, [mod])
+    assert deps["generation"] == set()   # the request model needs no face
+    assert "http" not in deps["api"] | deps["openai_api"] | deps["anthropic_api"] | deps["fields"]

@@ -51,6 +51,10 @@ class ModelNotServedError(EdgeinferError, LookupError):
     """A request for a model other than the one this server runs."""
 
 
+class StoppingError(EdgeinferError):
+    """A new request while the server drains the ones in flight."""
+
+
 # -- the request ---------------------------------------------------------------
 # Fields no face honours yet, each with why it is refused. Supporting one
 # means: run() uses it, and its line goes.
@@ -244,6 +248,7 @@ HTTP_KINDS: dict[str, tuple[int, str, str]] = {
 ERRORS: tuple[tuple[type[BaseException], Meaning], ...] = (
     (RequestError, Meaning("bad_request", "invalid_request")),           # param: the exception's own
     (ModelNotServedError, Meaning("not_found", "not_found", "model_not_found", "model")),
+    (StoppingError, Meaning("shutting_down", "unavailable")),
     (ContextOverflowError, Meaning("context_overflow", "invalid_request", "context_length_exceeded", "messages")),
     (EngineBusyError, Meaning("busy", "rate_limit", "busy")),
     (GrammarError, Meaning("bad_schema", "invalid_request", "bad_schema", "response_format")),

@@ -150,7 +150,7 @@ class HttpFront:
             t0 = time.perf_counter()
             try:
                 if self.stopping:
-                    raise ApiError("unavailable", "the server is stopping; no new requests")
+                    raise generation.StoppingError("the server is stopping; no new requests")
                 body = await read_json(request, self.opts.max_body)
                 response = await handler(self, body, request)
             except Exception as e:

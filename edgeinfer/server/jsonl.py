@@ -218,13 +218,13 @@ class _Connection:
     async def dispatch(self, call: Call) -> None:
         if call.op in protocol.GENERATING_OPS:
             if self.server._stopping:
-                raise ProtocolError("shutting_down", "the server is stopping; no new requests", call.id)
+                raise ProtocolError.of(generation.StoppingError("the server is stopping; no new requests"), call.id)
             if call.id in self.inflight:
                 raise ProtocolError("duplicate_id", f"request {call.id!r} is still running", call.id)
             try:
                 generation.check_model(self.engine.name, call.model)
             except generation.ModelNotServedError as e:
-                raise ProtocolError(generation.meaning(e).code, generation.message(e), call.id) from None
+                raise ProtocolError.of(e, call.id) from None
             task = asyncio.create_task(self.generate(call))
             self.inflight[call.id] = task
             self.server._requests.add(task)
@@ -291,7 +291,7 @@ class _Connection:
             if m.code == "internal":
                 log.error("request %r failed: %s", rid, generation.message(e), exc_info=e)
             try:
-                await self.send(error_event(rid, m.code, generation.message(e)))
+                await self.send(ProtocolError.of(e, rid).event())
             except (ConnectionError, RuntimeError):
                 pass
 

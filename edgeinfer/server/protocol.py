@@ -73,6 +73,11 @@ class ProtocolError(Exception):
     def event(self) -> dict:
         return error_event(self.request_id, self.code, str(self))
 
+    @classmethod
+    def of(cls, e: Exception, request_id=None) -> "ProtocolError":
+        """``e`` as the error event generation.ERRORS says it is."""
+        return cls(generation.meaning(e).code, generation.message(e), request_id)
+
 
 @dataclass
 class Call:
