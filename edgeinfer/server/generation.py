@@ -7,8 +7,9 @@ here once:
 
 - the request itself, with a place for the fields no face honours yet
   (tools, log-probabilities, several answers, a suffix, images): a face
-  that reads one puts it in the request, and :meth:`GenerationRequest.refuse_unsupported`
-  refuses it by name, so nothing is silently ignored;
+  that reads one puts it in the request, and
+  :meth:`GenerationRequest.refuse_unsupported` refuses it by name, so
+  nothing is silently ignored;
 - the limits every face applies (stop strings, the model's name with or
   without its tag, the model list from the store);
 - running a request against an engine: the prompt is rendered and the
@@ -18,6 +19,9 @@ here once:
   each face: the JSON-lines error code, the HTTP status with each API's
   error type, OpenAI's ``code`` and ``param``. A llama.cpp failure means
   "the server failed" on every face; bad input means "bad request".
+
+A new option is a field of the request, its use in :func:`run`, and a
+line in each face's parser that reads it in that API's words.
 
 The engine is duck-typed: anything with ``name``, ``n_ctx``,
 ``n_seq_max``, ``n_vocab``, ``tokenize``, ``chat_tokens`` and
