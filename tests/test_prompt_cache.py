@@ -119,25 +119,29 @@ def test_an_entry_that_extends_another_replaces_it():
 
 def test_disk_write_only_from_disk_min_tokens_and_off_the_callers_path(tmp_path, monkeypatch):
     """put() returns before the file is written; flush() waits for it."""
+    caller = threading.current_thread()
     release = threading.Event()
+    synced_on: list[threading.Thread] = []
     real_fsync = os.fsync
 
-    def slow_fsync(fd):
-        assert release.wait(10)
+    def held_fsync(fd):
+        synced_on.append(threading.current_thread())
+        if threading.current_thread() is not caller:   # on the caller's thread it must not hang the test
+            assert release.wait(60)
         real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(os, "fsync", held_fsync)
     cache = PromptCache("ns", disk_min_tokens=4, root=tmp_path)
     short, long = [1, 2, 3], [1, 2, 3, 4]
 
     cache.put(short, state_for(short))
-    t0 = time.perf_counter()
     cache.put(long, state_for(long))
-    assert time.perf_counter() - t0 < 5        # did not wait for the disk
+    assert caller not in synced_on              # did not wait for the disk
     assert kv_files(tmp_path) == []             # nothing published yet
     release.set()
     cache.flush()
 
+    assert synced_on and caller not in synced_on
     files = kv_files(tmp_path)
     assert len(files) == 1 and files[0].parent == tmp_path / "ns"
     assert not [p for p in (tmp_path / "ns").iterdir() if p.suffix != ".kv"]  # no temp file left
