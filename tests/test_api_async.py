@@ -201,7 +201,9 @@ def test_cancelling_a_waiting_consumer_leaves_the_running_generation_alone(tiny_
 
         async def main():
             task = asyncio.create_task(collect(e.astream("A small computer", max_tokens=200, **GREEDY)))
-            await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 30   # a guard against a hang: wait for it to be queued
+            while e.status()["queue_depth"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             waiting.update(e.status())
             task.cancel()
             threading.Timer(0.2, release.set).start()
