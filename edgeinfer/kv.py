@@ -42,6 +42,18 @@ class KVLedger:
     def length(self, seq: int) -> int:
         return len(self._tokens[seq])
 
+    def mismatches(self) -> dict[int, tuple[int, int]]:
+        """Sequences whose ledger disagrees with llama.cpp's positions:
+        seq → (tokens recorded, positions llama.cpp holds). Empty when the
+        invariant holds (the scheduler checks it after every step when
+        EDGEINFER_CHECK_KV=1, as the tests run)."""
+        out = {}
+        for s, toks in self._tokens.items():
+            held = self.ctx.seq_pos_max(s) + 1
+            if held != len(toks):
+                out[s] = (len(toks), held)
+        return out
+
     def cells_used(self) -> int:
         """Cells the sequences hold (a shared prefix counts once per sequence)."""
         return sum(len(t) for t in self._tokens.values())

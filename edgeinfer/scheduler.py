@@ -84,6 +84,9 @@ class Scheduler:
         self.last_stats: Stats | None = None
         self._recent: collections.deque = collections.deque(maxlen=256)  # (time, tokens generated in the step)
         ctx.should_abort = self.should_abort
+        # A debugging aid, on in the tests: after every step, the ledgers
+        # must hold exactly the positions llama.cpp holds.
+        self.check_kv = os.environ.get("EDGEINFER_CHECK_KV") == "1"
         self._thread = threading.Thread(target=self._loop, name="edgeinfer-scheduler", daemon=True)
         self._thread.start()
 
@@ -221,6 +224,8 @@ class Scheduler:
                 continue
             try:
                 self._step()
+                if self.check_kv:
+                    self._check_ledgers()
             except BaseException as e:  # never leave a reader hanging
                 for run in list(self._running.values()):
                     self._fail(run, e if isinstance(e, EngineError) else EngineError(f"generation failed: {e}"))
@@ -249,6 +254,13 @@ class Scheduler:
         r.stats = stats
         self._deliver(r, DoneEvent(stats))
         r.finished = True
+
+    def _check_ledgers(self) -> None:
+        for what, ledger in (("target", self.ledger), ("draft", self.draft and self.draft.ledger)):
+            wrong = ledger.mismatches() if ledger else {}
+            if wrong:
+                raise EngineError(f"the {what}'s KV ledger is out of step with llama.cpp: "
+                                  f"seq -> (recorded, held) {wrong}")
 
     # -- admission --------------------------------------------------------
     def _admit(self) -> None:

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every scheduler in the tests (and in the servers they start) checks after
+# each step that its KV ledgers hold exactly what llama.cpp holds.
+os.environ.setdefault("EDGEINFER_CHECK_KV", "1")
 
 from edgeinfer import hardware as _hardware  # noqa: E402
 

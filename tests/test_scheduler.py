@@ -287,24 +287,45 @@ def test_a_sequence_after_another_in_one_batch_gets_its_own_logits(tiny_model):
 
 def test_no_room_for_a_batch_retries_smaller_instead_of_failing(tiny_model, monkeypatch):
     """llama_decode returns 1 when the KV cache has no room for a batch (and
-    restores it). Injected here for every batch over 8 tokens, the first
-    few times: the step retries with less prefill, and nobody fails."""
-    import llama_cpp as lc
+    restores it). Injected here at the doorway for every batch over 4
+    tokens, the first few times: the step retries with less prefill, and
+    nobody fails. The three requests are held in the queue (behind a call
+    on the scheduler's thread) until all have arrived, so they start in one
+    step whatever the timing."""
+    from edgeinfer import llama
 
-    real = lc.llama_decode
+    real = llama.Context.decode
     refused = []
 
-    def decode(ctx, batch):
-        if batch.n_tokens > 8 and len(refused) < 5:
-            refused.append(batch.n_tokens)
-            return 1
-        return real(ctx, batch)
+    def decode(self, batch=None, **kw):
+        b = batch or self.batch
+        if b.n > 4 and len(refused) < 5:
+            refused.append(b.n)
+            return llama.DECODE_NO_ROOM
+        return real(self, batch, **kw)
 
-    with Engine(tiny_model, n_ctx=4096, threads=1, n_seq_max=4, prompt_cache=False, stop_on_repeat=False) as e:
+    with Engine(tiny_model, n_ctx=4096, threads=1, n_seq_max=4, prompt_cache=False, stop_on_repeat=False,
+                speculative="off") as e:
         expected = [collect(e, p, max_tokens=20, **GREEDY)[1].stats.generated_tokens for p in PROMPTS[:3]]
-        monkeypatch.setattr(lc, "llama_decode", decode)
-        done = concurrently([lambda p=p: collect(e, p, max_tokens=20, **GREEDY)[1] for p in PROMPTS[:3]])
-    assert len(refused) >= 2 and refused[-1] < refused[0]  # retried with smaller batches
+        monkeypatch.setattr(llama.Context, "decode", decode)
+        gate, holding = threading.Event(), threading.Event()
+        hold = threading.Thread(target=e._exclusive, args=(lambda: holding.set() or gate.wait(60),))
+        hold.start()
+        assert holding.wait(30)
+        done = [None] * 3
+
+        def run(i):
+            done[i] = collect(e, PROMPTS[i], max_tokens=20, **GREEDY)[1]
+
+        runs = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in runs:
+            t.start()
+        while e.status()["queue_depth"] < 3:
+            time.sleep(0.01)
+        gate.set()
+        for t in [hold, *runs]:
+            t.join(60)
+    assert len(refused) >= 2 and refused[1] < refused[0], refused  # retried with smaller batches
     assert [d.stats.generated_tokens for d in done] == expected
     assert all(d.stats.finish_reason in ("length", "stop") for d in done)
 
