@@ -8,9 +8,9 @@ import time
 
 import click
 
+from ..fit import DEFAULT_N_CTX
 from ..gguf_file import read_gguf
 from ..progress import human_bytes
-from ..fit import DEFAULT_N_CTX
 from ..store import ModelStore
 
 

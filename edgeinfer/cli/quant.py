@@ -8,10 +8,9 @@ import sys
 import click
 
 from .. import hardware
-from ..progress import make_progress
+from ..progress import human_bytes, make_progress
 from ..quantize import convert, parse_type, quant_types, quantize
 from ..store import ModelStore
-from ..progress import human_bytes
 from .models import print_columns
 
 

@@ -198,14 +198,16 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
     opts = Options(host=host, port=port, unix=unix, token=secret, max_line=max_line, idle_timeout=idle_timeout)
     check_exposure(opts)  # before a model is pulled or loaded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    name = ensure_model(model, yes, quiet=not sys.stderr.isatty())
+    quiet = not sys.stderr.isatty()
+    name = ensure_model(model, yes, quiet=quiet)
     import edgeinfer
+
     from ..server.http import HttpOptions
     from ..server.run import serve_all
 
     extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit, prefill_chunk=prefill_chunk,
                                    speculative=speculative,
-                                   draft=ensure_model(draft, yes, quiet=not sys.stderr.isatty()) if draft else None).items()
+                                   draft=ensure_model(draft, yes, quiet=quiet) if draft else None).items()
              if v is not None}
     http_opts = None
     if http_port is not None:

@@ -11,8 +11,8 @@ import time
 import click
 
 from .. import hardware, prompt_cache, tuning
-from ..fit import box_profile
 from ..errors import EdgeinferError
+from ..fit import box_profile
 from ..progress import human_bytes
 from .models import _params
 
