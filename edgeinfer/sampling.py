@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 from typing import Iterable
 
-import llama_cpp as lc
 
 
 # Every sampling option: its type and its neutral value (the engine's
@@ -54,6 +53,8 @@ def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
     temperature, then the draw. ``banned`` tokens are never drawn (a logit
     bias of -inf, first in the chain). A grammar is not part of the
     chain: see :class:`edgeinfer.grammar.GrammarGate`."""
+    import llama_cpp as lc   # here, so that checking options (the catalog does) needs no libllama
+
     o = {**DEFAULTS, **opts}
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     add = lambda s: lc.llama_sampler_chain_add(chain, s)  # noqa: E731
@@ -92,6 +93,8 @@ REPEAT_MIN_RUN = 32      # tokens of exact repetition before a loop is called
 
 def free_chain(chain) -> None:
     """Free a chain made by :func:`sampler_chain`."""
+    import llama_cpp as lc
+
     lc.llama_sampler_free(chain)
 
 
