@@ -18,11 +18,34 @@ import os
 from typing import TYPE_CHECKING
 
 from .catalog import CatalogEntry, default_entry, load_catalog
-from .errors import (AllSourcesFailedError, AuthError, CatalogError, ChecksumError, CompareError,
-                     ConnectionLostError, ContextOverflowError, DiskSpaceError, DownloadError, EdgeinferError,
-                     EngineBusyError, EngineError, GGUFError, GrammarError, InvalidNameError, MemoryFitError,
-                     ModelNotFoundError, NativeSettingError, QuantizeError, ServerBusyError, ServerConfigError,
-                     ServerError, SpeculativeError, StoreError, TemplateError, VocabularyMismatchError)
+from .errors import (
+    AllSourcesFailedError,
+    AuthError,
+    CatalogError,
+    ChecksumError,
+    CompareError,
+    ConnectionLostError,
+    ContextOverflowError,
+    DiskSpaceError,
+    DownloadError,
+    EdgeinferError,
+    EngineBusyError,
+    EngineError,
+    GGUFError,
+    GrammarError,
+    InvalidNameError,
+    MemoryFitError,
+    ModelNotFoundError,
+    NativeSettingError,
+    QuantizeError,
+    ServerBusyError,
+    ServerConfigError,
+    ServerError,
+    SpeculativeError,
+    StoreError,
+    TemplateError,
+    VocabularyMismatchError,
+)
 from .events import DoneEvent, Stats, TextEvent
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
@@ -42,7 +65,8 @@ __all__ = [
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",
-    "TemplateError", "GrammarError", "VocabularyMismatchError", "SpeculativeError", "QuantizeError", "CompareError", "ServerConfigError", "ServerError",
+    "TemplateError", "GrammarError", "VocabularyMismatchError", "SpeculativeError", "QuantizeError", "CompareError",
+    "ServerConfigError", "ServerError",
     "ServerBusyError", "AuthError", "ConnectionLostError",
 ]
 

@@ -72,7 +72,8 @@ class HeatWatch:
             now = list(t.get("now") or [])
             if now and not self.throttled_now:
                 out.append((logging.WARNING, f"the CPU reports {', '.join(now)} ({t.get('source', '')}): "
-                                             "answers are slower until it recovers; check cooling and the power supply"))
+                                             "answers are slower until it recovers; "
+                                             "check cooling and the power supply"))
             elif self.throttled_now and not now:
                 out.append((logging.INFO, "the CPU no longer reports throttling"))
             self.throttled_now = now

@@ -16,12 +16,10 @@ from urllib.parse import unquote, urlparse
 
 from filelock import FileLock, Timeout
 
-from . import catalog, selftest
+from . import catalog, download, selftest
 from .catalog import CatalogEntry, Source
-from . import download
 from .download import FetchResult, copy_file, fetch_http, fetch_wheels
-from .errors import (AllSourcesFailedError, DiskSpaceError, DownloadError, GGUFError,
-                     ModelNotFoundError)
+from .errors import AllSourcesFailedError, DiskSpaceError, DownloadError, GGUFError, ModelNotFoundError
 from .fit import DEFAULT_N_CTX, entry_refusal, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .names import ModelRef, check_part, parse_ref, sanitize

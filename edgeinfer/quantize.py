@@ -241,7 +241,8 @@ def convert(model: str, to: str = "f16", *, name: str | None = None, store: Mode
     import numpy as np
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
-    from gguf.quants import dequantize, quantize as gquantize
+    from gguf.quants import dequantize
+    from gguf.quants import quantize as gquantize
 
     store = store or ModelStore()
     log = log or (lambda _m: None)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ctypes
 from typing import Iterable
 
-
-
 # Every sampling option: its type and its neutral value (the engine's
 # default; a catalog entry's [sampling] sets a model's own). The REPL's
 # /set, the catalog parser and the engine all read this table.
@@ -53,7 +51,7 @@ def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
     temperature, then the draw. ``banned`` tokens are never drawn (a logit
     bias of -inf, first in the chain). A grammar is not part of the
     chain: see :class:`edgeinfer.grammar.GrammarGate`."""
-    import llama_cpp as lc   # here, so that checking options (the catalog does) needs no libllama
+    import llama_cpp as lc  # here, so that checking options (the catalog does) needs no libllama
 
     o = {**DEFAULTS, **opts}
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())

@@ -314,7 +314,8 @@ def checks(by_key: dict, reference: bool) -> list[dict]:
             noise = max(ours.stdev, llama.stdev)
             rows.append({"test": ours.name, "target": "edgeinfer > Llama",
                          "need": llama.median, "have": ours.median,
-                         "source": "this run" + (", within one stdev" if abs(ours.median - llama.median) < noise else ""),
+                         "source": "this run" + (", within one stdev"
+                                                 if abs(ours.median - llama.median) < noise else ""),
                          "met": ours.median > llama.median})
         bench = by_key.get(("llama-bench", test))
         if bench is not None:
@@ -400,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--reps and --threads must be >= 1, --pp and --tg >= 0 and not both 0")
 
     model, is_default_model = resolve(args.model)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"benchmarking {model} with {args.threads} threads (load average {load_before}) ...")
     # A shared or virtual machine's speed drifts over minutes, so llama-bench
@@ -439,10 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "config": {"model": str(model), "model_desc": f"{info.architecture} {human_count(info.parameter_count)} {info.file_type}",
+        "config": {"model": str(model),
+                   "model_desc": f"{info.architecture} {human_count(info.parameter_count)} {info.file_type}",
                    "model_bytes": info.file_size, "params": human_count(info.parameter_count),
                    "threads": args.threads, "pp": args.pp, "tg": args.tg, "reps": args.reps,
-                   "n_ctx": run["n_ctx"], "n_batch": args.batch, "flash_attn": args.flash_attn, "cpu": cpu_model(), "cpus": os.cpu_count(),
+                   "n_ctx": run["n_ctx"], "n_batch": args.batch, "flash_attn": args.flash_attn,
+                   "cpu": cpu_model(), "cpus": os.cpu_count(),
                    "llama_cpp_python": llama_cpp.__version__, "tg_prompt": run["tg_prompt"]},
         "load_before": load_before, "load_after": load_after,
         "results": [r.to_dict() for r in by_key.values()],

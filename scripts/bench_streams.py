@@ -127,7 +127,8 @@ def gap_during_long_prompt(engine: Engine, n_prompt: int, rng: random.Random) ->
     th.join()
     inside = [t for t in stamps if window["start"] - 1 <= t <= window["end"]]
     gaps = [b - a for a, b in zip(inside, inside[1:])]
-    return {"prompt_tokens": n_prompt, "prefill_chunk": engine.status()["prefill_chunk"], "longest_gap_ms": round(max(gaps) * 1000, 1),
+    return {"prompt_tokens": n_prompt, "prefill_chunk": engine.status()["prefill_chunk"],
+            "longest_gap_ms": round(max(gaps) * 1000, 1),
             "typical_gap_ms": round(statistics.median(before) * 1000, 1),
             "prefill_s": round(window["end"] - window["start"], 2)}
 

@@ -117,7 +117,8 @@ def main() -> int:
         return 0
     print(f"{len(questions)} questions x {args.seeds} seeds, max_tokens {args.max_tokens}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| model | sampling over the model's defaults | right | wrong | ran to max_tokens | repetition | decode tok/s |")
+    print("| model | sampling over the model's defaults | right | wrong | ran to max_tokens | repetition "
+          "| decode tok/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         c, n = r["counts"], r["total"]

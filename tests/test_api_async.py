@@ -19,8 +19,8 @@ import time
 import pytest
 
 from edgeinfer.engine import Engine
-from edgeinfer.events import DoneEvent, TextEvent
 from edgeinfer.errors import ContextOverflowError, TemplateError
+from edgeinfer.events import DoneEvent, TextEvent
 
 GREEDY = dict(temperature=0)
 USER = [{"role": "user", "content": "Hello there"}]

@@ -27,8 +27,14 @@ import pytest
 
 import edgeinfer
 from edgeinfer.engine import DoneEvent, Engine, TextEvent
-from edgeinfer.errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError,
-                              GGUFError, ModelNotFoundError)
+from edgeinfer.errors import (
+    ContextOverflowError,
+    EdgeinferError,
+    EngineBusyError,
+    EngineError,
+    GGUFError,
+    ModelNotFoundError,
+)
 
 IM_START, IM_END = 638, 639
 GREEDY = dict(temperature=0)

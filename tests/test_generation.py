@@ -14,8 +14,14 @@ from fakes import ScriptedEngine
 from edgeinfer import errors
 from edgeinfer.events import DoneEvent, TextEvent
 from edgeinfer.server import api, generation, protocol
-from edgeinfer.server.generation import (MAX_STOP_CHARS, MAX_STOPS, GenerationRequest, ModelNotServedError,
-                                         RequestError, StoppingError)
+from edgeinfer.server.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    GenerationRequest,
+    ModelNotServedError,
+    RequestError,
+    StoppingError,
+)
 
 # What each exception must mean, written out here rather than read from
 # the table, so a wrong row fails: (JSON-lines code, HTTP status, OpenAI

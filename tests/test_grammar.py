@@ -136,7 +136,8 @@ def test_max_tokens_still_applies(engine):
     ('{"type": ', "not JSON"),
     ([1, 2], "is an object"),
     # The converter reads past numeric bounds without enforcing them.
-    ({"type": "object", "properties": {"age": {"type": "integer", "maximum": 150}}}, "'maximum' at the schema.properties.age"),
+    ({"type": "object", "properties": {"age": {"type": "integer", "maximum": 150}}},
+     "'maximum' at the schema.properties.age"),
     ({"type": "array", "items": {"not": {"type": "string"}}}, "'not' at the schema.items"),
 ])
 def test_a_schema_the_converter_cannot_handle_is_refused(engine, schema, words):

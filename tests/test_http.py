@@ -17,8 +17,7 @@ import anthropic
 import jsonschema
 import openai
 import pytest
-from served import Served
-from served import start_http
+from served import Served, start_http
 
 pytestmark = pytest.mark.timeout(300)
 

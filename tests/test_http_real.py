@@ -9,7 +9,6 @@ import os
 
 import jsonschema
 import pytest
-
 from served import start_http
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_http import start
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]

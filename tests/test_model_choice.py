@@ -12,7 +12,8 @@ from edgeinfer.cli import cli
 from edgeinfer.errors import CatalogError, ModelNotFoundError
 
 GB = 10**9
-SMALL, MID, BIG = "smollm2-135m-instruct:q4_1", "qwen2.5-coder-0.5b-instruct:q4_k_m", "qwen2.5-coder-1.5b-instruct:q4_k_m"
+SMALL = "smollm2-135m-instruct:q4_1"
+MID, BIG = "qwen2.5-coder-0.5b-instruct:q4_k_m", "qwen2.5-coder-1.5b-instruct:q4_k_m"
 
 
 def entries():

@@ -41,7 +41,8 @@ def test_a_built_wheel_carries_the_catalog(tmp_path):
                     "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
     (wheel,) = wheels.glob("edgeinfer-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("edgeinfer/models/") and n.endswith(".toml")) == SHIPPED
+    shipped = (n.rsplit("/", 1)[1] for n in names if n.startswith("edgeinfer/models/") and n.endswith(".toml"))
+    assert sorted(shipped) == SHIPPED
 
     # Installed on its own (dependencies come from this environment), away
     # from the source tree: the catalog must come from inside the wheel.

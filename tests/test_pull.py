@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from http_server import Fault, corrupt, start_server  # tests/http_server.py
 
 from edgeinfer import paths
 from edgeinfer.cli import cli
-from edgeinfer.errors import (AllSourcesFailedError, ChecksumError, DiskSpaceError,
-                              GGUFError)
+from edgeinfer.errors import AllSourcesFailedError, ChecksumError, DiskSpaceError, GGUFError
 from edgeinfer.pull import pull
 from edgeinfer.store import ModelStore
-from http_server import Fault, corrupt, start_server  # tests/http_server.py
 
 # the module, not the function that edgeinfer/__init__ re-exports as edgeinfer.pull
 pull_module = importlib.import_module("edgeinfer.pull")

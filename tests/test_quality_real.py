@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from conftest import load_script
 
 import edgeinfer
 from edgeinfer import model_choice
 from edgeinfer.cli import cli
-
-from conftest import load_script
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

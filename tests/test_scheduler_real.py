@@ -5,10 +5,9 @@ greedy stream may differ from the same stream alone."""
 from __future__ import annotations
 
 import pytest
+from test_scheduler import TIE_TOLERANCE, assert_greedy_choices, concurrently, logit_shifts
 
 import edgeinfer
-
-from test_scheduler import TIE_TOLERANCE, assert_greedy_choices, concurrently, logit_shifts
 
 pytestmark = pytest.mark.real_model
 

@@ -34,8 +34,15 @@ import asyncio
 from dataclasses import dataclass, field, fields
 from typing import AsyncIterator, Mapping
 
-from ..errors import (ContextOverflowError, EdgeinferError, EngineBusyError, EngineError, GrammarError,
-                      SpeculativeError, TemplateError)
+from ..errors import (
+    ContextOverflowError,
+    EdgeinferError,
+    EngineBusyError,
+    EngineError,
+    GrammarError,
+    SpeculativeError,
+    TemplateError,
+)
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -212,7 +219,7 @@ async def run(engine, req: GenerationRequest) -> Run:
     tokens = await asyncio.to_thread(render, engine, req)
     gbnf = None
     if req.json_schema is not None or req.grammar is not None:
-        from .. import grammar   # loads llama.cpp's converter: only when a request needs it
+        from .. import grammar  # loads llama.cpp's converter: only when a request needs it
         gbnf = await asyncio.to_thread(grammar.resolve, req.json_schema, req.grammar)  # big schemas take a while
     max_tokens = fitted_max_tokens(engine, req, len(tokens))
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,

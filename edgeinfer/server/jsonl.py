@@ -170,7 +170,7 @@ class _Connection:
                 return e.partial or None
             except asyncio.LimitOverrunError:
                 await self._skip_long_line()
-                raise ProtocolError("line_too_long",
+                raise ProtocolError(  # noqa: B904  (the client's error, not a failure while handling one)"line_too_long",
                                     f"a request line may be at most {self.server.opts.max_line:,} bytes")
 
     async def _skip_long_line(self) -> None:
