@@ -35,6 +35,7 @@ Commands:
   /exit              leave (so do Ctrl-D, and Ctrl-C on an empty line)
 Write several lines between \"\"\" and \"\"\". Ctrl-C stops an answer."""
 
+
 def settable() -> dict:
     """What /set can change, and the type of each value."""
     from ..sampling import OPTIONS
@@ -150,9 +151,10 @@ class Repl:
                         self.out.write(ev.text)
                         self.out.flush()
         except KeyboardInterrupt:
-            # Raised outside the handler's reach (off the main thread, or by
-            # the output itself): closing the stream cancelled the answer and
-            # waited for the engine, so the history holds what was shown.
+            # A Ctrl-C the handler could not take (the REPL off the main
+            # thread), or one raised while a piece was printed: leaving the
+            # stream cancelled the answer and waited for the engine to let go
+            # of it, and the history holds what was shown.
             stop.set()
         except EdgeinferError as e:
             self.out.write("\n")
