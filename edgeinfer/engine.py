@@ -136,20 +136,23 @@ class Engine:
         try:
             if draft is not None:
                 self.draft = self._open_draft(draft, native, mmap)
-            self._step_costs: dict[int, float] | None = None
-            if self.speculative.mode == "auto":
-                # Measured here, before the scheduler thread starts, on this thread.
-                try:
-                    self._step_costs = step_costs_for(self)
-                except Exception:   # no measure, no auto drafts; lookup still works when asked for
-                    self._step_costs = None
         except BaseException:
             self._free()
             raise
         self._scheduler = Scheduler(self._ctx, self._ledger, name=self.name, native=self.native.setting,
-                                    draft=self.draft, step_costs=self._step_costs,
-                                    stop_on_repeat=self.stop_on_repeat, queue_limit=queue_limit,
-                                    prefill_chunk=prefill_chunk)
+                                    draft=self.draft, stop_on_repeat=self.stop_on_repeat,
+                                    queue_limit=queue_limit, prefill_chunk=prefill_chunk)
+        self._step_costs: dict[int, float] | None = None
+        if self.speculative.mode == "auto":
+            # Measured on the scheduler's thread, like every decode: a second
+            # thread running ggml graphs brings a second OpenMP team whose idle
+            # workers spin against the first one's (decode fell from 123 to
+            # 75 tok/s on the default model, 2-core EPYC, when this ran here).
+            try:
+                self._step_costs = step_costs_for(self)
+            except Exception:   # no measure, no auto drafts; lookup still works when asked for
+                self._step_costs = None
+            self._scheduler.step_costs = self._step_costs   # before the first request: no race
 
     def _open_draft(self, draft, native, mmap):
         from .draft import DraftModel
@@ -170,10 +173,7 @@ class Engine:
     def measure_step_costs(self) -> dict[int, float]:
         """Seconds per decode step of 1, 2, 3, 5 and 9 tokens of one
         sequence on this machine (edgeinfer.speculative)."""
-        def run():
-            return measure_step_costs(self._ctx, self._ledger)
-
-        return run() if self._scheduler is None else self._exclusive(run)   # None: still loading
+        return self._exclusive(lambda: measure_step_costs(self._ctx, self._ledger))
 
     # -- lifecycle ---------------------------------------------------------
     def close(self, timeout: float = 30.0) -> None:

@@ -31,6 +31,11 @@
     ├── SpeculativeError (ValueError) a speculative setting that cannot work
     ├── ServerConfigError (ValueError)
     │                                 a server that must not start as asked
+    ├── RequestError (ValueError)     a served request's field that is missing,
+    │                                 wrong, out of range or not supported
+    ├── ModelNotServedError (LookupError)
+    │                                 a request for a model the server does not run
+    ├── StoppingError                 a new request while the server drains
     └── ServerError                   the server answered with an error
         ├── ServerBusyError (EngineBusyError)
         │                             every sequence taken, queue full
@@ -179,6 +184,23 @@ class GrammarError(EdgeinferError, ValueError):
 class ServerConfigError(EdgeinferError, ValueError):
     """``edgeinfer serve`` options that would be unsafe or cannot work,
     such as a non-loopback address without a token."""
+
+
+class RequestError(EdgeinferError, ValueError):
+    """A request field that is missing, of the wrong type, out of range or
+    not supported; ``param`` names it in the face's own words."""
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotServedError(EdgeinferError, LookupError):
+    """A request for a model other than the one this server runs."""
+
+
+class StoppingError(EdgeinferError):
+    """A new request while the server drains the ones in flight."""
 
 
 class ServerError(EdgeinferError):

@@ -46,7 +46,7 @@ class KVLedger:
         """Sequences whose ledger disagrees with llama.cpp's positions:
         seq → (tokens recorded, positions llama.cpp holds). Empty when the
         invariant holds (the scheduler checks it after every step when
-        EDGEINFER_CHECK_KV=1, as the tests run)."""
+        EDGEINFER_CHECKS=1, as the tests run)."""
         out = {}
         for s, toks in self._tokens.items():
             held = self.ctx.seq_pos_max(s) + 1

@@ -22,6 +22,7 @@ scheduler's). The vocabulary may be read from any thread.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
@@ -200,6 +201,11 @@ class Context:
         lc.llama_set_abort_callback(self.handle, self._abort_cb, None)
         self._abort_on = True
         self.batch = Batch(self.n_batch, self.n_seq_max)
+        # A debugging aid, on in the tests: every decode of a context on one
+        # thread. A second thread running ggml graphs brings a second OpenMP
+        # team, whose idle workers spin against the first's and slow both.
+        self._decoder: int | None = None
+        self._check_thread = os.environ.get("EDGEINFER_CHECKS") == "1"
 
     # -- decode --------------------------------------------------------------
     def decode(self, batch: Batch | None = None, *, abortable: bool | None = None) -> int:
@@ -212,12 +218,22 @@ class Context:
         short and cancel is checked between steps, so the callback is
         installed only when ``abortable`` (default: more than one token)."""
         b = batch or self.batch
+        if self._check_thread:
+            self._one_thread()
         on = b.n > 1 if abortable is None else abortable
         if on != self._abort_on:
             lc.llama_set_abort_callback(self.handle, self._abort_cb if on else _NO_ABORT, None)
             self._abort_on = on
         b.handle.n_tokens = b.n
         return lc.llama_decode(self.handle, b.handle)
+
+    def _one_thread(self) -> None:
+        me = threading.get_ident()
+        if self._decoder is None:
+            self._decoder = me
+        elif me != self._decoder:
+            raise EngineError(f"a context decoded on two threads ({self._decoder} and {me}): every decode "
+                              "belongs on the scheduler's thread")
 
     def logits(self, row: int) -> np.ndarray:
         """The logits of batch row ``row`` (-1: the last), a view valid until the next decode."""

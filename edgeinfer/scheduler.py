@@ -86,7 +86,7 @@ class Scheduler:
         ctx.should_abort = self.should_abort
         # A debugging aid, on in the tests: after every step, the ledgers
         # must hold exactly the positions llama.cpp holds.
-        self.check_kv = os.environ.get("EDGEINFER_CHECK_KV") == "1"
+        self.check_kv = os.environ.get("EDGEINFER_CHECKS") == "1"
         self._thread = threading.Thread(target=self._loop, name="edgeinfer-scheduler", daemon=True)
         self._thread.start()
 

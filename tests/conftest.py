@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every scheduler in the tests (and in the servers they start) checks after
-# each step that its KV ledgers hold exactly what llama.cpp holds.
-os.environ.setdefault("EDGEINFER_CHECK_KV", "1")
+# Debug checks on in every test (and in the servers they start): after each
+# step the KV ledgers must hold exactly what llama.cpp holds, and a context
+# is only ever decoded on one thread.
+os.environ.setdefault("EDGEINFER_CHECKS", "1")
 
 from edgeinfer import hardware as _hardware  # noqa: E402
 

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .. import hardware, prompt_cache, tuning
+from .. import hardware, prompt_cache, settings, tuning
 from ..errors import EdgeinferError
 from ..fit import box_profile
 from ..progress import human_bytes
@@ -120,6 +120,12 @@ def doctor_cmd(as_json, rerun, models):
     box = box_profile()
     d["defaults"] = {"profile": box.name, "n_ctx": box.n_ctx, "max_parallel": box.max_parallel,
                      "kv_type": box.kv_type, "why": box.why}
+    # What a load of an untuned model would use now: the engine's own pure
+    # function, given what this machine reports.
+    busy = hardware.busy_cores()
+    load = settings.resolve(box=box, train_ctx=None, cores=d["default_threads"], busy=busy,
+                            usable=hardware.usable_cores())
+    d["load"] = load.describe()
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -141,8 +147,12 @@ def doctor_cmd(as_json, rerun, models):
         ("default threads", f"{d['default_threads']} (physical cores within affinity and quota)"
                             + (f"; {busy:.1f} cores busy with other work now, so a load takes "
                                f"{hardware.threads_for_load(d['default_threads'], busy)}"
-                               if (busy := hardware.busy_cores()) >= 0.5 else "")),
+                               if busy >= 0.5 else "")),
         ("defaults", box.describe()),
+        ("a load uses", f"context {load.n_ctx} (less if the model's own is shorter), "
+                        f"{load.n_seq_max} sequences at once, K cache {load.kv_type}, "
+                        f"{load.threads}/{load.threads_batch} threads ({load.threads_source}), "
+                        f"speculative {load.speculative.mode}"),
         ("tuned profiles", ", ".join(f"{p['model']}: {p['threads']}/{p['threads_batch']}" for p in d["profiles"])
          or "none - run 'edgeinfer tune' to measure this machine"),
         ("fingerprint", d["fingerprint"]),

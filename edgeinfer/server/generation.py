@@ -40,30 +40,15 @@ from ..errors import (
     EngineBusyError,
     EngineError,
     GrammarError,
+    ModelNotServedError,
+    RequestError,
     SpeculativeError,
+    StoppingError,
     TemplateError,
 )
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
-
-
-# -- errors of a request -------------------------------------------------------
-class RequestError(EdgeinferError, ValueError):
-    """A request field that is missing, of the wrong type, out of range or
-    not supported; ``param`` names it in the face's own words."""
-
-    def __init__(self, param: str | None, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-class ModelNotServedError(EdgeinferError, LookupError):
-    """A request for a model other than the one this server runs."""
-
-
-class StoppingError(EdgeinferError):
-    """A new request while the server drains the ones in flight."""
 
 
 # -- the request ---------------------------------------------------------------
