@@ -1,11 +1,12 @@
 """One request in a sequence slot, and the rules that turn its tokens
 into text.
 
-A :class:`Sequence` is created when the scheduler admits a
-:class:`Request` into a slot and moves through named states::
+A :class:`Request` waits in the scheduler's queue until a slot is free
+and the context has room for it; then a :class:`Sequence` holds it in
+that slot and moves through named states::
 
-    PREFILLING ──► DECODING ──► FINISHED
-         └──────────────────────────▲   (cancelled, failed, a prefill only)
+    (queued) ──► PREFILLING ──► DECODING ──► FINISHED
+                      └──────────────────────────▲   (cancelled, failed, a prefill only)
 
 Its text rules live here and nowhere else, so they can be driven token by
 token without a model: bytes become text only once they are whole UTF-8,
