@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_http import start
+from served import start_http as start
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(300)]
 
@@ -69,7 +69,7 @@ def cgroup(request):
 
 
 def serve_in(cg: MemoryCgroup, monkeypatch):
-    """start() from test_http, with the server process put in ``cg``."""
+    """The HTTP server (served.start_http), with its process put in ``cg``."""
     real_popen = subprocess.Popen
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: real_popen(*a, preexec_fn=cg.join, **k))
     try:
