@@ -289,7 +289,7 @@ def test_tune_of_a_bare_file_says_to_import_it(tiny_model):
 DOCTOR_KEYS = {"cpu_model", "logical_cpus", "physical_cores", "affinity", "cgroup_cpu_quota", "clusters",
                "big_little", "total_memory", "available_memory", "cgroup_memory_limit",
                "cpu_temperature_c", "default_threads", "fingerprint", "profiles", "native", "throttling",
-               "board", "arm_cores", "defaults"}
+               "board", "arm_cores", "defaults", "load"}
 
 
 def test_doctor(model):
@@ -298,6 +298,8 @@ def test_doctor(model):
     d = json.loads(result.stdout)
     assert set(d) == DOCTOR_KEYS
     assert d["default_threads"] == hardware.default_threads()
+    # What a load would use: the engine's settings, resolved for this machine.
+    assert d["load"]["n_ctx"] == d["defaults"]["n_ctx"] and d["load"]["threads_source"].startswith("default")
     assert d["fingerprint"] == hardware.fingerprint()
     assert d["affinity"] == hardware.affinity_cpus()
     assert d["profiles"] == []

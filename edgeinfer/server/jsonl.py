@@ -170,8 +170,8 @@ class _Connection:
                 return e.partial or None
             except asyncio.LimitOverrunError:
                 await self._skip_long_line()
-                raise ProtocolError(  # noqa: B904  (the client's error, not a failure while handling one)"line_too_long",
-                                    f"a request line may be at most {self.server.opts.max_line:,} bytes")
+                raise ProtocolError("line_too_long",
+                                    f"a request line may be at most {self.server.opts.max_line:,} bytes") from None
 
     async def _skip_long_line(self) -> None:
         while True:
