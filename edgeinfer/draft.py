@@ -57,17 +57,22 @@ class DraftModel:
         against the target's."""
         from . import llama, selftest
         from . import native as _native
+        from .fit import refusal
         from .gguf_file import read_gguf
 
         path = Path(path)
         info = read_gguf(path)
+        err = refusal(name, info, n_ctx)   # refused before llama.cpp allocates anything, as the target is
+        if err is not None:
+            raise err
         verdict = selftest.ensure(path, info, sha256=sha256, name=name, forced=_native.forced_setting(native),
                                   threads=threads, threads_batch=threads_batch, mmap=mmap)
         _native.init_backend()
         model = llama.Model(path, _native.ModelParams(verdict.setting, info, mmap=mmap))
         try:
             check_vocab(target_vocab, model.vocab, target_name, name)
-            ctx = llama.Context(model, n_ctx=n_ctx, n_batch=llama_batch(n_ctx), n_seq_max=n_seq_max,
+            # The draft evaluates a history once, then a token at a time.
+            ctx = llama.Context(model, n_ctx=n_ctx, n_batch=512, n_seq_max=n_seq_max,
                                 threads=threads, threads_batch=threads_batch, kv_type=kv_type)
         except BaseException:
             model.free()
@@ -98,8 +103,3 @@ class DraftModel:
     def close(self) -> None:
         self.ctx.free()
         self.model.free()
-
-
-def llama_batch(n_ctx: int) -> int:
-    """The draft's batch: it evaluates a history once, then a token at a time."""
-    return min(512, n_ctx)
