@@ -33,7 +33,7 @@ from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarE
 from .events import DoneEvent, Stats, TextEvent
 from .fit import refusal
 from .gguf_file import GGUFInfo, read_gguf
-from .grammar import check_grammar
+from .grammar import compile_grammar
 from .grammar import resolve as constrain
 from .kv import KVLedger
 from .prompt_cache import PromptCache
@@ -391,11 +391,12 @@ class Engine:
                  speculative: str | None = None) -> Request:
         self._check_open()
         gbnf = constrain(json_schema, grammar)
+        compiled = None
         if gbnf is not None:
             if ignore_eos:
                 raise GrammarError("ignore_eos cannot be combined with a schema or grammar: the grammar decides "
                                    "where the answer ends", hint="drop ignore_eos, or the schema")
-            check_grammar(self.vocab.handle, gbnf)
+            compiled = compile_grammar(self.vocab.handle, gbnf)   # here, in the caller's thread, once
         if not tokens:
             tokens = [self.vocab.bos]
         if len(tokens) >= self.n_ctx:
@@ -405,7 +406,7 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
-                       grammar=gbnf, spec=self._spec(speculative))
+                       grammar=compiled, spec=self._spec(speculative))
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
@@ -461,9 +462,13 @@ class Engine:
         leaving the loop, cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = self._request(tokens, max_tokens, stop, seed, cancel, sampling,
-                            lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
-                            json_schema, grammar, speculative)
+        args = (tokens, max_tokens, stop, seed, cancel, sampling,
+                lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
+                json_schema, grammar, speculative)
+        # A grammar is converted and parsed in a worker thread: a large one
+        # must not stall the event loop every other client shares.
+        constrained = json_schema is not None or grammar is not None
+        req = await asyncio.to_thread(self._request, *args) if constrained else self._request(*args)
         self._scheduler.submit(req)
         item = None
         try:

@@ -17,6 +17,7 @@ import numpy as np
 from llama_cpp import llama_grammar
 
 from .errors import GrammarError
+from .grammar_cost import check_gbnf, check_schema_counts
 
 MAX_SCHEMA_BYTES = 256 * 1024   # a schema past this is almost surely a mistake
 MAX_GRAMMAR_BYTES = 1 << 20
@@ -80,6 +81,7 @@ def _check_schema(node, where: str = "the schema", depth: int = 0) -> None:
         raise GrammarError("the JSON schema nests more than 64 levels deep")
     if not isinstance(node, dict):
         return
+    check_schema_counts(node, where)   # before the converter writes them out
     ref = node.get("$ref")
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         raise GrammarError(f"$ref {str(ref)[:80]!r} at {where} is not local; only references inside the "
@@ -101,34 +103,70 @@ def _check_schema(node, where: str = "the schema", depth: int = 0) -> None:
             _check_schema(node[key], f"{where}.{key}"[:200], depth + 1)
 
 
-def check_grammar(vocab, gbnf: str) -> None:
-    """Raise GrammarError unless llama.cpp parses ``gbnf`` (root rule
-    ``root``). Parsing takes a millisecond or so, and done here it fails
-    in the caller's thread rather than mid-step."""
+def _check_text(gbnf) -> None:
     if not isinstance(gbnf, str) or not gbnf.strip():
         raise GrammarError("a grammar is a non-empty GBNF string with a 'root' rule")
-    data = gbnf.encode("utf-8")
-    if len(data) > MAX_GRAMMAR_BYTES:
-        raise GrammarError(f"the grammar is {len(data):,} bytes; at most {MAX_GRAMMAR_BYTES:,} are accepted")
-    sampler = lc.llama_sampler_init_grammar(vocab, data, b"root")
-    if not sampler:
-        raise GrammarError("llama.cpp could not parse the grammar (its log says where); "
-                           "it must be GBNF with a 'root' rule", hint="")
-    lc.llama_sampler_free(sampler)
+    size = len(gbnf.encode("utf-8", "surrogatepass"))
+    if size > MAX_GRAMMAR_BYTES:
+        raise GrammarError(f"the grammar is {size:,} bytes; at most {MAX_GRAMMAR_BYTES:,} are accepted")
+
+
+class CompiledGrammar:
+    """A grammar llama.cpp has parsed, for one request: built once, in the
+    caller's thread (never on an event loop or the scheduler's thread, so a
+    large grammar stalls nobody else), then handed to the request's
+    GrammarGate. Freed by whoever holds it last."""
+
+    def __init__(self, vocab, gbnf: str):
+        self.gbnf = gbnf
+        self.sampler = lc.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+        if not self.sampler:
+            raise GrammarError("llama.cpp could not parse the grammar (its log says where); "
+                               "it must be GBNF with a 'root' rule", hint="")
+
+    def take(self):
+        """The sampler, now the caller's to free."""
+        sampler, self.sampler = self.sampler, None
+        return sampler
+
+    def __del__(self):   # a request that never started
+        if getattr(self, "sampler", None):
+            lc.llama_sampler_free(self.sampler)
+            self.sampler = None
+
+
+def compile_grammar(vocab, gbnf: str) -> CompiledGrammar:
+    """Parse ``gbnf`` (root rule ``root``) with llama.cpp, after checking
+    what it will cost (grammar_cost). Raises GrammarError; parsing takes a
+    millisecond or so for an ordinary grammar, and done here it fails in
+    the caller's thread rather than mid-step."""
+    _check_text(gbnf)
+    check_gbnf(gbnf)
+    return CompiledGrammar(vocab, gbnf)
+
+
+def check_grammar(vocab, gbnf: str) -> None:
+    """Raise GrammarError unless llama.cpp parses ``gbnf``."""
+    compile_grammar(vocab, gbnf)
 
 
 def resolve(json_schema=None, grammar: str | None = None) -> str | None:
     """The grammar a request asks for: ``json_schema`` (a schema, or
-    ``"json"`` for any JSON object) or raw GBNF ``grammar``; not both."""
+    ``"json"`` for any JSON object) or raw GBNF ``grammar``; not both.
+    What the grammar will cost is checked here, before anything builds it."""
     if json_schema is not None and grammar is not None:
         raise GrammarError("give json_schema or grammar, not both")
     if grammar is not None:
+        _check_text(grammar)
+        check_gbnf(grammar)
         return grammar
     if json_schema is None:
         return None
     if json_schema == "json":
         return JSON_OBJECT_GBNF
-    return schema_grammar(json_schema)
+    gbnf = schema_grammar(json_schema)
+    check_gbnf(gbnf, "the schema's grammar")
+    return gbnf
 
 
 class GrammarGate:
@@ -147,10 +185,10 @@ class GrammarGate:
 
     check_first = True   # False masks at every token (the tests compare both)
 
-    def __init__(self, vocab, gbnf: str, n_vocab: int):
-        self.sampler = lc.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+    def __init__(self, grammar: CompiledGrammar, n_vocab: int):
+        self.sampler = grammar.take()
         if not self.sampler:
-            raise GrammarError("llama.cpp could not parse the grammar", hint="")
+            raise GrammarError("this grammar was used by another request already", hint="")
         self.n_vocab = n_vocab
         self.ids = np.arange(n_vocab, dtype=np.int32)
         self.cand = np.zeros(n_vocab, dtype=_TOKEN_DATA)

@@ -307,7 +307,7 @@ class Scheduler:
         run = Sequence(r, seq, n, chain=chain, t0=t0, stop_on_repeat=self.stop_on_repeat)
         if r.grammar is not None:
             try:
-                run.gate = GrammarGate(vocab.handle, r.grammar, ctx.n_vocab)
+                run.gate = GrammarGate(r.grammar, ctx.n_vocab)
             except BaseException:
                 free_chain(chain)
                 raise

@@ -52,7 +52,7 @@ class Request:
     cancel_event: threading.Event | None = None   # the caller's own
     admit_timeout: float | None = None            # None: wait for a slot forever
     ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
-    grammar: str | None = None                    # GBNF the answer must follow
+    grammar: object | None = None                 # a grammar.CompiledGrammar the answer must follow
     spec: SpecConfig | None = None                # speculative decoding; None: off
     id: int = field(default_factory=lambda: next(_ids))
     consumed: int = 0                             # events the reader has taken
