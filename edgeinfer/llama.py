@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import llama_cpp as lc
 import numpy as np
 
-from .errors import EngineError
+from .errors import EngineError, RequestError
 
 # K cache types by name (ggml type ids).
 KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
@@ -52,7 +52,11 @@ class Vocab:
         self._eog: tuple[int, ...] | None = None
 
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("prompt", "the text holds a lone UTF-16 surrogate, which is not text; "
+                                         "decode it with errors='replace' first") from None
         add = self.add_bos if add_bos is None else add_bos
         cap = len(data) + 8
         buf = (lc.llama_token * cap)()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Iterable
+
+from .errors import RequestError
 
 # Every sampling option: its type and its neutral value (the engine's
 # default; a catalog entry's [sampling] sets a model's own). The REPL's
@@ -23,24 +26,51 @@ OPTIONS: dict[str, tuple[type, float | int]] = {
     "dry_last_n": (int, -1),            # tokens DRY looks back over; -1 = the whole context
 }
 DEFAULTS = {k: v for k, (_, v) in OPTIONS.items()}
+# The range each option must fall in when a request over the network sets
+# it. The Python API and catalog entries take any finite number (a test
+# may want a penalty of 1e6), an integer where the option counts something.
+RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 10.0),
+    "top_k": (0, 1_000_000),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "repeat_penalty": (0.0, 10.0),
+    "repeat_last_n": (-1, 1_000_000),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+    "dry_multiplier": (0.0, 10.0),
+    "dry_base": (1.0, 10.0),
+    "dry_allowed_length": (0, 1_000_000),
+    "dry_last_n": (-1, 1_000_000),
+}
 # llama.cpp's default DRY sequence breakers: a repeat that crosses one of
 # these (a new line, a quote) is not followed further.
 DRY_BREAKERS = ("\n", ":", "\"", "*")
 
 
+def check_value(name: str, v, where: str = "", ranged: bool = True) -> int | float:
+    """A sampling option's value as its type, or RequestError (a
+    ValueError) naming it: finite, whole where it counts, and in RANGES
+    unless ``ranged`` is False."""
+    kind = OPTIONS[name][0]
+    lo, hi = RANGES[name] if ranged else (-2 ** 31, 2 ** 31 - 1) if kind is int else (-math.inf, math.inf)
+    ok = not isinstance(v, bool) and isinstance(v, (int, float))
+    ok = ok and math.isfinite(v if isinstance(v, float) else 0.0) and abs(v) < 1e300 and lo <= v <= hi
+    if not ok or (kind is int and v != int(v)):
+        what = "an integer" if kind is int else "a finite number"
+        span = f" from {lo:g} to {hi:g}" if ranged or kind is int else ""
+        raise RequestError(name, f"{where}{name} must be {what}{span}, not {str(v)[:40]}")
+    return kind(v)
+
+
 def check_options(opts: dict, where: str = "sampling") -> dict:
     """``opts`` with each value converted to its option's type; raises
-    TypeError for an unknown name and ValueError for a bad value."""
+    TypeError for an unknown name and RequestError (a ValueError) for a
+    bad value."""
     unknown = set(opts) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-    out = {}
-    for k, v in opts.items():
-        kind = OPTIONS[k][0]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-            raise ValueError(f"{where}: {k} must be {'an integer' if kind is int else 'a number'}, not {v!r}")
-        out[k] = kind(v)
-    return out
+    return {k: check_value(k, v, f"{where}: ", ranged=False) for k, v in opts.items()}
 
 
 def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,

@@ -124,12 +124,6 @@ def test_a_request_has_one_prompt_and_refuses_what_is_not_supported():
         asyncio.run(generation.run(ScriptedEngine(), GenerationRequest(prompt="x", n=3)))
 
 
-def test_json_lines_sampling_ranges_follow_the_sampler_options():
-    from edgeinfer.sampling import OPTIONS
-
-    assert {k: kind for k, (kind, _, _) in protocol.RANGES.items()} == {k: v[0] for k, v in OPTIONS.items()}
-
-
 async def _events(engine, req):
     run = await generation.run(engine, req)
     return run, [ev async for ev in run]

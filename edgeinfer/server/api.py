@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from ..events import DoneEvent
 from . import generation
-from .generation import HTTP_KINDS, GenerationRequest
+from .generation import HTTP_KINDS, GenerationRequest, load_json
 
 log = logging.getLogger("edgeinfer.http")
 
@@ -91,8 +91,8 @@ async def read_json(request: Request, limit: int) -> dict:
             raise ApiError("too_large", f"the body is over {limit:,} bytes, the most this server accepts")
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, ValueError) as e:
+        body = load_json(b"".join(chunks))
+    except ValueError as e:
         raise ApiError("invalid_request", f"the body is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "the body must be a JSON object")

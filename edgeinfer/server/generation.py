@@ -31,6 +31,9 @@ The engine is duck-typed: anything with ``name``, ``n_ctx``,
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import AsyncIterator, Mapping
 
@@ -49,6 +52,50 @@ from ..errors import (
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
+# Arrays and objects nested in one request: a schema may nest 64 levels,
+# and a request wraps it in a few more. Python's JSON parser recurses, and
+# at about 1,000 levels raises RecursionError, which no face should see.
+MAX_JSON_DEPTH = 100
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')   # unrolled: linear and fast on long strings
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"the number {text[:20]} is too large")
+    return v
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(data: bytes):
+    """A request body or line as JSON, strictly: UTF-8 without lone
+    surrogates (a ``\\ud800`` escape included), finite numbers only (no NaN,
+    Infinity or 1e999), arrays and objects nested at most MAX_JSON_DEPTH
+    deep (counted before parsing). Raises ValueError saying what is wrong;
+    every face answers it as bad JSON and keeps the connection."""
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"it nests {depth:,} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    obj = json.loads(data, parse_float=_finite, parse_constant=_constant)
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string holds a lone UTF-16 surrogate, which is not text") from None
+    return obj
+
+
+def json_depth(data: bytes) -> int:
+    """How deep arrays and objects nest in ``data``, strings skipped;
+    a few milliseconds for a megabyte."""
+    import numpy as np
+
+    bare = _STRINGS.sub(b"", data)
+    marks = np.frombuffer(bare, dtype=np.uint8)
+    steps = (marks == ord("[")).astype(np.int32) + (marks == ord("{")) - (marks == ord("]")) - (marks == ord("}"))
+    return int(np.cumsum(steps).max(initial=0))
 
 
 # -- the request ---------------------------------------------------------------

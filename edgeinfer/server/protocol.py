@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from ..sampling import OPTIONS, check_value
 from ..speculative import MODES as SPEC_MODES
 from . import generation
 from .generation import GenerationRequest, RequestError
@@ -24,23 +25,6 @@ OPS = ("generate", "chat", "cancel", "models", "health", "stats")
 GENERATING_OPS = ("generate", "chat")
 MAX_ID = 128            # characters in a request id
 MAX_MESSAGES = 4096
-
-# Sampling options a request may set (edgeinfer.sampling.OPTIONS, whose
-# names and types a test holds these to), with the range each must fall in.
-RANGES: dict[str, tuple[type, float, float]] = {
-    "temperature": (float, 0.0, 10.0),
-    "top_k": (int, 0, 1_000_000),
-    "top_p": (float, 0.0, 1.0),
-    "min_p": (float, 0.0, 1.0),
-    "repeat_penalty": (float, 0.0, 10.0),
-    "repeat_last_n": (int, -1, 1_000_000),
-    "frequency_penalty": (float, -2.0, 2.0),
-    "presence_penalty": (float, -2.0, 2.0),
-    "dry_multiplier": (float, 0.0, 10.0),
-    "dry_base": (float, 1.0, 10.0),
-    "dry_allowed_length": (int, 0, 1_000_000),
-    "dry_last_n": (int, -1, 1_000_000),
-}
 
 # Error codes a client may see, and what each means.
 CODES = {
@@ -111,8 +95,8 @@ def looks_like_http(line: bytes) -> bool:
 def parse(line: bytes, *, n_ctx: int) -> Call:
     """One request line to a Call; raises ProtocolError."""
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as e:
+        obj = generation.load_json(line)
+    except ValueError as e:
         raise ProtocolError("bad_json", f"not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", "a request is a JSON object, as in "
@@ -188,19 +172,16 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
         if speculative not in SPEC_MODES:
             raise bad(f"speculative must be one of {', '.join(SPEC_MODES)}")
         req.speculative = speculative
-    for name, (kind, lo, hi) in RANGES.items():
-        if name not in obj or obj[name] is None:
-            continue
-        v = obj[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) \
-                or not lo <= v <= hi:
-            what = "an integer" if kind is int else "a number"
-            raise bad(f"{name} must be {what} from {lo:g} to {hi:g}")
-        req.sampling[name] = kind(v)
+    for name in OPTIONS:
+        if obj.get(name) is not None:
+            try:
+                req.sampling[name] = check_value(name, obj[name])
+            except RequestError as e:
+                raise bad(str(e)) from None
     # Fields the request model has but this server does not honour yet
     # (tools, logprobs, n, suffix, images) are unknown here, so refused.
     known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed", "ignore_eos",
-             "json_schema", "grammar", "speculative", *RANGES}
+             "json_schema", "grammar", "speculative", *OPTIONS}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
