@@ -192,11 +192,12 @@ def test_anthropic_structured_output(server):
 
 # -- security -----------------------------------------------------------------
 def test_a_forged_host_header_is_refused(server):
-    for host in ("evil.example", "attacker.test:8080", "127.0.0.1.nip.io"):
+    for host in ("evil.example", "attacker.test:8080", "127.0.0.1.nip.io", "[::1]evil.com", "[::1]:80evil",
+                 "[::1", "localhost:x"):
         status, body = server.json("GET", "/v1/models", headers={"Host": host})
-        assert status == 403 and body["error"]["type"] == "permission_error"
-    assert server.json("GET", "/v1/models", headers={"Host": f"localhost:{server.port}"})[0] == 200
-    assert server.json("GET", "/v1/models", headers={"Host": f"[::1]:{server.port}"})[0] == 200
+        assert status == 403 and body["error"]["type"] == "permission_error", host
+    for host in (f"localhost:{server.port}", f"[::1]:{server.port}", "LOCALHOST", f"localhost.:{server.port}"):
+        assert server.json("GET", "/v1/models", headers={"Host": host})[0] == 200, host
 
 
 def test_a_browser_page_is_refused_without_cors(server):

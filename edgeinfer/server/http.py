@@ -50,11 +50,22 @@ class HttpOptions:
 
 def host_of(header: str) -> str:
     """The host part of a Host header: 'localhost:8080' → 'localhost',
-    '[::1]:8080' → '::1'."""
+    '[::1]:8080' → '::1', 'LOCALHOST.' → 'localhost' (names are caseless,
+    and a trailing dot names the same host). Anything that is not a host
+    with an optional port ('[::1]evil.com', '[::1', 'localhost:x') is '',
+    which no loopback check accepts."""
     h = header.strip()
     if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+        end = h.find("]")
+        rest = h[end + 1:] if end > 0 else "?"
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return ""
+        return h[1:end]
+    if h.count(":") == 1:
+        h, port = h.split(":")
+        if not port.isdigit():
+            return ""
+    return h.lower().removesuffix(".")
 
 
 class Guard:
