@@ -14,8 +14,12 @@ whole-context snapshots.
   ``$EDGEINFER_HOME/cache/prompt/<namespace>/``, where the namespace is a
   hash of everything that makes a state valid: model sha256, context
   size, KV types, llama.cpp build. A disk budget (default 1 GiB) is kept
-  LRU by file time. A file that is corrupt, truncated or from another
-  namespace is deleted and ignored; it never changes output.
+  LRU by file time. A file that is corrupt, truncated, crafted (absurd
+  sizes or token ids, a header nested too deep) or from another
+  namespace is deleted and ignored; it never changes output and never
+  fails a request. Temporary files a killed writer left are removed when
+  the cache first looks at its directory, and count in the budget until
+  then.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import hardware, paths
+from .processes import pid_alive
 
 MAGIC = b"EIPC1\n"
 DEFAULT_DISK_BUDGET = 1 << 30
@@ -167,10 +172,11 @@ class PromptCache:
         if self._disk is None:
             self._disk = {}
             if self.dir is not None and self.dir.is_dir():
+                _remove_stale_temporaries(self.dir)
                 for p in self.dir.glob("*.kv"):
                     head = _read_header(p)
                     if head is None or head.get("namespace") != self.namespace:
-                        p.unlink(missing_ok=True)
+                        _remove(p)
                         continue
                     self._disk[tuple(head["tokens"])] = p
         return self._disk
@@ -198,19 +204,18 @@ class PromptCache:
     def _read_file(self, path: Path, key: tuple[int, ...]) -> bytes | None:
         try:
             with open(path, "rb") as f:
-                head = _parse_header(f)
-                if head is None or tuple(head.get("tokens", ())) != key or \
-                        head.get("namespace") != self.namespace:
+                head = _parse_header(f, os.fstat(f.fileno()).st_size)
+                if head is None or tuple(head["tokens"]) != key or head["namespace"] != self.namespace:
                     raise ValueError("header")
                 state = f.read(head["size"] + 1)
             if len(state) != head["size"] or _checksum(key, state) != head["crc32"]:
                 raise ValueError("body")
             os.utime(path)  # LRU by file time
             return state
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError, struct.error):
             with self._lock:
                 (self._disk or {}).pop(key, None)
-            path.unlink(missing_ok=True)
+            _remove(path)
             return None
 
     def _enforce_disk_budget(self) -> None:
@@ -222,6 +227,11 @@ class PromptCache:
             except OSError:
                 pass
         total = sum(s for _, s, _ in files)
+        for p in self.dir.parent.glob("*/.*.tmp"):   # writes under way count, and are left to finish
+            try:
+                total += p.stat().st_size
+            except OSError:
+                pass
         for _, size, p in sorted(files):
             if total <= self.disk_budget:
                 break
@@ -240,22 +250,33 @@ def _checksum(tokens: tuple[int, ...], state) -> int:
     return zlib.crc32(state, zlib.crc32(struct.pack(f"<{len(tokens)}i", *tokens)))
 
 
-def _parse_header(f) -> dict | None:
+def _parse_header(f, file_size: int | None = None) -> dict | None:
+    """The header of a cache file, or None unless every field is sound:
+    a file on disk is input like any other (a crafted one must not make
+    a read allocate without bound or a token id overflow)."""
     if f.read(len(MAGIC)) != MAGIC:
         return None
     raw = f.read(4)
     if len(raw) != 4:
         return None
     (n,) = struct.unpack("<I", raw)
-    if n > 64 << 20:
+    if n > 64 << 20 or (file_size is not None and n > file_size):
         return None
     data = f.read(n)
     if len(data) != n:
         return None
-    head = json.loads(data)
-    if not isinstance(head, dict) or not isinstance(head.get("tokens"), list):
+    try:
+        head = json.loads(data)
+    except (ValueError, RecursionError):
         return None
-    if not all(type(t) is int for t in head["tokens"]):
+    if not isinstance(head, dict) or not isinstance(head.get("namespace"), str):
+        return None
+    tokens, size, crc = head.get("tokens"), head.get("size"), head.get("crc32")
+    if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < 2 ** 31 for t in tokens):
+        return None
+    if type(size) is not int or size < 0 or (file_size is not None and size > file_size):
+        return None
+    if type(crc) is not int or not 0 <= crc < 2 ** 32:
         return None
     return head
 
@@ -263,9 +284,29 @@ def _parse_header(f) -> dict | None:
 def _read_header(path: Path) -> dict | None:
     try:
         with open(path, "rb") as f:
-            return _parse_header(f)
-    except (OSError, ValueError):
+            return _parse_header(f, os.fstat(f.fileno()).st_size)
+    except (OSError, ValueError, MemoryError):
         return None
+
+
+def _remove(path: Path) -> None:
+    """Delete a cache entry that must not be used; something else under
+    its name (a directory) is left alone, and skipped because it is not a
+    file."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """``.<name>.<pid>.<thread>.tmp`` files whose writer is gone (killed
+    mid-write)."""
+    for p in directory.glob(".*.tmp"):
+        parts = p.name.split(".")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is None or not pid_alive(pid):
+            _remove(p)
 
 
 def disk_entries(root: Path | None = None) -> list[dict]:
