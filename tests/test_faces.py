@@ -357,3 +357,39 @@ def test_the_stop_limit_reads_the_same_on_both_faces():
 
     http_message, line_message = asyncio.run(main())
     assert http_message == line_message and "at most 16" in http_message
+
+
+def test_a_request_that_never_finishes_arriving_is_disconnected():
+    """Headers trickled one byte at a time, or a body shorter than its
+    Content-Length: the connection is closed at the read deadline, and a
+    whole request on another connection is answered meanwhile."""
+    engine = ScriptedEngine()
+
+    async def main():
+        front = HttpFront(engine, HttpOptions(port=0, read_timeout=0.5))
+        await front.start()
+        try:
+            slow_head = await asyncio.open_connection("127.0.0.1", front.port)
+            slow_body = await asyncio.open_connection("127.0.0.1", front.port)
+            slow_head[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nX-A: ")
+            slow_body[1].write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{front.port}", timeout=WAIT) as client:
+                assert (await client.post("/v1/completions", json={"prompt": "hi"})).status_code == 200
+            for reader, writer in (slow_head, slow_body):
+                try:   # keep trickling: it is the deadline, not idleness, that ends it
+                    for _ in range(10):
+                        writer.write(b"a")
+                        await writer.drain()
+                        await asyncio.sleep(0.1)
+                except ConnectionError:
+                    pass
+                try:   # closed by the server: an end of stream, or a reset (a hang fails at WAIT)
+                    assert await asyncio.wait_for(reader.read(), WAIT) == b""
+                except ConnectionError:
+                    pass
+                writer.close()
+        finally:
+            await front.stop()
+
+    asyncio.run(main())

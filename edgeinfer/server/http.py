@@ -46,6 +46,7 @@ class HttpOptions:
     cors: list[str] = field(default_factory=list)
     max_body: int = DEFAULT_MAX_BODY
     drain_timeout: float = 30.0
+    read_timeout: float = 20.0     # seconds for a request's head and body to arrive (slowloris)
 
 
 def host_of(header: str) -> str:
@@ -114,6 +115,45 @@ class Guard:
 
 def _endpoint(path: str) -> str:
     return path if path in ROUTE_PATHS else "other"
+
+
+def _protocol_with_deadline(seconds: float):
+    """uvicorn's HTTP/1.1 protocol, where a request's head and body must
+    arrive within ``seconds`` of the connection opening (or of the previous
+    response on a kept-alive one): a client that trickles its headers or
+    never finishes a body (slowloris) is disconnected instead of holding a
+    connection forever. uvicorn itself times out only idle kept-alive
+    connections, not a request that is still arriving."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._late)
+
+        def _late(self):
+            # IDLE: no whole request head yet; SEND_BODY: its body unfinished.
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 class HttpFront:
@@ -239,7 +279,8 @@ class HttpFront:
         self._sockets = [sock]
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
                                 timeout_keep_alive=30, timeout_graceful_shutdown=int(self.opts.drain_timeout),
-                                server_header=False, date_header=True)
+                                server_header=False, date_header=True,
+                                http=_protocol_with_deadline(self.opts.read_timeout))
         config.load()
         server = uvicorn.Server(config)
         # Run inside our loop: startup on our socket, tick, shutdown. The
