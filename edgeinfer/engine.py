@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 
 from . import llama, selftest, settings
 from . import native as _native
-from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, SpeculativeError
+from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, RequestError, SpeculativeError
 from .events import DoneEvent, Stats, TextEvent
 from .fit import refusal
 from .gguf_file import GGUFInfo, read_gguf
@@ -404,6 +404,11 @@ class Engine:
                 f"the prompt has {len(tokens):,} tokens but the context holds {self.n_ctx:,}")
         opts = {**self.sampling, **check_options({k: v for k, v in sampling.items() if v is not None})}
         stops = [stop] if isinstance(stop, str) else list(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise RequestError("stop", "stop must be a string or a list of non-empty strings")
+        for name, v in (("max_tokens", max_tokens), ("seed", seed)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise RequestError(name, f"{name} must be a whole number of 0 or more, not {str(v)[:40]}")
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
                        grammar=compiled, spec=self._spec(speculative))

@@ -48,9 +48,11 @@ def test_strings_that_look_like_nesting_are_not_nesting():
 
 def test_the_python_api_refuses_them_by_name(tiny_model):
     with Engine(tiny_model, n_ctx=512, threads=1, prompt_cache=False) as e:
-        for opts in ({"temperature": float("nan")}, {"top_k": float("inf")}, {"repeat_last_n": 1e999}):
+        for opts in ({"temperature": float("nan")}, {"top_k": float("inf")}, {"repeat_last_n": 1e999},
+                     {"seed": float("inf")}, {"seed": -1}, {"max_tokens": float("nan")}, {"max_tokens": True},
+                     {"stop": [1]}, {"stop": [""]}):
             with pytest.raises(RequestError, match=next(iter(opts))):
-                e.generate("Hi", max_tokens=2, **opts)
+                e.generate("Hi", **{"max_tokens": 2, **opts})
         with pytest.raises(RequestError, match="surrogate"):
             e.generate("Hi \ud800", max_tokens=2)
         with pytest.raises(RequestError, match="surrogate"):
