@@ -114,10 +114,15 @@ class Model:
         """``params``: a native.ModelParams (which native setting the load uses)."""
         self.path = Path(path)
         self._params = params   # keeps the memory the llama_model_params point to alive
+        from .native import last_error, recent_log
+
+        recent_log.clear()
         self.handle = lc.llama_model_load_from_file(str(self.path).encode(), params.params)
         if not self.handle:
-            raise EngineError(f"llama.cpp could not load {self.path}",
-                              hint="run with EDGEINFER_DEBUG=1 to see llama.cpp's log")
+            why = last_error()
+            raise EngineError(f"llama.cpp could not load {self.path}" + (f": {why}" if why else ""),
+                              hint="the file may be damaged or made for another llama.cpp; "
+                                   "EDGEINFER_DEBUG=1 shows llama.cpp's whole log")
         self.vocab = Vocab(lc.llama_model_get_vocab(self.handle))
 
     def free(self) -> None:

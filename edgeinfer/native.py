@@ -21,6 +21,7 @@ apply a setting and how to tell one build and machine from another.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -56,9 +57,30 @@ _backend_ready = False
 _quiet_log = None   # the log callback, kept alive for as long as llama.cpp may call it
 
 
+# llama.cpp's last few log lines, so that a load it refuses can say why
+# (a missing or misnamed tensor, a wrong shape) without EDGEINFER_DEBUG.
+recent_log: collections.deque[str] = collections.deque(maxlen=40)
+
+
 def _log(level, text, user_data):  # llama.cpp logs to stderr unless told otherwise
     if os.environ.get("EDGEINFER_DEBUG") == "1":
         os.write(2, text or b"")
+    if text:
+        recent_log.append(text.decode("utf-8", "replace"))
+
+
+def last_error() -> str:
+    """What llama.cpp last logged as the reason of an error ('' if
+    nothing), e.g. "tensor 'blk.0.attn_q.weight' not found": the text after
+    its "error loading model:", else its last line that says error or failed."""
+    lines = [line.strip() for line in recent_log]
+    for line in reversed(lines):
+        if "error loading model:" in line:
+            return line.split("error loading model:", 1)[1].strip().removeprefix("check_tensor_dims: ")
+    for line in reversed(lines):
+        if "error" in line.lower() or "failed" in line.lower():
+            return line.split(": ", 1)[-1]
+    return ""
 
 
 def init_backend() -> None:

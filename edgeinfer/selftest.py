@@ -340,16 +340,22 @@ def _timeout(size: int) -> float:
 
 
 def check_file(path: str | os.PathLike, name: str | None = None) -> Trial:
-    """Load only the vocabulary in a child: the cheap check for a file that
-    has not been loaded yet (an import, a pull by URL). Raises GGUFError if
-    the child crashes; a clean refusal is left to the first real load."""
+    """Load the model in a child, without a context: the check for a file
+    that has not been loaded yet (an import, a pull by URL), so that one
+    llama.cpp cannot load never enters the store. The weights are mapped,
+    not read, so this costs little more than reading the header. Raises
+    GGUFError, with llama.cpp's reason, if the child crashes or refuses."""
     size = Path(path).stat().st_size
-    trial = run_trial(path, "plain", timeout=_timeout(size), mode="vocab")
+    label = name or Path(path).name
+    trial = run_trial(path, "plain", timeout=_timeout(size), mode="load")
     if trial.crashed:
-        raise GGUFError(f"llama.cpp crashed reading the vocabulary of {name or Path(path).name} "
-                        f"in a test process: it {trial.why()}",
+        raise GGUFError(f"llama.cpp crashed loading {label} in a test process: it {trial.why()}",
                         hint="the file is damaged or not a model this llama.cpp can run; "
                              "download it again")
+    if trial.outcome == "error":
+        why = trial.detail.removeprefix("error: ")
+        raise GGUFError(f"{label}: {why}", hint="the file is damaged or made for another llama.cpp; "
+                                                "download it again, or update edgeinfer")
     return trial
 
 
@@ -443,10 +449,11 @@ def _child(raw: str) -> int:
                             repack=a["repack"])
     model = lc.llama_model_load_from_file(a["path"].encode(), mp.params)
     if not model:
-        print("error: llama.cpp could not load the model", file=sys.stderr)
+        why = native.last_error()
+        print("error: llama.cpp could not load the model" + (f": {why}" if why else ""), file=sys.stderr)
         return 3
     _say("loaded")
-    if a["mode"] == "vocab":
+    if a["mode"] in ("vocab", "load"):
         print("OK", flush=True)
         return 0
     cp = lc.llama_context_default_params()
