@@ -98,7 +98,9 @@ def test_http_answers_each_with_a_400_in_the_apis_shape(tiny_model, tmp_path):
         for body in (head + b'"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
                      head + b'"messages": [{"role": "user", "content": "\\ud800"}]}',
                      head + b'"messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}',
-                     b"[" * 5000 + b"]" * 5000):
+                     b"[" * 5000 + b"]" * 5000,
+                     # over 256 KiB: read in a worker thread, refused the same way
+                     head + b'"messages": [{"role": "user", "content": "' + b"x" * 300_000 + b'"}], "top_p": NaN}'):
             req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(req, timeout=30)
