@@ -109,11 +109,8 @@ def check_gbnf(gbnf: str, what: str = "the grammar") -> int:
             t.element(max(chars, 1))
             i = j + 1
         elif c == "[":                                 # a character class
-            j = i + 1
-            while j < n and gbnf[j] != "]":
-                j += 2 if gbnf[j] == "\\" else 1
             t.element()
-            i = j + 1
+            i = _after_class(gbnf, i)
         elif c == "(":
             t.open()
             i += 1
@@ -138,6 +135,17 @@ def check_gbnf(gbnf: str, what: str = "the grammar") -> int:
     return t.total
 
 
+def _after_class(text: str, i: int, leading_bracket: bool = False) -> int:
+    """Where the character class opening at ``i`` ends (past its ``]``);
+    ``leading_bracket``: a ``]`` right after ``[`` is a member (regex)."""
+    j = i + 1
+    if leading_bracket and j < len(text) and text[j] == "]":
+        j += 1
+    while j < len(text) and text[j] != "]":
+        j += 2 if text[j] == "\\" else 1
+    return j + 1
+
+
 def _skip_space(text: str, i: int) -> int:
     while i < len(text) and text[i] in " \t":
         i += 1
@@ -156,13 +164,8 @@ def check_pattern(pattern: str, where: str) -> int:
             t.element()
             i += 2
         elif c == "[":
-            j = i + 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
             t.element()
-            i = j + 1
+            i = _after_class(pattern, i, leading_bracket=True)
         elif c == "(":
             t.open()
             i += 3 if pattern.startswith("(?:", i) else 1
