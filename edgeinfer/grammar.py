@@ -145,11 +145,6 @@ def compile_grammar(vocab, gbnf: str) -> CompiledGrammar:
     return CompiledGrammar(vocab, gbnf)
 
 
-def check_grammar(vocab, gbnf: str) -> None:
-    """Raise GrammarError unless llama.cpp parses ``gbnf``."""
-    compile_grammar(vocab, gbnf)
-
-
 def resolve(json_schema=None, grammar: str | None = None) -> str | None:
     """The grammar a request asks for: ``json_schema`` (a schema, or
     ``"json"`` for any JSON object) or raw GBNF ``grammar``; not both.

@@ -36,9 +36,6 @@ class KVLedger:
         """The tokens ``seq`` holds (the ledger's own list: do not change it)."""
         return self._tokens[seq]
 
-    def __len__(self) -> int:
-        return self.n_seq
-
     def length(self, seq: int) -> int:
         return len(self._tokens[seq])
 

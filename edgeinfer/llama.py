@@ -136,7 +136,6 @@ class Batch:
     writer; :meth:`clear` starts a new one."""
 
     def __init__(self, capacity: int, n_seq_max: int):
-        self.capacity = capacity
         self.handle = lc.llama_batch_init(capacity, 0, n_seq_max)
         b = self.handle
         # The field pointers, read once: each attribute read of a ctypes

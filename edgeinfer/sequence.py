@@ -113,10 +113,6 @@ class Sequence:
         self.estimate = Estimate() if spec and spec.mode == "auto" else None
         self.drafts: list[int] = []     # drafted after pending[0], in this step
 
-    @property
-    def prefilled(self) -> bool:
-        return self.state is not State.PREFILLING
-
     def prefill_done(self, tokens: int) -> bool:
         """Record that ``tokens`` more prompt tokens were evaluated; True
         once the whole prompt is (the sequence then decodes)."""
