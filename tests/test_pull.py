@@ -627,3 +627,45 @@ def test_bare_name_pull_with_other_tags_in_store(http_server, payload, sha, stor
     result, _ = pull_quiet(NAME)
 
     assert result.manifest.ref == REF
+
+
+# -- a full disk ----------------------------------------------------------------
+
+def test_a_wheel_pull_needs_room_for_the_wheel_as_well_as_the_model(wheelhouse, http_server, payload, store,
+                                                                     monkeypatch):
+    from edgeinfer.pull import DISK_MARGIN
+
+    make_wheel(wheelhouse, "fakemodel", "0.1.0", {"fakemodel/model.gguf": payload})
+    wheel_source = {"kind": "pypi", "package": "fakemodel", "version": "0.1.0", "member": "fakemodel/model.gguf"}
+    room = len(payload) + DISK_MARGIN + len(payload) // 2   # the model fits; the model and its wheel do not
+    monkeypatch.setattr(pull_module.download, "free_bytes", lambda _path: room)
+    write_entry(payload, [wheel_source])
+    with pytest.raises(DiskSpaceError, match="not enough disk space") as exc:
+        pull_quiet()
+    assert "EDGEINFER_HOME" in exc.value.hint
+    assert_nothing_published(store)
+    assert partials(store) == []
+    url = http_server.add(PATH, payload)
+    write_entry(payload, [https(url)])   # from a URL the same room is enough
+    pull_quiet()
+
+
+def test_pip_running_out_of_space_says_so_and_leaves_no_partial(wheelhouse, payload, store, monkeypatch):
+    make_wheel(wheelhouse, "fakemodel", "0.1.0", {"fakemodel/model.gguf": payload})
+    write_entry(payload, [{"kind": "pypi", "package": "fakemodel", "version": "0.1.0",
+                           "member": "fakemodel/model.gguf"}])
+    real_popen = subprocess.Popen
+
+    def full_disk(cmd, *a, stdout=None, **kw):   # pip as it fails on a full disk
+        if "pip" not in cmd:
+            return real_popen(cmd, *a, stdout=stdout, **kw)
+        stdout.write(b"ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device\n")
+        stdout.flush()
+        return real_popen([sys.executable, "-c", "raise SystemExit(1)"], stdout=stdout, **kw)
+
+    monkeypatch.setattr(pull_module.download.subprocess, "Popen", full_disk)
+    with pytest.raises(DiskSpaceError, match="no space left on .* while pip fetched fakemodel") as exc:
+        pull_quiet()
+    assert "EDGEINFER_HOME" in exc.value.hint
+    assert partials(store) == [] and list(store.scratch.iterdir()) == []
+    assert_nothing_published(store)
