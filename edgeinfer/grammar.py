@@ -106,7 +106,10 @@ def _check_schema(node, where: str = "the schema", depth: int = 0) -> None:
 def _check_text(gbnf) -> None:
     if not isinstance(gbnf, str) or not gbnf.strip():
         raise GrammarError("a grammar is a non-empty GBNF string with a 'root' rule")
-    size = len(gbnf.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(gbnf.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise GrammarError("the grammar holds a lone UTF-16 surrogate, which is not text") from None
     if size > MAX_GRAMMAR_BYTES:
         raise GrammarError(f"the grammar is {size:,} bytes; at most {MAX_GRAMMAR_BYTES:,} are accepted")
 

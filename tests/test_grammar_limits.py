@@ -125,3 +125,12 @@ def test_the_servers_answer_every_bomb_and_live_on(tiny_model, tmp_path):
 
 def test_the_limits_are_what_the_docs_say():
     assert (grammar_cost.MAX_NESTING, grammar_cost.MAX_COUNT, grammar_cost.MAX_ELEMENTS) == (1200, 1000, 20_000)
+
+
+def test_a_lone_surrogate_in_a_grammar_is_a_grammar_error(tiny_model):
+    """(Found by the fuzz suite: it was a bare UnicodeEncodeError. In a
+    schema it is written as an escape, and the grammar holds no surrogate.)"""
+    with Engine(tiny_model, n_ctx=512, threads=1, prompt_cache=False) as e:
+        with pytest.raises(GrammarError, match="surrogate"):
+            e.generate("Hi", max_tokens=2, grammar="root ::= \"\ud800\"")
+        assert isinstance(list(e.stream("Hi", max_tokens=2, json_schema={"enum": ["\udc00"]}))[-1], DoneEvent)
