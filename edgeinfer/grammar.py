@@ -139,12 +139,10 @@ class CompiledGrammar:
 
 
 def compile_grammar(vocab, gbnf: str) -> CompiledGrammar:
-    """Parse ``gbnf`` (root rule ``root``) with llama.cpp, after checking
-    what it will cost (grammar_cost). Raises GrammarError; parsing takes a
+    """Parse ``gbnf`` as :func:`resolve` returned it (its cost already
+    checked) with llama.cpp. Raises GrammarError; parsing takes a
     millisecond or so for an ordinary grammar, and done here it fails in
     the caller's thread rather than mid-step."""
-    _check_text(gbnf)
-    check_gbnf(gbnf)
     return CompiledGrammar(vocab, gbnf)
 
 
@@ -163,6 +161,7 @@ def resolve(json_schema=None, grammar: str | None = None) -> str | None:
     if json_schema == "json":
         return JSON_OBJECT_GBNF
     gbnf = schema_grammar(json_schema)
+    _check_text(gbnf)
     check_gbnf(gbnf, "the schema's grammar")
     return gbnf
 

