@@ -131,16 +131,25 @@ class KVLedger:
         return max(free, key=lambda s: (common_prefix(self._tokens[s], tokens) if self.reuse else 0,
                                         not self._tokens[s], -idle_since.get(s, 0.0)))
 
-    def reuse_prefix(self, tokens: list[int], seq: int) -> int:
+    def reuse_prefix(self, tokens: list[int], seq: int, idle: tuple[int, ...] = ()) -> int:
         """Make ``seq`` hold the longest reusable prefix of ``tokens``: its
         own KV, another sequence's (copied by llama_memory_seq_cp, which
         shares the cells), or the prompt cache's memory and disk tiers.
-        Returns its length; at least one prompt token is left to evaluate,
-        so the sampler gets logits."""
+        Returns its length.
+
+        Two prompt tokens are left to evaluate (one if there is only one),
+        so the sampler gets logits and no prompt token's KV comes from a
+        one-token decode: llama.cpp stores a token decoded alone with other
+        float rounding than one in a batch of two or more, and the tokens
+        after it would see the difference; how a batch is chunked does not
+        matter. ``idle``: sequences that hold nothing anyone is using; they
+        are cleared before a prompt-cache entry is restored, so on an
+        otherwise empty cache it lands on cell 0 as a cold prefill does
+        (where a sequence starts changes the order of its attention sums)."""
         if not self.reuse:
             self.clear(seq)
             return 0
-        cap = len(tokens) - 1
+        cap = max(0, len(tokens) - 2)
         n = min(common_prefix(self._tokens[seq], tokens), cap)
         donor, k = -1, n
         for s in range(self.n_seq):
@@ -159,6 +168,9 @@ class KVLedger:
                 k, entry = hit
                 k = min(k, cap)
                 if k > n:
+                    for s in idle:
+                        if s != seq:
+                            self.clear(s)
                     if self.restore(seq, entry.state, list(entry.tokens)):
                         n = k
                     else:

@@ -287,10 +287,10 @@ class Scheduler:
         free = [s for s in range(self.n_seq) if s not in self._running]
         seq = ledger.choose_slot(r.tokens, free, self._idle_since)
         t0 = time.perf_counter()
-        n = ledger.reuse_prefix(r.tokens, seq)
         # What finished sequences left in the cache would widen every step's
         # attention (it spans all used cells), so only the KV of running
         # sequences stays; the prompt cache keeps what is worth keeping.
+        n = ledger.reuse_prefix(r.tokens, seq, idle=tuple(free))
         for s in range(self.n_seq):
             if s != seq and s not in self._running and ledger.length(s):
                 ledger.clear(s)
@@ -429,6 +429,10 @@ class Scheduler:
             if budget <= 0:
                 break
             take = run.pending[:budget]
+            if len(run.pending) - len(take) == 1 < len(take):
+                # Never leave one prompt token for a step of its own: a token
+                # decoded alone is stored with other rounding (KVLedger.reuse_prefix).
+                take = take[:-1]
             last = len(take) == len(run.pending)
             plan.append((run, take, i + len(take) - 1 if last else -1))
             i += len(take)

@@ -13,6 +13,7 @@ context) never changes what the model says.
 
 from __future__ import annotations
 
+import ast
 import codecs
 import os
 import random
@@ -340,7 +341,7 @@ def test_cancel_during_a_long_prefill(engine, vocab_words):
     assert kept == tokens[:len(kept)] and len(kept) < len(tokens)
     short = tokens[:700]
     text, out, done = run(engine, short, max_tokens=16, **GREEDY)
-    assert done.stats.cached_tokens >= min(len(kept), len(short) - 1)
+    assert done.stats.cached_tokens >= min(len(kept), len(short) - 2)
     assert (text, out) == fresh(engine.path, short, max_tokens=16, **GREEDY)[:2]
 
 
@@ -377,7 +378,7 @@ def test_same_prompt_reuses_the_kv_prefix(engine):
     first, _, done1 = run(engine, prompt, max_tokens=20, **GREEDY)
     second, _, done2 = run(engine, prompt, max_tokens=20, **GREEDY)
     assert done2.stats.prompt_tokens == done1.stats.prompt_tokens
-    assert done2.stats.cached_tokens == done2.stats.prompt_tokens - 1
+    assert done2.stats.cached_tokens == done2.stats.prompt_tokens - 2
     assert second == first
 
 
@@ -525,8 +526,9 @@ def test_close_while_another_thread_generates(tiny_model):
                           env={**os.environ, "GGML_NO_BACKTRACE": "1"})
     assert proc.returncode == 0, f"the child died with status {proc.returncode}"
     # the answer ended cleanly (cancelled by close, or close refused while busy)
-    assert proc.stdout.strip() in ("{'worker': 'cancelled', 'close': 'returned'}",
-                                   "{'worker': 'length', 'close': 'EngineBusyError'}"), proc.stdout
+    # (either thread may record its result first)
+    assert ast.literal_eval(proc.stdout.strip()) in ({"worker": "cancelled", "close": "returned"},
+                                                     {"worker": "length", "close": "EngineBusyError"}), proc.stdout
 
 
 @pytest.mark.parametrize("content", [b"this is not a GGUF file\n" * 10, "truncated"])

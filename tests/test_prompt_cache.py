@@ -362,7 +362,7 @@ def test_exact_repeat_from_the_cache_matches_no_cache(cached, plain, prompts, ot
     again = run(cached, a)
 
     assert first[2] == 0
-    assert again[2] == len(a) - 1      # all but the last token, which gives the logits
+    assert again[2] == len(a) - 2      # all but the last two tokens (KVLedger.reuse_prefix)
     assert first[:2] == again[:2] == expected(plain, a)
 
 
@@ -375,7 +375,7 @@ def test_a_different_question_after_the_same_system_prompt(cached, plain, prompt
 
     assert ra1[2] == 0
     assert rb[2] == shared                    # the system prompt, from the live KV
-    assert ra2[2] == len(a) - 1 > shared      # more than the live KV could give: the cache
+    assert ra2[2] == len(a) - 2 > shared      # more than the live KV could give: the cache
     assert ra1[:2] == ra2[:2] == expected(plain, a)
     assert rb[:2] == expected(plain, b)
 
@@ -404,7 +404,7 @@ def test_prefix_of_a_cached_prompt(cached, plain, prompts, other):
     run(cached, a)
     run(cached, other)
     text, ids, cached_tokens = run(cached, head)
-    assert cached_tokens == len(head) - 1
+    assert cached_tokens == len(head) - 2
     assert (text, ids) == expected(plain, head)
 
 
@@ -423,7 +423,7 @@ def test_disk_hit_in_a_fresh_engine(tiny_model, plain, prompts, edgeinfer_home):
         assert (text, ids) == expected(plain, b)
     with Engine(tiny_model, n_ctx=N_CTX, threads=2) as third:
         text, ids, cached_tokens = run(third, a)
-        assert cached_tokens == len(a) - 1
+        assert cached_tokens == len(a) - 2
         assert (text, ids) == expected(plain, a)
 
 
@@ -533,7 +533,7 @@ def test_cache_disk_false_keeps_the_cache_in_memory(tiny_model, plain, prompts, 
         run(e, other)
         text, ids, cached_tokens = run(e, a)
         e.prompt_cache.flush()
-    assert cached_tokens == len(a) - 1
+    assert cached_tokens == len(a) - 2
     assert (text, ids) == expected(plain, a)
     assert kv_files(edgeinfer_home) == []
 
