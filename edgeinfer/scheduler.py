@@ -36,7 +36,7 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats
 from .grammar import GrammarGate
 from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK
-from .sampling import free_chain, sampler_chain
+from .sampling import free_chain, penalties, sampler_chain
 from .sequence import Request, Sequence, State
 from .speculative import next_draft
 
@@ -305,6 +305,7 @@ class Scheduler:
         r.seq = seq
         self.last_seq = seq
         run = Sequence(r, seq, n, chain=chain, t0=t0, stop_on_repeat=self.stop_on_repeat)
+        run.penalties = penalties(ctx.n_ctx, **r.options)
         if r.grammar is not None:
             try:
                 run.gate = GrammarGate(r.grammar, ctx.n_vocab)
@@ -510,6 +511,8 @@ class Scheduler:
         finish it if it ended. Returns the token generated, or -1 if the
         run ended without one."""
         ctx, vocab = self.ctx, self.vocab
+        if run.penalties is not None:
+            run.penalties.apply(ctx.logits(idx))
         if run.gate is None:
             tok = ctx.sample(run.chain, idx)
         else:
@@ -517,6 +520,8 @@ class Scheduler:
             if tok < 0:  # the grammar allows nothing more
                 self._finish(run, "stop")
                 return -1
+        if run.penalties is not None:
+            run.penalties.accept(tok)
         run.first_token_at(time.perf_counter())
         if vocab.is_eog(tok):
             self._finish(run, "stop")

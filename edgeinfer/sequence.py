@@ -86,7 +86,7 @@ class Sequence:
     """A request in slot ``seq``: what is left to evaluate, its sampler,
     and the text state between steps."""
 
-    __slots__ = ("req", "seq", "state", "pending", "chain", "gate", "utf8", "matcher", "generated",
+    __slots__ = ("req", "seq", "state", "pending", "chain", "gate", "penalties", "utf8", "matcher", "generated",
                  "pending_ids", "t0", "t_first", "stats", "n_cached", "ngrams", "estimate", "drafts",
                  "stop_on_repeat")
 
@@ -96,6 +96,7 @@ class Sequence:
         self.t0 = time.perf_counter() if t0 is None else t0
         self.state = State.PREFILLING
         self.gate = None   # a GrammarGate when the request has a grammar
+        self.penalties = None   # a sampling.Penalties when the options penalise repeats
         self.pending = req.tokens[n_cached:]   # tokens still to evaluate
         self.n_cached = n_cached
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")

@@ -158,3 +158,81 @@ def test_a_looping_stream_ends_with_finish_reason_repetition(tiny_model):
     with Engine(tiny_model, threads=1, prompt_cache=False, stop_on_repeat=False) as e:
         done = list(e.stream("Once upon a time", max_tokens=400, temperature=0))[-1]
         assert done.stats.finish_reason == "length" and done.stats.generated_tokens == 400
+
+
+# -- the penalties, outside the chain ------------------------------------------------
+
+def native_penalties(logits, history, last_n, repeat, frequency, presence):
+    """llama.cpp's own penalties sampler over ``history`` applied to ``logits``."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    from edgeinfer.grammar import _TOKEN_DATA
+
+    buf = np.zeros(len(logits), dtype=_TOKEN_DATA)
+    buf["id"] = np.arange(len(logits), dtype=np.int32)
+    buf["logit"] = logits
+    arr = lc.llama_token_data_array(buf.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), len(buf), -1, False)
+    smpl = lc.llama_sampler_init_penalties(len(logits), last_n, repeat, frequency, presence)
+    try:
+        for t in history:
+            lc.llama_sampler_accept(smpl, t)
+        lc.llama_sampler_apply(smpl, ctypes.byref(arr))
+    finally:
+        lc.llama_sampler_free(smpl)
+    out = np.empty(len(logits), dtype=np.float32)
+    out[buf["id"]] = buf["logit"]
+    return out
+
+
+@pytest.mark.parametrize("repeat,frequency,presence", [(1.1, 0.0, 0.0), (1.3, 0.2, 0.0), (0.9, 0.0, 0.6),
+                                                       (1.0, 1.5, -0.5), (1.1, 0.25, 0.3)])
+def test_penalties_equal_llama_cpps_sampler_bit_for_bit(repeat, frequency, presence):
+    """The engine applies the penalties to the logits itself, touching only
+    the tokens of the window, where llama.cpp's sampler looks up all of a
+    vocabulary's candidates: the same numbers must come out."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    n_vocab, last_n = 5000, 64
+    history = [int(t) for t in rng.integers(0, 300, 500)]   # repeats, and more than the window
+    for step in (1, 10, 64, 65, 200, 500):
+        logits = (rng.standard_normal(n_vocab) * 8).astype(np.float32)
+        logits[history[step - 1]] = 0.0                          # the <= 0 edge
+        ours = logits.copy()
+        p = sampling.Penalties(last_n, repeat, frequency, presence)
+        for t in history[:step]:
+            p.accept(t)
+        p.apply(ours)
+        theirs = native_penalties(logits, history[:step], last_n, repeat, frequency, presence)
+        assert np.array_equal(ours, theirs), (step, np.abs(ours - theirs).max())
+
+
+def test_penalised_generation_is_unchanged(engine):
+    """The same tokens as with llama.cpp's penalties sampler in the chain
+    (recorded before the penalties moved out of it, on the tiny model)."""
+    for opts in (dict(repeat_penalty=1.3), dict(repeat_penalty=1.1, frequency_penalty=0.4, presence_penalty=0.2),
+                 dict(repeat_penalty=1.2, repeat_last_n=8)):
+        assert tokens(engine, n=60, temperature=0, **opts) == PENALISED[tuple(sorted(opts.items()))]
+
+
+# Recorded with llama.cpp's penalties sampler in the chain (greedy, 60 tokens).
+PENALISED = {
+    (('repeat_penalty', 1.3),):
+        [286, 303, 29, 286, 84, 286, 50, 89, 634, 620, 168, 176, 230, 495, 286, 131, 286, 54, 124,
+         54, 406, 297, 325, 168, 516, 477, 93, 524, 286, 402, 361, 286, 168, 286, 168, 286, 168,
+         286, 168, 286, 168, 286, 168, 286, 168, 286, 36, 177, 333, 509, 69, 268, 238, 54, 39, 297,
+         377, 286, 168, 286],
+    (('frequency_penalty', 0.4), ('presence_penalty', 0.2), ('repeat_penalty', 1.1)):
+        [286, 303, 29, 387, 443, 176, 230, 634, 89, 84, 168, 130, 516, 64, 54, 93, 118, 331, 489,
+         246, 325, 197, 515, 524, 278, 464, 183, 429, 388, 600, 131, 311, 194, 279, 447, 158, 470,
+         6, 238, 479, 551, 342, 444, 150, 34, 389, 69, 477, 88, 509, 442, 190, 36, 217, 544, 16,
+         488, 132, 124, 535],
+    (('repeat_last_n', 8), ('repeat_penalty', 1.2)):
+        [286, 303, 286, 84, 286, 520, 168, 176, 230, 634, 303, 286, 93, 89, 286, 168, 286, 131, 54,
+         124, 54, 93, 524, 286, 168, 361, 286, 303, 600, 54, 93, 524, 286, 168, 361, 286, 303, 361,
+         54, 93, 377, 297, 634, 361, 524, 286, 303, 361, 93, 377, 54, 333, 297, 634, 361, 524, 286,
+         93, 377, 54],
+}
