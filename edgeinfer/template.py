@@ -9,6 +9,7 @@ and any sandbox violation is a TemplateError.
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime
 
@@ -90,17 +91,14 @@ def render_segments(template: str | None, messages: list[dict], add_generation_p
     except (JinjaError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
             RecursionError, MemoryError) as e:
         raise TemplateError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+    # One pass over the text (a request may carry thousands of messages):
+    # split() puts the markers found at the odd places.
     segments: list[tuple[str, bool]] = []
-    rest = text
-    while rest:
-        hits = [(rest.find(mk), mk) for mk in marks if mk in rest]
-        if not hits:
-            segments.append((rest, True))
-            break
-        pos, mk = min(hits)
-        segments.append((rest[:pos], True))
-        segments.append((marks[mk], False))
-        rest = rest[pos + len(mk):]
-    if any(mk in "".join(t for t, _ in segments) for mk in marks):
-        raise TemplateError("the chat template altered message text in a way edgeinfer cannot follow")
+    for i, piece in enumerate(re.split(f"(\x00{key}:\\d+\x00)", text)):
+        if i % 2:
+            segments.append((marks[piece], False))
+        elif piece:
+            if key in piece:
+                raise TemplateError("the chat template altered message text in a way edgeinfer cannot follow")
+            segments.append((piece, True))
     return segments

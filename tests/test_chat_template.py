@@ -301,3 +301,12 @@ def test_bad_message_in_a_session_leaves_history_alone(engine):
         session.send(42)
     assert info.value.hint
     assert session.history == before
+
+
+@pytest.mark.timeout(30)
+def test_twenty_thousand_messages_render_in_one_pass():
+    """A 1 MiB request can carry 20,000 short messages; finding each
+    message's place by scanning for every marker took minutes of CPU."""
+    msgs = [{"role": ("user", "assistant")[i % 2], "content": f"m{i}"} for i in range(20_000)]
+    segments = render_segments(None, msgs)
+    assert [t for t, template_text in segments if not template_text] == [f"m{i}" for i in range(20_000)]
