@@ -3,6 +3,7 @@ every face, and leave the connection and the engine working."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -11,7 +12,7 @@ from served import start
 from edgeinfer import RequestError
 from edgeinfer.engine import DoneEvent, Engine
 from edgeinfer.sampling import OPTIONS, RANGES, check_options, check_value
-from edgeinfer.server.generation import MAX_JSON_DEPTH, load_json
+from edgeinfer.server.generation import MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_ITEMS, load_json
 
 NOT_FINITE = [float("nan"), float("inf"), float("-inf")]
 
@@ -34,10 +35,25 @@ def test_every_sampling_option_refuses_what_is_not_a_finite_number(name):
     (b'{"top_k": NaN}', "NaN"), (b'{"top_k": Infinity}', "Infinity"), (b'{"top_k": -Infinity}', "Infinity"),
     (b'{"top_k": 1e999}', "too large"), (b'{"prompt": "\\ud800"}', "surrogate"),
     (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), "levels deep"),
+    (b'{"prompt": "\xed\xa0\x80"}', "not UTF-8"),                 # a surrogate encoded as UTF-8 bytes
+    (b'{"prompt": "\xff"}', "not UTF-8"),
+    (b'{"x": 1' + b"0" * 400 + b'.5}', "too large"),                # 401 digits: past a float
+    (b'{"x": [' + b",".join([b"[]"] * (MAX_JSON_CONTAINERS + 1)) + b"]}", "arrays and objects"),
+    (b'{"x": [' + b",".join([b"1"] * (MAX_JSON_ITEMS + 1)) + b"]}", "values"),
 ])
 def test_strict_json(data, why):
     with pytest.raises(ValueError, match=why):
         load_json(data)
+
+
+def test_what_passes_the_limits_parses_as_json_does():
+    """At the counts, with floats that cannot overflow (parsed natively) and
+    escaped surrogate pairs (checked, and whole)."""
+    body = {"x": [[1.5, -2.25e-3, 7e99, 3]] * (MAX_JSON_CONTAINERS - 2), "p": "\U0001f600 \u00e9"}
+    data = json.dumps(body).encode()              # ensure_ascii: the emoji as a \ud83d\ude00 pair
+    assert b"\\ud83d" in data
+    assert load_json(data) == body
+    assert load_json(b"[" + b",".join([b"1"] * (MAX_JSON_ITEMS + 1)) + b"]") == [1] * (MAX_JSON_ITEMS + 1)
 
 
 def test_strings_that_look_like_nesting_are_not_nesting():

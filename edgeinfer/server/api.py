@@ -77,9 +77,6 @@ def sse(data, event: str | None = None) -> bytes:
     return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode("utf-8")
 
 
-LOOP_JSON_BYTES = 256 << 10   # bodies up to this are parsed on the event loop (at most ~10 ms)
-
-
 async def read_json(request: Request, limit: int) -> dict:
     """The request's JSON object; ApiError for a body too large, not JSON
     or not an object."""
@@ -95,10 +92,10 @@ async def read_json(request: Request, limit: int) -> dict:
         chunks.append(chunk)
     data = b"".join(chunks)
     try:
-        # Checking and parsing cost up to ~40 ms a megabyte: a large body is
-        # read in a worker thread, so the event loop every client shares
-        # stays free.
-        body = load_json(data) if size <= LOOP_JSON_BYTES else await asyncio.to_thread(load_json, data)
+        # On the event loop: a worker thread would not free it, since
+        # json.loads keeps Python's global lock, and load_json's limits keep
+        # the worst body to about 50 ms (docs/http.md, "Limits").
+        body = load_json(data)
     except ValueError as e:
         raise ApiError("invalid_request", f"the body is not JSON: {e}") from None
     if not isinstance(body, dict):

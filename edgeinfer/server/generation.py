@@ -56,7 +56,20 @@ MAX_STOP_CHARS = 256
 # and a request wraps it in a few more. Python's JSON parser recurses, and
 # at about 1,000 levels raises RecursionError, which no face should see.
 MAX_JSON_DEPTH = 100
+# What one request may hold, counted before parsing: json.loads keeps
+# Python's global lock while it runs, so even in a worker thread a parse
+# stops the event loop, and its cost follows the objects it makes (about
+# 0.6 us an array, 0.15 us a small number), not the bytes: 1 MiB of nested
+# arrays took 300 ms. A request of 4,096 messages, a schema of 1,000
+# properties or a prompt of 50,000 token ids fits within these.
+MAX_JSON_CONTAINERS = 20_000     # arrays and objects
+MAX_JSON_ITEMS = 100_000         # commas and colons: array elements and object members
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')   # unrolled: linear and fast on long strings
+# A number that might overflow a float: an exponent of three digits or more,
+# or a long run of digits. Only then are numbers parsed one by one in Python
+# (slow) to refuse 1e999; without them every float json.loads makes is finite.
+_HUGE_NUMBER = re.compile(rb"[eE][+-]?[0-9]{3}|[0-9]{200}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 def _finite(text: str) -> float:
@@ -74,28 +87,44 @@ def load_json(data: bytes):
     """A request body or line as JSON, strictly: UTF-8 without lone
     surrogates (a ``\\ud800`` escape included), finite numbers only (no NaN,
     Infinity or 1e999), arrays and objects nested at most MAX_JSON_DEPTH
-    deep (counted before parsing). Raises ValueError saying what is wrong;
-    every face answers it as bad JSON and keeps the connection."""
-    depth = json_depth(data)
+    deep, at most MAX_JSON_CONTAINERS of them and MAX_JSON_ITEMS values
+    (counted before parsing, a few ms a megabyte). Raises ValueError
+    saying what is wrong; every face answers it as bad JSON and keeps the
+    connection."""
+    try:
+        text = data.decode("utf-8")   # strict: encoded surrogates are refused here
+    except UnicodeDecodeError as e:
+        raise ValueError(f"it is not UTF-8 (at byte {e.start:,})") from None
+    bare = _STRINGS.sub(b"", data)
+    depth, containers, items = json_shape(bare)
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"it nests {depth:,} levels deep; at most {MAX_JSON_DEPTH} are accepted")
-    obj = json.loads(data, parse_float=_finite, parse_constant=_constant)
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("a string holds a lone UTF-16 surrogate, which is not text") from None
+    if containers > MAX_JSON_CONTAINERS:
+        raise ValueError(f"it holds {containers:,} arrays and objects; at most {MAX_JSON_CONTAINERS:,} "
+                         "are accepted")
+    if items > MAX_JSON_ITEMS:
+        raise ValueError(f"it holds {items:,} values; at most {MAX_JSON_ITEMS:,} are accepted")
+    parse_float = _finite if _HUGE_NUMBER.search(bare) else None
+    obj = json.loads(text, parse_float=parse_float, parse_constant=_constant)
+    if _SURROGATE_ESCAPE.search(data):   # a \ud800-style escape: one half of a pair, or alone?
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone UTF-16 surrogate, which is not text") from None
     return obj
 
 
-def json_depth(data: bytes) -> int:
-    """How deep arrays and objects nest in ``data``, strings skipped;
-    a few milliseconds for a megabyte."""
+def json_shape(bare: bytes) -> tuple[int, int, int]:
+    """(nesting depth, arrays and objects, commas and colons) of JSON text
+    whose strings were taken out."""
     import numpy as np
 
-    bare = _STRINGS.sub(b"", data)
     marks = np.frombuffer(bare, dtype=np.uint8)
-    steps = (marks == ord("[")).astype(np.int32) + (marks == ord("{")) - (marks == ord("]")) - (marks == ord("}"))
-    return int(np.cumsum(steps).max(initial=0))
+    opens = (marks == ord("[")) | (marks == ord("{"))
+    steps = opens.astype(np.int32) - (marks == ord("]")) - (marks == ord("}"))
+    depth = int(np.cumsum(steps).max(initial=0))
+    items = int(np.count_nonzero((marks == ord(",")) | (marks == ord(":"))))
+    return depth, int(np.count_nonzero(opens)), items
 
 
 # -- the request ---------------------------------------------------------------
