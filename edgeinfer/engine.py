@@ -18,6 +18,7 @@ the hot loop; :meth:`Engine.stream` yields :class:`TextEvent` and a final
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import os
@@ -42,6 +43,9 @@ from .sampling import check_options
 from .scheduler import DEFAULT_QUEUE, Scheduler, new_seed
 from .sequence import Request
 from .speculative import SpecConfig, measure_step_costs, step_costs_for
+
+SEGMENT_MEMO_CHARS = 512   # chat pieces this long have their tokens remembered ...
+SEGMENT_MEMO_SIZE = 32     # ... this many of them
 
 __all__ = ["Engine", "TextEvent", "DoneEvent", "Stats"]
 
@@ -143,6 +147,8 @@ class Engine:
                                     draft=self.draft, stop_on_repeat=self.stop_on_repeat,
                                     queue_limit=queue_limit, prefill_chunk=prefill_chunk)
         self._step_costs: dict[int, float] | None = None
+        self._memo: collections.OrderedDict = collections.OrderedDict()   # see _segment_tokens
+        self._memo_lock = threading.Lock()
         if self.speculative.mode == "auto":
             # Measured on the scheduler's thread, like every decode: a second
             # thread running ggml graphs brings a second OpenMP team whose idle
@@ -528,9 +534,28 @@ class Engine:
         ids: list[int] = []
         for text, is_template in segments:
             if text:
-                ids.extend(vocab.tokenize(text, add_bos=False, special=is_template))
+                ids.extend(self._segment_tokens(text, is_template))
         if vocab.add_bos and vocab.bos >= 0 and (not ids or ids[0] != vocab.bos):
             ids.insert(0, vocab.bos)
+        return ids
+
+    def _segment_tokens(self, text: str, special: bool) -> list[int] | tuple[int, ...]:
+        """The tokens of one piece of a rendered chat. Long pieces (a
+        system prompt every request repeats) are remembered, so that a
+        request does not tokenize them again (2 to 4 ms for 1,000 tokens)."""
+        if len(text) < SEGMENT_MEMO_CHARS:
+            return self.vocab.tokenize(text, add_bos=False, special=special)
+        key = (text, special)
+        with self._memo_lock:
+            ids = self._memo.get(key)
+            if ids is not None:
+                self._memo.move_to_end(key)
+                return ids
+        ids = tuple(self.vocab.tokenize(text, add_bos=False, special=special))
+        with self._memo_lock:
+            self._memo[key] = ids
+            while len(self._memo) > SEGMENT_MEMO_SIZE:
+                self._memo.popitem(last=False)
         return ids
 
     def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[TextEvent | DoneEvent]:
