@@ -38,7 +38,7 @@ from .grammar import GrammarGate
 from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK
 from .sampling import free_chain, penalties, sampler_chain
 from .sequence import Request, Sequence, State
-from .speculative import next_draft
+from .speculative import StepTimes, next_draft
 
 # While other streams decode, a step carries as many prompt tokens as this
 # machine prefills in GAP_TARGET seconds (measured as steps run), so a long
@@ -64,7 +64,9 @@ class Scheduler:
                  queue_limit: int = DEFAULT_QUEUE, prefill_chunk: int | None = None):
         self.ctx, self.ledger, self.vocab = ctx, ledger, ctx.vocab
         self.name, self.native, self.draft = name, native, draft
-        self.step_costs = step_costs
+        self.step_costs = step_costs      # measured at load (speculative.step_costs_for)
+        self.step_times = StepTimes()     # ... and as steps run
+        self._costs, self._n_decoding = step_costs, 1   # this step's blend of the two, and its streams
         self.stop_on_repeat = stop_on_repeat
         self.n_seq = ctx.n_seq_max
         self.queue_limit = max(0, int(queue_limit))
@@ -326,6 +328,9 @@ class Scheduler:
             if self._running:  # everyone is waiting for a slow reader
                 time.sleep(0.002)
             return
+        self._n_decoding = len(decoding)
+        auto = any(run.estimate is not None for run in decoding)
+        self._costs = self.step_times.blend(self.step_costs) if auto else self.step_costs
         for run in decoding:
             run.drafts = self._draft(run, len(decoding))
         n_decode = sum(1 + len(run.drafts) for run in decoding)
@@ -372,6 +377,8 @@ class Scheduler:
         if n_tokens >= 32:  # a prefill step: how fast this machine takes prompt tokens
             tps = n_tokens / max(now - t_step, 1e-6)
             self._prefill_tps = tps if not self._prefill_tps else 0.7 * self._prefill_tps + 0.3 * tps
+        if not any(run.state is State.PREFILLING for run, _, _ in plan):
+            self.step_times.record(n_tokens, now - t_step)
         self.counters["steps"] += 1
         self.steps_by_size[n_seqs] += 1
         self.max_sequences_in_step = max(self.max_sequences_in_step, n_seqs)
@@ -414,7 +421,7 @@ class Scheduler:
                 return draft.propose(run.seq, held + run.pending[:1], k)
         return next_draft(spec, run.estimate, run.ngrams, room=self.ctx.n_ctx - len(held) - 1,
                           left=run.req.max_tokens - run.stats.generated_tokens - 1, n_decoding=n_decoding,
-                          costs=self.step_costs, propose=propose)
+                          costs=self._costs, propose=propose)
 
     def _plan(self, decoding, prefilling, limit):
         """(run, tokens to evaluate, batch index): for a decoding run its
@@ -503,8 +510,9 @@ class Scheduler:
             self.counters["drafted"] += len(drafts)
             self.counters["accepted"] += kept
             if run.estimate is not None:
-                costs = self.step_costs or {}
-                run.estimate.record(len(drafts), kept, extra=costs.get(1 + len(drafts), 1.0) - 1.0)
+                costs, base = self._costs or {}, self._n_decoding
+                extra = costs.get(base + len(drafts), 1.0) / costs.get(base, 1.0) - 1.0
+                run.estimate.record(len(drafts), kept, extra=extra)
         run.drafts = []
         return made
 

@@ -172,6 +172,57 @@ def relative_costs(seconds: dict[int, float]) -> dict[int, float]:
     return out
 
 
+class StepTimes:
+    """How long this scheduler's decode steps of each width took (tokens in
+    the step), as they ran. The costs measured at load come from one
+    sequence after a short prompt; a real step carries several sequences,
+    longer contexts and every row's sampling, so what it costs is learnt
+    here and preferred where it is known."""
+
+    WEIGHT = 0.2
+    ENOUGH = 4      # steps of a width before its own time is trusted
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+        self.count: dict[int, int] = {}
+
+    def record(self, width: int, seconds: float) -> None:
+        old = self.seconds.get(width)
+        self.seconds[width] = seconds if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
+        self.count[width] = self.count.get(width, 0) + 1
+
+    def blend(self, measured: dict[int, float] | None) -> dict[int, float] | None:
+        """Relative step costs by width: the times seen where a width ran
+        often enough, elsewhere the ``measured`` shape scaled to them."""
+        if not measured:
+            return None
+        known = {w: t for w, t in self.seconds.items() if self.count[w] >= self.ENOUGH}
+        if not known:
+            return measured
+        widest = max(measured)
+
+        def shape(w: int) -> float:   # the measured relative cost, its last slope past the widest
+            if w <= widest:
+                return measured[w]
+            return measured[widest] + (w - widest) * (measured[widest] - measured.get(widest - 1, 1.0))
+
+        widths = sorted(known)
+
+        def seconds(w: int) -> float:
+            if w in known:
+                return known[w]
+            lo = max((k for k in widths if k < w), default=None)
+            hi = min((k for k in widths if k > w), default=None)
+            if lo is not None and hi is not None:   # between two seen widths: a straight line
+                return known[lo] + (w - lo) / (hi - lo) * (known[hi] - known[lo])
+            near = lo if lo is not None else hi     # beyond them: the measured shape from the nearest
+            return known[near] * shape(w) / shape(near)
+
+        out = {w: seconds(w) for w in range(1, max(widest, widths[-1]) + 1)}
+        base = out[1]
+        return {w: t / base for w, t in out.items()}
+
+
 def best_draft(costs: dict[int, float], accept: float, available: int, others: int = 0,
                margin: float = 0.05) -> int:
     """The draft length that makes the most tokens per unit of time, given

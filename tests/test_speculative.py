@@ -252,3 +252,20 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model, other_tiny
         Engine(tiny_model, n_ctx=512, threads=1, draft=other_tiny)
     with pytest.raises(ValueError, match="draft model"):
         Engine(tiny_model, n_ctx=512, threads=1, speculative="draft")
+
+
+def test_step_times_take_over_from_the_measured_costs_where_known():
+    from edgeinfer.speculative import StepTimes
+
+    measured = {1: 1.0, 2: 1.1, 3: 1.2, 4: 1.3, 5: 1.4}
+    times = StepTimes()
+    assert times.blend(measured) == measured and times.blend(None) is None
+    for _ in range(StepTimes.ENOUGH):
+        times.record(4, 0.010)     # four streams, no drafts: 10 ms
+        times.record(6, 0.016)     # four streams and two draft tokens: far dearer than measured
+    times.record(1, 0.001)         # seen once: not trusted yet
+    costs = times.blend(measured)
+    assert costs[6] / costs[4] == pytest.approx(1.6)      # what the steps cost, not 1.5 / 1.3
+    assert costs[5] / costs[4] == pytest.approx(1.3)      # between two seen widths: a straight line
+    assert costs[2] / costs[4] == pytest.approx(1.1 / 1.3)   # beyond them: the measured shape
+    assert set(costs) == set(range(1, 7))
