@@ -114,6 +114,12 @@ class PromptCache:
         self._remember(entry)
         return best_n, entry
 
+    def holds(self, tokens: Sequence[int]) -> bool:
+        """Whether an entry of exactly ``tokens`` is kept, in memory or on disk."""
+        key = tuple(tokens)
+        with self._lock:
+            return key in self._mem or key in self._disk_index()
+
     # -- storing -----------------------------------------------------------
     def put(self, tokens: Sequence[int], state: bytes) -> None:
         """Remember the KV state of exactly ``tokens``."""

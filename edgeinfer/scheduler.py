@@ -402,7 +402,7 @@ class Scheduler:
             # takes a while (9 ms for 1,100 tokens of SmolLM2). Until the next
             # step the sequence still holds exactly the prompt.
             cache = self.ledger.prompt_cache
-            if cache is not None and len(run.req.tokens) > run.n_cached:
+            if cache is not None and len(run.req.tokens) > run.n_cached and not cache.holds(run.req.tokens):
                 cache.put(run.req.tokens, self.ledger.save(run.seq))
         self.counters["generated"] += made
         self._recent.append((time.perf_counter(), made))
