@@ -57,7 +57,12 @@ def assert_as_greedy_as_plain(e, prompt, plain, spec) -> None:
     worst = int(s.argmax())
     assert s[worst] <= REFERENCE_NOISE, f"token {worst} ({spec[worst]}) is {s[worst]:.2f} below the best"
     assert (s > 0).sum() <= (p > 0).sum() + max(3, 0.05 * len(spec)), (list(s.round(2)), list(p.round(2)))
-    assert len(spec) >= 0.9 * len(plain), (len(spec), len(plain))
+    if len(spec) < len(plain):
+        # A near-tie taken the other way can lead to an answer that ends
+        # sooner; its end must then be a greedy choice too, not a stream cut short.
+        row = e.eval_logits(prompt + spec)[-1]
+        end = max(float(row[t]) for t in e.vocab.eog_tokens())
+        assert row.max() - end <= REFERENCE_NOISE, (len(spec), len(plain), float(row.max() - end))
 
 
 def test_lookup_gives_the_plain_answers(real_model_home):
