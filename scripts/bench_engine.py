@@ -24,6 +24,7 @@ all three.
     python scripts/bench_engine.py
     python scripts/bench_engine.py --threads 2 --reps 5 --llama-bench ~/llama.cpp/build/bin/llama-bench
     python scripts/bench_engine.py --json > bench.json
+    python scripts/bench_engine.py --threads 2 --separate 4      # each side in its own processes
     python scripts/bench_engine.py --streams 1,2,4,8      # many streams: see bench_streams.py
 """
 
@@ -214,12 +215,17 @@ def measure(args, model: Path, log) -> dict:
     engine = Engine(model, n_ctx=n_ctx, threads=args.threads, threads_batch=args.threads,
                     n_batch=args.batch, prompt_cache=False, flash_attn=args.flash_attn,
                     stop_on_repeat=False)  # tg must decode exactly --tg tokens
+    # --only: one runtime timed in this process (the engine still loads, for
+    # its native setting and to choose the prompts).
+    runtimes = (args.only,) if args.only else ("edgeinfer", "Llama")
+    llm = None
     # Llama gets the native setting the engine's self-test chose: on a
     # machine whose AMX matmul crashes, a plain Llama dies on its first decode.
-    with native.llama_defaults(engine.native.setting, engine.info):
-        llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=args.threads,
-                              n_threads_batch=args.threads, n_batch=args.batch,
-                              flash_attn=args.flash_attn, verbose=False)
+    if "Llama" in runtimes:
+        with native.llama_defaults(engine.native.setting, engine.info):
+            llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=args.threads,
+                                  n_threads_batch=args.threads, n_batch=args.batch,
+                                  flash_attn=args.flash_attn, verbose=False)
     rng = random.Random(SEED)
     results: dict[tuple[str, str], Result] = {}
     notes: list[str] = [f"native setting for both runtimes: {engine.native.setting}"]
@@ -238,10 +244,11 @@ def measure(args, model: Path, log) -> dict:
     pp_prompt = []
     if args.pp:
         pp_prompt = (bos_prefix(engine) + plain_tokens(engine, args.pp, rng))[:args.pp]
-        for runtime in ("edgeinfer", "Llama"):
+        for runtime in runtimes:
             results[(runtime, "pp")] = Result(runtime, "pp", args.pp)
         engine_pp(engine, pp_prompt)        # warm-up
-        llama_pp(llm, pp_prompt)
+        if llm is not None:
+            llama_pp(llm, pp_prompt)
 
     n_timed, tg_prompt, same_tokens = args.tg, [], None
     if args.tg:
@@ -252,15 +259,16 @@ def measure(args, model: Path, log) -> dict:
         if n_timed < 2:
             notes.append("tg skipped: too few tokens before end-of-generation")
         else:
-            _, theirs = llama_tg(llm, tg_prompt, n_timed)                  # warm-up
-            same_tokens = ours == theirs
-            for runtime in ("edgeinfer", "Llama"):
+            if llm is not None:
+                _, theirs = llama_tg(llm, tg_prompt, n_timed)              # warm-up
+                same_tokens = ours == theirs if len(runtimes) == 2 else None
+            for runtime in runtimes:
                 results[(runtime, "tg")] = Result(runtime, "tg", n_timed)
-    do_tg = ("edgeinfer", "tg") in results
+    do_tg = (runtimes[0], "tg") in results
 
     for rep in range(args.reps):
         # alternate who goes first, so that a change in load splits evenly
-        order = ("edgeinfer", "Llama") if rep % 2 == 0 else ("Llama", "edgeinfer")
+        order = runtimes if rep % 2 == 0 else runtimes[::-1]
         for runtime in order:
             if args.pp:
                 tps = engine_pp(engine, pp_prompt) if runtime == "edgeinfer" else llama_pp(llm, pp_prompt)
@@ -277,7 +285,8 @@ def measure(args, model: Path, log) -> dict:
 
     info = engine.info
     engine.close()
-    llm.close()
+    if llm is not None:
+        llm.close()
     return {"results": results, "notes": notes, "n_ctx": n_ctx, "tg_prompt": tg_prompt,
             "same_greedy_tokens": same_tokens, "info": info}
 
@@ -396,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flash-attn", action="store_true",
                    help="flash attention on for all three runtimes (default: off for all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--separate", type=int, default=0, metavar="ROUNDS",
+                   help="time each runtime in its own process, ROUNDS times each, alternating which goes "
+                        "first (each process: one warm-up and --reps timed runs)")
+    p.add_argument("--only", choices=("edgeinfer", "Llama"), help=argparse.SUPPRESS)   # a --separate child
     args = p.parse_args(argv)
     if args.reps < 1 or args.pp < 0 or args.tg < 0 or args.threads < 1 or not (args.pp or args.tg):
         p.error("--reps and --threads must be >= 1, --pp and --tg >= 0 and not both 0")
@@ -403,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     model, is_default_model = resolve(args.model)
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
+    if args.separate:
+        return separate(args, argv, is_default_model, log)
     load_before = [round(x, 2) for x in os.getloadavg()]
     log(f"benchmarking {model} with {args.threads} threads (load average {load_before}) ...")
     # A shared or virtual machine's speed drifts over minutes, so llama-bench
@@ -455,6 +470,68 @@ def main(argv: list[str] | None = None) -> int:
         "same_greedy_tokens": run["same_greedy_tokens"],
         "llama_bench": bench_info,
         "notes": run["notes"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, by_key)
+    return 0
+
+
+def separate(args, argv: list[str], is_default_model: bool, log) -> int:
+    """--separate: each runtime timed in child processes of its own,
+    alternating A, B, B, A, ...; the samples pooled, and the ratio of each
+    round's medians reported."""
+    child_argv = []
+    skip = False
+    for a in argv:   # the same options, less --separate N and --json
+        if skip:
+            skip = False
+        elif a == "--separate":
+            skip = True
+        elif not a.startswith("--separate=") and a != "--json":
+            child_argv.append(a)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    by_key: dict[tuple[str, str], Result] = {}
+    rounds: list[dict[tuple[str, str], float]] = []
+    config = None
+    for rnd in range(args.separate):
+        order = ("edgeinfer", "Llama") if rnd % 2 == 0 else ("Llama", "edgeinfer")
+        medians = {}
+        for runtime in order:
+            log(f"round {rnd + 1}/{args.separate}: {runtime} in its own process ...")
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_argv, "--only", runtime,
+                                   "--json"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log(proc.stderr)
+                raise SystemExit(f"the {runtime} process failed with status {proc.returncode}")
+            child = json.loads(proc.stdout)
+            config = config or child["config"]
+            for r in child["results"]:
+                key = (r["runtime"], r["test"][:2])
+                by_key.setdefault(key, Result(r["runtime"], r["test"][:2], r["n_tokens"])).samples.extend(
+                    r["samples_tps"])
+                medians[key] = r["median_tps"]
+        rounds.append(medians)
+    per_round = []
+    for test in ("pp", "tg"):
+        pairs = [m[("edgeinfer", test)] / m[("Llama", test)] for m in rounds
+                 if ("edgeinfer", test) in m and m.get(("Llama", test))]
+        if pairs:
+            per_round.append({"test": by_key[("edgeinfer", test)].name, "vs": "Llama",
+                              "ratio": statistics.median(pairs), "rounds": [round(x, 3) for x in pairs]})
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *argv]),
+        "config": {**config, "reps": f"{args.separate} processes x {args.reps}"},
+        "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
+        "results": [r.to_dict() for r in by_key.values()],
+        "ratios": per_round,
+        "checks": checks(by_key, reference=is_default_model and args.threads == 2),
+        "same_greedy_tokens": None, "llama_bench": None,
+        "notes": ["each runtime in its own processes; a ratio is the median over rounds of "
+                  "edgeinfer's median / Llama's median in that round: "
+                  + ", ".join(f"{r['test']} {r['rounds']}" for r in per_round)],
     }
     if args.json:
         print(json.dumps(report, indent=2))
