@@ -67,6 +67,7 @@ class Scheduler:
         self.step_costs = step_costs      # measured at load (speculative.step_costs_for)
         self.step_times = StepTimes()     # ... and as steps run
         self._costs, self._n_decoding = step_costs, 1   # this step's blend of the two, and its streams
+        self._blend_in = 0                              # steps until the blend is worked out again
         self.stop_on_repeat = stop_on_repeat
         self.n_seq = ctx.n_seq_max
         self.queue_limit = max(0, int(queue_limit))
@@ -329,8 +330,12 @@ class Scheduler:
                 time.sleep(0.002)
             return
         self._n_decoding = len(decoding)
-        auto = any(run.estimate is not None for run in decoding)
-        self._costs = self.step_times.blend(self.step_costs) if auto else self.step_costs
+        if any(run.estimate is not None for run in decoding):
+            self._blend_in -= 1
+            if self._blend_in <= 0:   # the blend moves slowly: worked out again every 16 steps
+                self._costs, self._blend_in = self.step_times.blend(self.step_costs), 16
+        else:
+            self._costs = self.step_costs
         for run in decoding:
             run.drafts = self._draft(run, len(decoding))
         n_decode = sum(1 + len(run.drafts) for run in decoding)
