@@ -134,6 +134,7 @@ class Engine:
             budgets = {k: v for k, v in (("memory_budget", cache_memory_budget),
                                          ("disk_budget", cache_disk_budget)) if v is not None}
             self.prompt_cache = PromptCache(self.cache_namespace(), disk=cache_disk, **budgets)
+            self.prompt_cache.preload()
         else:
             self.prompt_cache = None
         self._ledger = KVLedger(self._ctx, reuse=self.reuse_kv, prompt_cache=self.prompt_cache)

