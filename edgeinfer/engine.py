@@ -543,7 +543,8 @@ class Engine:
     def _segment_tokens(self, text: str, special: bool) -> list[int] | tuple[int, ...]:
         """The tokens of one piece of a rendered chat. Long pieces (a
         system prompt every request repeats) are remembered, so that a
-        request does not tokenize them again (2 to 4 ms for 1,000 tokens)."""
+        request does not tokenize them again (chat_tokens of a 1,084-token
+        chat: 6.6 ms the first time, 2.6 ms after)."""
         if len(text) < SEGMENT_MEMO_CHARS:
             return self.vocab.tokenize(text, add_bos=False, special=special)
         key = (text, special)

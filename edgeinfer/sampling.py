@@ -85,8 +85,8 @@ class Penalties:
     frequency + presence``; all in float32), over the same window: the last
     ``last_n`` tokens sampled. llama.cpp's sampler looks each of the whole
     vocabulary's candidates up in a hash map at every step (49,152 on
-    SmolLM2, about 7 % of its decode time); here only the at most
-    ``last_n`` tokens of the window are touched."""
+    SmolLM2); here only the at most ``last_n`` tokens of the window are
+    touched."""
 
     def __init__(self, last_n: int, repeat: float, frequency: float, presence: float):
         self.last_n = last_n
@@ -113,7 +113,7 @@ class Penalties:
         n = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
         v = logits[ids]
         v = np.where(v <= 0, v * self.repeat, v / self.repeat)
-        logits[ids] = v - (n * self.frequency + (n > 0).astype(np.float32) * self.presence)
+        logits[ids] = v - (n * self.frequency + self.presence)   # every count here is at least 1
 
 
 def penalties(n_ctx: int = 4096, **opts) -> Penalties | None:

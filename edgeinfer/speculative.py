@@ -172,6 +172,16 @@ def relative_costs(seconds: dict[int, float]) -> dict[int, float]:
     return out
 
 
+def cost_at(costs: dict[int, float], w: int) -> float:
+    """The relative cost of a step of width ``w``: from ``costs`` (every
+    width from 1 up to its widest), and past the widest its last slope
+    goes on."""
+    widest = max(costs)
+    if w <= widest:
+        return costs[w]
+    return costs[widest] + (w - widest) * (costs[widest] - costs.get(widest - 1, 1.0))
+
+
 class StepTimes:
     """How long this scheduler's decode steps of each width took (tokens in
     the step), as they ran. The costs measured at load come from one
@@ -201,10 +211,8 @@ class StepTimes:
             return measured
         widest = max(measured)
 
-        def shape(w: int) -> float:   # the measured relative cost, its last slope past the widest
-            if w <= widest:
-                return measured[w]
-            return measured[widest] + (w - widest) * (measured[widest] - measured.get(widest - 1, 1.0))
+        def shape(w: int) -> float:
+            return cost_at(measured, w)
 
         widths = sorted(known)
 
@@ -233,13 +241,9 @@ def best_draft(costs: dict[int, float], accept: float, available: int, others: i
     A draft of k tokens yields (1 - a^(k+1)) / (1 - a) tokens for its
     sequence, and widens the step from others + 1 tokens to others + 1 + k."""
     a = min(max(accept, 0.0), 0.99)
-    widest = max(costs)
 
-    def cost(w: int) -> float:   # past the widest measured, the last slope goes on
-        if w <= widest:
-            return costs[w]
-        slope = costs[widest] - costs[widest - 1]
-        return costs[widest] + (w - widest) * slope
+    def cost(w: int) -> float:
+        return cost_at(costs, w)
 
     base = cost(others + 1)
     best_k, best = 0, 1.0 + margin

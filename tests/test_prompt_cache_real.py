@@ -266,7 +266,8 @@ def test_how_the_kv_was_computed_decides_exactness(real_model_home):
         shifts = {name: float(np.abs(_last_logits(engine, tokens, plan) - cold).max())
                   for name, plan in {**exact, "one at a time": alone}.items()}
     assert all(shifts[name] == 0.0 for name in exact), shifts
-    # 0.55 on a 2-core AMD EPYC; within the tolerance batching is held to
+    # 0.39 to 0.61 at prompts of 100 to 400 tokens on a 2-core AMD EPYC; within the
+    # tolerance batching is held to
     assert shifts["one at a time"] <= TIE_TOLERANCE, shifts
 
 
