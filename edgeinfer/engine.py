@@ -251,13 +251,13 @@ class Engine:
         return self._scheduler.call(fn, timeout=self.lock_timeout, cancel=self._cancel)
 
     def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
-        """Change the decode and prompt-processing thread counts in place."""
-        def apply():
-            self.threads = int(threads)
-            self.threads_batch = int(threads_batch or threads)
-            self._ctx.set_threads(self.threads, self.threads_batch)
-
-        self._exclusive(apply)
+        """Change the decode and prompt-processing thread counts in place,
+        from the scheduler's next step on (streams under way carry on with
+        them)."""
+        self._check_open()
+        self.threads = int(threads)
+        self.threads_batch = int(threads_batch or threads)
+        self._scheduler.set_threads(self.threads, self.threads_batch)
 
     def benchmark(self, n_prompt: int = 512, n_gen: int = 128, seq: int = 0) -> tuple[float, float]:
         """Time a cold prefill of ``n_prompt`` tokens and ``n_gen`` single-token

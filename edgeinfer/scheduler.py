@@ -80,6 +80,7 @@ class Scheduler:
         self._idle_since = {s: 0.0 for s in range(self.n_seq)}  # LRU of free slots' cached KV
         self._closing = False
         self._abort_events: list[threading.Event] = []   # written on this thread only
+        self._threads_next: tuple[int, int] | None = None  # set_threads: applied before the next step
         self.counters: collections.Counter = collections.Counter()
         self.steps_by_size: collections.Counter = collections.Counter()  # sequences in a step → steps
         self.max_sequences_in_step = 0
@@ -134,6 +135,22 @@ class Scheduler:
         if not ok:
             raise value
         return value
+
+    def set_threads(self, threads: int, threads_batch: int) -> None:
+        """Decode with these thread counts from the next step on, even
+        while sequences run (a server shares the cores between models that
+        are busy at once)."""
+        with self._cond:
+            self._threads_next = (int(threads), int(threads_batch))
+            self._cond.notify_all()
+
+    def _apply_threads(self) -> None:
+        with self._cond:
+            want, self._threads_next = self._threads_next, None
+        if want is not None:
+            self.ctx.set_threads(*want)
+            if self.draft is not None:
+                self.draft.ctx.set_threads(*want)
 
     def wake(self) -> None:
         """Have the loop look at the queue now (a request was cancelled)."""
@@ -214,6 +231,8 @@ class Scheduler:
                 if call is None and not self._running:
                     self._cond.wait(self._next_deadline())
                     continue
+            if self._threads_next is not None:
+                self._apply_threads()
             if call is not None:
                 fn, done, box, cancel = call
                 self._abort_events = [cancel] if cancel is not None else []

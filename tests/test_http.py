@@ -45,6 +45,7 @@ def server(tiny_model, tmp_path_factory):
 
 
 MODEL = "tiny.gguf"
+ACTIVE = 'edgeinfer_active_sequences{model="tiny.gguf"}'   # each model's figures carry its name
 
 
 # -- the openai package -------------------------------------------------------
@@ -361,10 +362,10 @@ def test_busy_is_a_429_with_retry_after(tiny_model, tmp_path):
         conn.close()  # the client leaves mid-stream: its sequence is freed
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if s.metrics().get("edgeinfer_active_sequences", 1) == 0:
+            if s.metrics().get(ACTIVE, 1) == 0:
                 break
             time.sleep(0.1)
-        assert s.metrics()["edgeinfer_active_sequences"] == 0
+        assert s.metrics()[ACTIVE] == 0
         assert s.json("POST", "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})[0] == 200
     finally:
         assert s.stop() == 0
@@ -399,7 +400,8 @@ def test_health_is_503_until_the_model_is_loaded(tiny_model):
             assert status == 503 and "loading" in body["error"]["message"]
             metrics = await asyncio.to_thread(s.metrics)
             assert metrics["edgeinfer_model_loaded"] == 0
-            front.engine = await asyncio.to_thread(edgeinfer.load, tiny_model, threads=1, n_ctx=512)
+            engine = await asyncio.to_thread(edgeinfer.load, tiny_model, threads=1, n_ctx=512)
+            front.engine = engine
             assert (await asyncio.to_thread(s.request, "GET", "/health"))[0] == 200
             status, body = await asyncio.to_thread(s.json, "POST", "/v1/chat/completions",
                                                    {"messages": HELLO, "max_tokens": 2})
@@ -407,7 +409,7 @@ def test_health_is_503_until_the_model_is_loaded(tiny_model):
         finally:
             await front.stop()
             if front.engine is not None:
-                front.engine.close()
+                engine.close()
 
     asyncio.run(main())
 
@@ -437,8 +439,9 @@ def test_metrics_move_by_the_right_amounts(server):
     assert moved("edgeinfer_time_to_first_token_seconds_count") == 4
     # Every token after the first of each stream is one inter-token gap.
     assert moved("edgeinfer_inter_token_seconds_count") == sum(u.completion_tokens - 1 for u in usage)
-    assert after["edgeinfer_model_loaded"] == 1 and after["edgeinfer_active_sequences"] == 0
-    assert after["edgeinfer_kv_cells"] == 2048 and after['edgeinfer_model_info{model="tiny.gguf",native="' +
+    assert after["edgeinfer_model_loaded"] == 1 and after[ACTIVE] == 0
+    assert after['edgeinfer_kv_cells{model="tiny.gguf"}'] == 2048
+    assert after['edgeinfer_model_info{model="tiny.gguf",native="' +
                                                         next(k.split('native="')[1].split('"')[0] for k in after
                                                              if k.startswith("edgeinfer_model_info")) + '"}'] == 1
 
@@ -465,11 +468,11 @@ def test_a_client_that_hangs_up_frees_its_sequence(server):
             "messages": HELLO, "max_tokens": 2000, "ignore_eos": True, "stream": stream}),
             headers={"Content-Type": "application/json"})
         deadline = time.monotonic() + 20
-        while server.metrics().get("edgeinfer_active_sequences", 0) == 0:
+        while server.metrics().get(ACTIVE, 0) == 0:
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.05)
         conn.close()
-        while server.metrics()["edgeinfer_active_sequences"] != 0:
+        while server.metrics()[ACTIVE] != 0:
             assert time.monotonic() < deadline, f"stream={stream}: the sequence was not freed"
             time.sleep(0.05)
         # It was cancelled, not run to the end: it never finished.

@@ -1,4 +1,4 @@
-"""``edgeinfer serve``: the model behind a JSON-lines socket."""
+"""``edgeinfer serve``: the models behind a JSON-lines socket and HTTP."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import click
 from ..errors import ServerConfigError
 from ..server.defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY, DEFAULT_MAX_LINE, DEFAULT_PORT
 from ..speculative import MODES
-from ._common import ensure_model, load_engine
+from ._common import ensure_model
 
 
 def read_token(token: str | None, token_file: str | None) -> str | None:
@@ -111,8 +111,28 @@ def _quote(arg: str) -> str:
     return arg if arg.startswith("${") else shlex.quote(arg)
 
 
+def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
+    """``--alias NAME=MODEL`` options as a dict."""
+    out = {}
+    for a in aliases:
+        name, sep, target = a.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise click.UsageError(f"--alias {a!r}: give NAME=MODEL, e.g. --alias gpt-4.1=smollm2-135m-instruct")
+        out[name.strip()] = target.strip()
+    return out
+
+
 @click.command("serve")
 @click.argument("model", required=False)
+@click.option("--model", "models", multiple=True, metavar="MODEL",
+              help="A model to load at start and keep loaded; repeatable (MODEL alone is one).")
+@click.option("--alias", "aliases", multiple=True, metavar="NAME=MODEL",
+              help="Answer requests for NAME with MODEL (e.g. gpt-4.1=smollm2-135m-instruct); repeatable.")
+@click.option("--any-name", is_flag=True, help="With exactly one model loaded at start: answer a request "
+              "for any model name with it (for clients that hard-code a vendor's model name).")
+@click.option("--keep-alive", default="5m", show_default=True, metavar="DURATION",
+              help="How long a model loaded on demand stays loaded when idle: 30s, 5m, 1h; 0 unloads "
+                   "after each request; -1 or forever keeps it.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs a token. '' for none.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
@@ -152,15 +172,21 @@ def _quote(arg: str) -> str:
               help="With --print-systemd-unit: the service's EDGEINFER_HOME.")
 @click.option("--memory-max", help="With --print-systemd-unit: MemoryMax= (default: 3/4 of RAM).")
 @click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
-def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, parallel, queue_limit, n_ctx, threads,
-              prefill_chunk, token, token_file, max_line, idle_timeout, speculative, draft, yes, print_systemd_unit,
-              unit_user, unit_home, memory_max, cpu_quota):
-    """Serve MODEL to other programs: JSON lines (docs/protocol.md) and,
+def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, http_port, cors, max_body, unix,
+              parallel, queue_limit, n_ctx, threads, prefill_chunk, token, token_file, max_line, idle_timeout,
+              speculative, draft, yes, print_systemd_unit, unit_user, unit_home, memory_max, cpu_quota):
+    """Serve models to other programs: JSON lines (docs/protocol.md) and,
     with --http, the OpenAI and Anthropic HTTP APIs (docs/http.md).
+
+    Every model in the store is served: each loads, in a process of its
+    own, when a request names it, and unloads after --keep-alive idle or
+    when another needs its memory. MODEL (and each --model) loads at start
+    and stays loaded.
 
     \b
     Examples:
       edgeinfer serve                               (JSON lines on 127.0.0.1:8765)
+      edgeinfer serve smollm2-135m-instruct --model qwen2.5-coder-0.5b-instruct
       edgeinfer serve --http 8080                   (and http://127.0.0.1:8080/v1)
       edgeinfer serve --http 8080 --no-jsonl --host 0.0.0.0 --token-file ~/.edgeinfer-token
       edgeinfer serve --print-systemd-unit > edgeinfer.service
@@ -179,7 +205,13 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
             raise ServerConfigError("a unit file must not hold the token",
                                     hint="put it in a file (chmod 600) and pass --token-file FILE")
         check_exposure(Options(host=host, port=port, token="x" if token_file else None))
-        opts = ["--host", host or "", "--port", str(port)]
+        opts = ["--host", host or "", "--port", str(port), "--keep-alive", keep_alive]
+        for m in models:
+            opts += ["--model", m]
+        for a in aliases:
+            opts += ["--alias", a]
+        if any_name:
+            opts.append("--any-name")
         if not jsonl:
             opts.append("--no-jsonl")
         for c in cors:
@@ -199,27 +231,43 @@ def serve_cmd(model, host, port, jsonl, http_port, cors, max_body, unix, paralle
     check_exposure(opts)  # before a model is pulled or loaded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     quiet = not sys.stderr.isatty()
-    name = ensure_model(model, yes, quiet=quiet)
-    import edgeinfer
+    from ..errors import RequestError
+    from ..pool import ModelPool, PoolOptions, parse_keep_alive
+    from ..store import ModelStore
+
+    try:
+        keep = parse_keep_alive(keep_alive, "--keep-alive")
+    except RequestError as e:
+        raise click.UsageError(str(e)) from None
+    alias_map = parse_aliases(aliases)
+    store = ModelStore()
+    pinned = [ensure_model(m, yes, quiet=quiet) for m in ([model] if model else []) + list(models)]
+    if not pinned and not store.list():   # an empty store: the model chosen for this machine
+        ensure_model(None, yes, quiet=quiet)
+    if any_name and len(pinned) != 1:
+        raise click.UsageError("--any-name needs exactly one model loaded at start: give MODEL")
 
     from ..server.http import HttpOptions
     from ..server.run import serve_all
 
-    extra = {k: v for k, v in dict(n_seq_max=parallel, queue_limit=queue_limit, prefill_chunk=prefill_chunk,
-                                   speculative=speculative,
-                                   draft=ensure_model(draft, yes, quiet=quiet) if draft else None).items()
-             if v is not None}
+    load = {k: v for k, v in dict(n_ctx=n_ctx, threads=threads, n_seq_max=parallel, queue_limit=queue_limit,
+                                  prefill_chunk=prefill_chunk, speculative=speculative,
+                                  draft=ensure_model(draft, yes, quiet=quiet) if draft else None).items()
+            if v is not None}
+    pool = ModelPool(store, PoolOptions(keep_alive=keep, load=load, aliases=alias_map, any_name=any_name,
+                                        cores=threads))
     http_opts = None
     if http_port is not None:
         http_opts = HttpOptions(host=host, port=http_port, token=secret, cors=list(cors), max_body=max_body)
 
-    def ready(engine, where):
-        click.echo(f"Serving {engine.name} on {', '.join(where)}: {engine.n_seq_max} sequences at once, "
-                   f"queue {queue_limit}, context {engine.n_ctx} tokens"
+    def ready(pool, where):
+        loaded = [s.model for s in pool.slots.values() if s.model is not None]
+        what = ", ".join(f"{m.name} ({m.n_seq_max} sequences, context {m.n_ctx})" for m in loaded)
+        what = f"{what}, and the store's other models on demand" if what else "the store's models on demand"
+        click.echo(f"Serving {what} on {', '.join(where)}: queue {queue_limit}"
                    f"{', token required' if secret else ''}. Ctrl-C or SIGTERM stops.", err=True)
 
-    asyncio.run(serve_all(lambda: load_engine(name, n_ctx, threads, None, **extra), jsonl_opts=opts if jsonl else None,
-                          http_opts=http_opts, store=edgeinfer.ModelStore(), ready=ready))
+    asyncio.run(serve_all(pool, pinned, jsonl_opts=opts if jsonl else None, http_opts=http_opts, ready=ready))
     click.echo("Stopped.", err=True)
 
 

@@ -10,14 +10,12 @@ prefill: the answer continues it. Errors come in Anthropic's own shape.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent
 from ..speculative import MODES as SPEC_MODES
-from . import generation
 from .api import SSE_HEADERS, Generation, sse, stream_events
 from .fields import Fields, text_content
 from .generation import GenerationRequest
@@ -97,9 +95,9 @@ async def messages(front, body: dict, request):
     stream = f.boolean("stream")
     req.seed = f.seed("seed")
     req.speculative = f.choice("speculative", SPEC_MODES)
-    gen = await Generation.start(front, req, "/v1/messages")
+    gen = await Generation.start(front, req, "/v1/messages", body)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
-    head = {"id": msg_id, "type": "message", "role": "assistant", "model": front.engine.name}
+    head = {"id": msg_id, "type": "message", "role": "assistant", "model": gen.model.name}
 
     if not stream:
         text = await gen.text(request)
@@ -140,5 +138,5 @@ def _usage(stats) -> dict:
 
 async def count_tokens(front, body: dict, request):
     req = _request(Fields(body), front)
-    tokens = await asyncio.to_thread(generation.render, front.require_engine(), req)
-    return JSONResponse({"input_tokens": len(tokens)})
+    model = await front.require_pool().model_for(body.get("model"))
+    return JSONResponse({"input_tokens": await model.count(req)})

@@ -111,13 +111,21 @@ class Generation:
     def __init__(self, run: generation.Run, first, endpoint: str, metrics):
         self._run, self._first = run, first
         self.tokens = run.tokens          # the prompt's ids
+        self.model = run.model            # what runs it: .name, .native
         self.endpoint, self.metrics = endpoint, metrics
         self.stats = None
 
     @classmethod
-    async def start(cls, front, req: GenerationRequest, endpoint: str) -> "Generation":
-        """``front`` has ``require_engine()`` and ``metrics``."""
-        run = await generation.run(front.require_engine(), req)
+    async def start(cls, front, req: GenerationRequest, endpoint: str, body: dict) -> "Generation":
+        """Start ``req`` on the model ``body`` names (its ``model`` and
+        ``keep_alive``); ``front`` has ``require_pool()`` and ``metrics``."""
+        from ..pool import parse_keep_alive
+
+        keep_alive = None
+        if body.get("keep_alive") is not None:
+            keep_alive = parse_keep_alive(body["keep_alive"])
+            keep_alive = float("inf") if keep_alive is None else keep_alive
+        run = await front.require_pool().run(body.get("model"), req, keep_alive=keep_alive)
         try:
             first = await run.events.__anext__()
         except BaseException:

@@ -264,6 +264,7 @@ class Run:
     tokens: list[int]
     max_tokens: int
     events: AsyncIterator
+    model: object = None     # what ran it (edgeinfer.pool sets it): .name, .native, .n_ctx
 
     def __aiter__(self):
         return self.events.__aiter__()

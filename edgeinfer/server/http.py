@@ -157,19 +157,36 @@ def _protocol_with_deadline(seconds: float):
 
 
 class HttpFront:
-    """The HTTP server of one Engine (which may still be loading)."""
+    """The HTTP server of the models a server runs (which may still be
+    loading)."""
 
     def __init__(self, engine, opts: HttpOptions, store=None):
-        self.engine = engine          # None while the model loads: /health says 503
-        self.opts = opts
+        """``engine``: an Engine, an edgeinfer.pool.ModelPool, or None while
+        the models load (/health says 503 until :attr:`pool` is set)."""
         self.store = store
-        self.metrics = Metrics(lambda: self.engine)
+        self.pool = None
+        self.engine = engine
+        self.opts = opts
+        self.metrics = Metrics(lambda: self.pool)
         self.stopping = False
         self._server = None
         self._tick = None
         self._sockets: list[socket.socket] = []
         self.started = time.time()
         self.app = self._build_app()
+
+    @property
+    def engine(self):
+        """The one model served, when exactly one is pinned."""
+        only = self.pool.only() if self.pool is not None else None
+        return only.model if only is not None else None
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        from ..pool import ModelPool
+
+        self.pool = engine if engine is None or isinstance(engine, ModelPool) else \
+            ModelPool.of_engine(engine, self.store)
 
     # -- the app ----------------------------------------------------------
     def _build_app(self) -> Starlette:
@@ -226,21 +243,29 @@ class HttpFront:
         return error_response(ApiError("method", f"{request.method} is not allowed on {request.url.path}"),
                               request.url.path)
 
-    def require_engine(self):
-        if self.engine is None:
+    def require_pool(self):
+        if self.pool is None:
             raise ApiError("unavailable", "the model is still loading; retry shortly")
-        return self.engine
+        return self.pool
 
     def check_model(self, model, param: str = "model", required: bool = False) -> None:
-        """404 for a model this server does not run (generation.check_model)."""
-        generation.check_model(self.require_engine().name, model, param=param, required=required)
+        """A RequestError for a model name that is missing (when
+        ``required``) or not a string; which model it means is the
+        pool's to say (a 404 when none)."""
+        self.require_pool()
+        if model is None and required:
+            raise generation.RequestError(param, f"{param} is required: GET /v1/models lists the models here")
+        if model is not None and not isinstance(model, str):
+            raise generation.RequestError(param, f"{param} must be a string")
 
     async def health(self, request: Request) -> Response:
-        if self.engine is None:
+        if self.pool is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         if self.stopping:
             return JSONResponse({"status": "stopping"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.engine.name,
+        only = self.engine
+        return JSONResponse({"status": "ok", "model": only.name if only is not None else None,
+                             "loaded": [s.name for s in self.pool.slots.values() if s.model is not None],
                              "uptime_s": round(time.time() - self.started, 1)})
 
     async def metrics_page(self, request: Request) -> Response:
@@ -248,25 +273,30 @@ class HttpFront:
         self.metrics.count("/metrics", 200)
         return Response(body, media_type=ctype)
 
-    def _model_card(self, name: str, loaded: bool) -> dict:
-        card = {"id": name, "object": "model", "created": int(self.started), "owned_by": "edgeinfer",
-                "loaded": loaded}
-        if loaded and self.engine is not None:
-            card["context_length"] = self.engine.n_ctx
+    def _model_card(self, d: dict) -> dict:
+        """An OpenAI model object, with what edgeinfer knows of it under
+        "edgeinfer" (loaded, state, memory, threads, expiry)."""
+        card = {"id": d["name"], "object": "model", "created": int(self.started), "owned_by": "edgeinfer",
+                "loaded": d.get("loaded", False)}
+        if d.get("n_ctx"):
+            card["context_length"] = d["n_ctx"]
+        card["edgeinfer"] = {k: v for k, v in d.items() if k != "name"}
         return card
 
     async def models(self, request: Request) -> Response:
-        engine = self.require_engine()
-        names = await asyncio.to_thread(generation.model_names, engine.name, self.store)
+        pool = self.require_pool()
+        listed = await asyncio.to_thread(pool.listed)
         self.metrics.count("/v1/models", 200)
-        return JSONResponse({"object": "list", "data": [self._model_card(n, n == engine.name) for n in names]})
+        return JSONResponse({"object": "list", "data": [self._model_card(d) for d in listed]})
 
     async def model(self, request: Request) -> Response:
         try:
-            self.check_model(request.path_params["model_id"])
+            pool = self.require_pool()
+            name = request.path_params["model_id"]
+            ref = await asyncio.to_thread(pool.resolve, name)
         except Exception as e:
             return error_response(api_error_from(e), request.url.path)
-        return JSONResponse(self._model_card(self.engine.name, True))
+        return JSONResponse({**self._model_card(pool.describe(ref)), "id": name})
 
     # -- lifecycle --------------------------------------------------------
     async def start(self) -> list[str]:

@@ -38,6 +38,7 @@ class Options:
     max_line: int = DEFAULT_MAX_LINE
     idle_timeout: float = 300.0     # seconds a connection may sit with nothing in flight
     drain_timeout: float = 30.0     # seconds SIGTERM waits for requests in flight
+    internal: bool = False          # a model's own process: protocol.INTERNAL_OPS are answered
 
 
 def is_loopback(host: str) -> bool:
@@ -61,7 +62,11 @@ class Server:
     """The JSON-lines front of one Engine."""
 
     def __init__(self, engine, opts: Options, store=None):
-        self.engine = engine
+        """``engine``: an Engine, or an edgeinfer.pool.ModelPool of the
+        models to serve."""
+        from ..pool import ModelPool
+
+        self.pool = engine if isinstance(engine, ModelPool) else ModelPool.of_engine(engine, store)
         self.opts = opts
         self.store = store
         self._servers: list[asyncio.base_events.Server] = []
@@ -129,7 +134,7 @@ class Server:
 class _Connection:
     def __init__(self, server: Server, reader, writer):
         self.server, self.reader, self.writer = server, reader, writer
-        self.engine = server.engine
+        self.pool = server.pool
         self.inflight: dict = {}           # request id → task
         self._write_lock = asyncio.Lock()
         self.closed = False
@@ -201,7 +206,7 @@ class _Connection:
                 return
             first = False
             try:
-                call = protocol.parse(line, n_ctx=self.engine.n_ctx)
+                call = protocol.parse(line, n_ctx=self._n_ctx(), internal=self.server.opts.internal)
                 self.authorize(call)
                 await self.dispatch(call)
             except ProtocolError as e:
@@ -221,10 +226,6 @@ class _Connection:
                 raise ProtocolError.of(generation.StoppingError("the server is stopping; no new requests"), call.id)
             if call.id in self.inflight:
                 raise ProtocolError("duplicate_id", f"request {call.id!r} is still running", call.id)
-            try:
-                generation.check_model(self.engine.name, call.model)
-            except generation.ModelNotServedError as e:
-                raise ProtocolError.of(e, call.id) from None
             task = asyncio.create_task(self.generate(call))
             self.inflight[call.id] = task
             self.server._requests.add(task)
@@ -236,15 +237,48 @@ class _Connection:
                 task.cancel()
             await self.send({"id": call.id, "event": "result", "cancelled": task is not None})
         elif call.op == "health":
-            await self.send({"id": call.id, "event": "result", "status": "ok", "model": self.engine.name,
+            only = self.pool.only()
+            await self.send({"id": call.id, "event": "result", "status": "ok",
+                             "model": only.model.name if only is not None and only.model is not None else None,
+                             "loaded": [s.name for s in self.pool.slots.values() if s.model is not None],
                              "uptime_s": round(time.time() - self.server.started, 1)})
+        elif call.op == "count":
+            try:
+                n = await self.pool.only().model.count(call.request)
+            except Exception as e:
+                raise ProtocolError.of(e, call.id) from None
+            await self.send({"id": call.id, "event": "result", "tokens": n})
+        elif call.op == "threads":
+            await self.pool.only().model.set_threads(call.threads)
+            await self.send({"id": call.id, "event": "result", "threads": call.threads})
         elif call.op == "stats":
-            await self.send({"id": call.id, "event": "result", **self.engine.status()})
+            await self.send({"id": call.id, "event": "result", **await self.stats(call.model)})
         elif call.op == "models":
-            names = await asyncio.to_thread(generation.model_names, self.engine.name, self.server.store)
-            models = [{"name": n, "loaded": False} for n in names]
-            models[0] = {"name": self.engine.name, "loaded": True, "n_ctx": self.engine.n_ctx}
-            await self.send({"id": call.id, "event": "result", "loaded": self.engine.name, "models": models})
+            models = await asyncio.to_thread(self.pool.listed)
+            loaded = [m["name"] for m in models if m.get("loaded") and "alias_of" not in m]
+            await self.send({"id": call.id, "event": "result", "loaded": loaded[0] if len(loaded) == 1 else loaded,
+                             "models": models})
+
+    def _n_ctx(self) -> int:
+        """The bound for max_tokens: the context of the one model served,
+        else the largest a request could use (the model checks its own)."""
+        only = self.pool.only()
+        return only.model.n_ctx if only is not None and only.model is not None else 1 << 20
+
+    async def stats(self, name) -> dict:
+        """The scheduler's status of the one model served (or the one
+        named), and every model's state under "models"."""
+        pool = self.pool
+        try:
+            ref = await asyncio.to_thread(pool.resolve, name) if name or pool.only() else None
+        except Exception as e:
+            raise ProtocolError.of(e) from None
+        slot = pool.slots.get(ref) if ref else None
+        out = {}
+        if slot is not None and slot.model is not None:
+            out = await asyncio.to_thread(slot.model.status)
+        out["models"] = [pool.describe(r) for r, s in pool.slots.items() if s.model is not None]
+        return out
 
     def _done(self, rid, task: asyncio.Task) -> None:
         if self.inflight.get(rid) is task:
@@ -254,7 +288,10 @@ class _Connection:
     async def generate(self, call: Call) -> None:
         rid = call.id
         try:
-            run = await generation.run(self.engine, call.request)
+            run = await self.pool.run(call.model, call.request, keep_alive=call.keep_alive)
+            internal = call.op == "run"
+            if internal:   # the server that started this process answers with the prompt's size first
+                await self.send({"id": rid, "event": "started", "tokens": run.tokens, "max_tokens": run.max_tokens})
             parts = []
             # aclosing: however the loop ends (a write to a closed socket
             # raises here), the stream is closed, which cancels its sequence.
@@ -269,6 +306,8 @@ class _Connection:
                         log.info("%s %r: %d+%d tokens (%d cached), %s, %.2f s", call.op, rid, st.prompt_tokens,
                                  st.generated_tokens, st.cached_tokens, st.finish_reason, st.total_s)
                         await self.send(done)
+                    elif internal:
+                        await self.send({"id": rid, "event": "token", "text": ev.text, "tokens": ev.tokens})
                     elif ev.text:
                         if call.stream:
                             await self.send({"id": rid, "event": "token", "text": ev.text})
@@ -290,8 +329,11 @@ class _Connection:
             m = generation.meaning(e)
             if m.code == "internal":
                 log.error("request %r failed: %s", rid, generation.message(e), exc_info=e)
+            event = ProtocolError.of(e, rid).event()
+            if self.server.opts.internal:   # enough for the other side to raise the same error
+                event.update({"class": type(e).__name__, "param": getattr(e, "param", None)})
             try:
-                await self.send(ProtocolError.of(e, rid).event())
+                await self.send(event)
             except (ConnectionError, RuntimeError):
                 pass
 

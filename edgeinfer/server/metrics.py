@@ -2,8 +2,8 @@
 
 Counters and histograms are kept as requests finish (a request its
 client cancelled by leaving counts by its status alone); the gauges (queue,
-sequences, KV cells, decode speed, heat) are read from the engine and the
-machine at each scrape. Each server has its own registry, so two servers in
+sequences, KV cells, decode speed, threads, memory, heat) are read from each
+loaded model (labelled by its name) and the machine at each scrape. Each server has its own registry, so two servers in
 one process (as in tests) never mix their figures.
 """
 
@@ -23,7 +23,7 @@ ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
 class Metrics:
-    def __init__(self, engine_getter):
+    def __init__(self, pool_getter):
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("edgeinfer_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
@@ -38,7 +38,7 @@ class Metrics:
                               "From a request's arrival to its first token", buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("edgeinfer_inter_token_seconds", "Gap between successive tokens of a stream",
                              buckets=ITL_BUCKETS, registry=r)
-        r.register(_Live(engine_getter))
+        r.register(_Live(pool_getter))
 
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -66,40 +66,48 @@ class Metrics:
 class _Live:
     """Gauges read at scrape time."""
 
-    def __init__(self, engine_getter):
-        self.engine_getter = engine_getter
+    def __init__(self, pool_getter):
+        self.pool_getter = pool_getter
 
     def describe(self):
         return []   # collected at scrape time only; nothing to register up front
 
     def collect(self):
-        engine = self.engine_getter()
-        yield GaugeMetricFamily("edgeinfer_model_loaded", "1 once the model is loaded and serving",
-                                value=0 if engine is None else 1)
-        if engine is not None:
+        pool = self.pool_getter()
+        loaded = [] if pool is None else [s for s in list(pool.slots.values()) if s.model is not None]
+        yield GaugeMetricFamily("edgeinfer_model_loaded", "1 once a model is loaded and serving",
+                                value=1 if loaded else 0)
+        yield GaugeMetricFamily("edgeinfer_models_loaded", "Models loaded now", value=len(loaded))
+        gauges = (("edgeinfer_active_sequences", "active_sequences", "Sequences generating or prefilling"),
+                  ("edgeinfer_queue_depth", "queue_depth", "Requests waiting for a sequence"),
+                  ("edgeinfer_parallel_sequences", "parallel", "Sequences decoded together at most"),
+                  ("edgeinfer_kv_cells_used", "kv_cells_used", "KV cache cells in use"),
+                  ("edgeinfer_kv_cells", "n_ctx", "KV cache cells in all (the context)"),
+                  ("edgeinfer_decode_tokens_per_second", "decode_tps",
+                   "Tokens generated per second over the last 10 s, all streams"),
+                  ("edgeinfer_model_threads", "threads", "Threads the model decodes with now"),
+                  ("edgeinfer_model_memory_bytes", "memory_bytes", "Resident memory of the model's process"))
+        counters = (("edgeinfer_prompt_cache_hits", "prompt_cache_hits",
+                     "Requests that reused KV state for part of their prompt"),
+                    ("edgeinfer_busy_refusals", "busy_refusals", "Requests refused because the queue was full"),
+                    ("edgeinfer_scheduler_steps", "steps", "Batched decode steps run"))
+        info = GaugeMetricFamily("edgeinfer_model_info", "The models loaded", labels=["model", "native"])
+        families = {name: GaugeMetricFamily(name, doc, labels=["model"]) for name, _, doc in gauges}
+        families.update({name: CounterMetricFamily(name, doc, labels=["model"]) for name, _, doc in counters})
+        for slot in loaded:
+            model = slot.model
             try:
-                st = engine.status()
+                st = {**model.status(), "threads": model.threads, "memory_bytes": model.rss()}
             except Exception:   # closed while the scrape ran
-                st = None
-            if st is not None:
-                info = GaugeMetricFamily("edgeinfer_model_info", "The model served", labels=["model", "native"])
-                info.add_metric([engine.name, engine.native.setting], 1)
-                yield info
-                for name, key, doc in (
-                        ("edgeinfer_active_sequences", "active_sequences", "Sequences generating or prefilling"),
-                        ("edgeinfer_queue_depth", "queue_depth", "Requests waiting for a sequence"),
-                        ("edgeinfer_parallel_sequences", "parallel", "Sequences decoded together at most"),
-                        ("edgeinfer_kv_cells_used", "kv_cells_used", "KV cache cells in use"),
-                        ("edgeinfer_kv_cells", "n_ctx", "KV cache cells in all (the context)"),
-                        ("edgeinfer_decode_tokens_per_second", "decode_tps",
-                         "Tokens generated per second over the last 10 s, all streams")):
-                    yield GaugeMetricFamily(name, doc, value=st[key])
-                for name, key, doc in (
-                        ("edgeinfer_prompt_cache_hits", "prompt_cache_hits",
-                         "Requests that reused KV state for part of their prompt"),
-                        ("edgeinfer_busy_refusals", "busy_refusals", "Requests refused because the queue was full"),
-                        ("edgeinfer_scheduler_steps", "steps", "Batched decode steps run")):
-                    yield CounterMetricFamily(name, doc, value=st[key])
+                continue
+            if not st or "n_ctx" not in st:
+                continue
+            info.add_metric([model.name, model.native.setting], 1)
+            for name, key, _ in gauges + counters:
+                if key in st:
+                    families[name].add_metric([model.name], st[key])
+        yield info
+        yield from families.values()
         temp = hardware.cpu_temperature()
         if temp is not None:
             yield GaugeMetricFamily("edgeinfer_cpu_temperature_celsius", "The hottest CPU sensor", value=temp)

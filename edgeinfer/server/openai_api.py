@@ -140,8 +140,8 @@ async def chat_completions(front, body: dict, request):
     messages = _messages(f, images)
     req, stream, include_usage = _request(f, front, {"messages": messages}, images, None)
     req.json_schema = _response_format(f)
-    gen = await Generation.start(front, req, "/v1/chat/completions")
-    head = _head("chatcmpl", front.engine)
+    gen = await Generation.start(front, req, "/v1/chat/completions", body)
+    head = _head("chatcmpl", gen.model)
     if not stream:
         text = await gen.text(request)
         st = gen.stats
@@ -189,8 +189,8 @@ async def completions(front, body: dict, request):
     front.check_model(body.get("model"))
     f.refuse("echo", (False,), "echo is not supported")
     req, stream, include_usage = _request(f, front, _prompt(f), [], COMPLETIONS_DEFAULT_MAX_TOKENS)
-    gen = await Generation.start(front, req, "/v1/completions")
-    head = {**_head("cmpl", front.engine), "object": "text_completion"}
+    gen = await Generation.start(front, req, "/v1/completions", body)
+    head = {**_head("cmpl", gen.model), "object": "text_completion"}
     if not stream:
         text = await gen.text(request)
         st = gen.stats

@@ -12,6 +12,7 @@ It loads nothing heavy (no llama.cpp), as the client imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -22,7 +23,13 @@ from . import generation
 from .generation import GenerationRequest, RequestError
 
 OPS = ("generate", "chat", "cancel", "models", "health", "stats")
-GENERATING_OPS = ("generate", "chat")
+GENERATING_OPS = ("generate", "chat", "run")
+# Ops a model's own process answers to the server that started it (on a
+# Unix socket only that server can open): "run" carries a whole
+# GenerationRequest, parsed already by the face that received it;
+# "count" renders one and says how many tokens its prompt is; "threads"
+# sets the threads it decodes with (edgeinfer.pool).
+INTERNAL_OPS = ("run", "count", "threads")
 MAX_ID = 128            # characters in a request id
 MAX_MESSAGES = 4096
 
@@ -73,7 +80,9 @@ class Call:
     target: str | int | None = None
     model: str | None = None
     stream: bool = True
-    request: GenerationRequest | None = None      # generate and chat
+    request: GenerationRequest | None = None      # generate, chat and run
+    threads: int | None = None                    # threads
+    keep_alive: float | None = None               # seconds the model stays loaded after this request
 
 
 def error_event(request_id, code: str, message: str) -> dict:
@@ -92,8 +101,9 @@ def looks_like_http(line: bytes) -> bool:
     return bool(_HTTP_REQUEST_LINE.match(line[:2048]))
 
 
-def parse(line: bytes, *, n_ctx: int) -> Call:
-    """One request line to a Call; raises ProtocolError."""
+def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
+    """One request line to a Call; raises ProtocolError. ``internal``:
+    the INTERNAL_OPS are known too."""
     try:
         obj = generation.load_json(line)
     except ValueError as e:
@@ -112,7 +122,7 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
     op = obj.get("op")
     if not isinstance(op, str):
         raise bad('op is required, e.g. "op": "generate"')
-    if op not in OPS:
+    if op not in OPS and not (internal and op in INTERNAL_OPS):
         raise ProtocolError("unknown_op", f"unknown op {op[:40]!r}: use one of {', '.join(OPS)}", rid)
     token = obj.get("token")
     if token is not None and not isinstance(token, str):
@@ -122,12 +132,29 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
     if model is not None and not isinstance(model, str):
         raise bad("model must be a string")
     call.model = model
+    if obj.get("keep_alive") is not None:
+        from ..pool import parse_keep_alive
+
+        try:
+            call.keep_alive = parse_keep_alive(obj["keep_alive"])
+        except RequestError as e:
+            raise bad(str(e)) from None
+        if call.keep_alive is None:
+            call.keep_alive = float("inf")
     if op == "cancel":
         target = obj.get("target")
         if isinstance(target, bool) or not isinstance(target, (str, int)):
             raise bad("cancel needs target: the id of a request on this connection")
         call.target = target
         return call
+    if op == "threads":
+        n = obj.get("threads")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 512:
+            raise bad("threads must be an integer from 1 to 512")
+        call.threads = n
+        return call
+    if op in ("run", "count"):
+        return _internal_run(call, obj, bad)
     if op not in GENERATING_OPS:
         return call
     if rid is None:
@@ -180,13 +207,40 @@ def parse(line: bytes, *, n_ctx: int) -> Call:
                 raise bad(str(e)) from None
     # Fields the request model has but this server does not honour yet
     # (tools, logprobs, n, suffix, images) are unknown here, so refused.
-    known = {"id", "op", "token", "model", "prompt", "messages", "stream", "max_tokens", "stop", "seed", "ignore_eos",
-             "json_schema", "grammar", "speculative", *OPTIONS}
+    known = {"id", "op", "token", "model", "keep_alive", "prompt", "messages", "stream", "max_tokens", "stop",
+             "seed", "ignore_eos", "json_schema", "grammar", "speculative", *OPTIONS}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
     call.request = req
     return call
+
+
+def _internal_run(call: Call, obj: dict, bad) -> Call:
+    """A GenerationRequest sent whole by the server that started this
+    process: its face checked every field already."""
+    fields = obj.get("request")
+    stream = obj.get("stream", True)
+    if not isinstance(fields, dict) or not isinstance(stream, bool):
+        raise bad("run needs request: the fields of a GenerationRequest")
+    try:
+        call.request = GenerationRequest(**fields)
+    except TypeError as e:
+        raise bad(f"request: {e}") from None
+    call.stream = stream
+    return call
+
+
+def request_fields(req: GenerationRequest) -> dict:
+    """``req`` as the ``request`` of a "run" line: its fields that differ
+    from the defaults."""
+    out = {}
+    for f in dataclasses.fields(req):
+        v = getattr(req, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if v != default:
+            out[f.name] = v
+    return out
 
 
 def _messages(messages, bad) -> list[dict]:

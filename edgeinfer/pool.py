@@ -1,0 +1,640 @@
+"""Several models behind one server: loaded when a request names them,
+unloaded when idle, evicted to fit memory, each in a process of its own.
+
+A :class:`ModelPool` maps the names requests use (store names with or
+without their tag, and aliases) to models. Each model runs in a child
+process (``edgeinfer.server.worker``) that answers JSON lines on a Unix
+socket; the server's faces parse a request once and hand the child the
+whole :class:`~edgeinfer.server.generation.GenerationRequest`. A process
+per model is what makes the promises hold:
+
+- a crash, abort or hang in one model's native code ends its process
+  only: its requests get an error, the model is loaded again on the
+  next request, and the other models never notice;
+- an unloaded model's memory really leaves: the process exits, where
+  llama.cpp's free inside a long-lived process would leave the heap to
+  the allocator;
+- a load cannot stall the event loop that serves the other models.
+
+The pool also shares the cores: while two models are busy at once each
+decodes with half of them (two ggml thread teams on the same cores spin
+against each other: 83 tok/s alone fell to 28 with two teams of 2 on 2
+cores); one busy model gets them all back at its next step.
+
+An :class:`InlineModel` wraps an Engine of this process instead (the
+Python library, tests), with the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from . import errors
+from .errors import EdgeinferError, EngineError, MemoryFitError, ModelNotServedError
+from .events import DoneEvent, Stats, TextEvent
+
+log = logging.getLogger("edgeinfer.pool")
+
+DEFAULT_KEEP_ALIVE = 300.0      # seconds an idle model stays loaded (Ollama's default too)
+LOAD_TIMEOUT = 600.0            # a 4 GB model from an SD card takes minutes
+STOP_TIMEOUT = 10.0             # SIGTERM, then SIGKILL
+REAP_EVERY = 0.5                # seconds between checks for idle models past their keep-alive
+READY_LINE_LIMIT = 1 << 20
+
+
+def parse_keep_alive(value, param: str = "keep_alive") -> float | None:
+    """Seconds an idle model stays loaded, from a number of seconds or a
+    duration ("5m", "30s", "1h", "0"); None for forever (-1, "-1",
+    "forever"). Raises RequestError for anything else."""
+    from .errors import RequestError
+
+    if isinstance(value, bool):
+        raise RequestError(param, f"{param} must be a duration such as \"5m\", a number of seconds, or -1")
+    if isinstance(value, (int, float)):
+        return None if value < 0 else float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("-1", "forever", "inf"):
+            return None
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        for unit in ("ms", "s", "m", "h", ""):
+            if text.endswith(unit):
+                number = text[:len(text) - len(unit)] if unit else text
+                try:
+                    seconds = float(number) * units.get(unit, 1)
+                except ValueError:
+                    break
+                if seconds != seconds or seconds == float("inf"):
+                    break
+                return None if seconds < 0 else seconds
+    raise RequestError(param, f"{param} must be a duration such as \"5m\" or \"30s\", a number of seconds, "
+                              "0 (unload after the request) or -1 (keep loaded)")
+
+
+def _rebuild_error(reply: dict) -> EdgeinferError:
+    """The exception a model's process reported, as the same class here
+    (so the error table gives it the same meaning on every face)."""
+    name, message, param = reply.get("class"), reply.get("message", "the model failed"), reply.get("param")
+    cls = getattr(errors, name or "", None)
+    if name == "RequestError" or (cls is None and reply.get("code") == "bad_request"):
+        return errors.RequestError(param, message)
+    if not (isinstance(cls, type) and issubclass(cls, EdgeinferError)) or cls is errors.ServerError:
+        cls = {"busy": errors.EngineBusyError, "context_overflow": errors.ContextOverflowError,
+               "bad_schema": errors.GrammarError, "shutting_down": errors.StoppingError,
+               "not_found": ModelNotServedError}.get(reply.get("code"), EngineError)
+    try:
+        return cls(message, hint="")   # the message already carries the hint
+    except TypeError:
+        return EngineError(message, hint="")
+
+
+class ModelProcess:
+    """A model loaded in a child process; the faces use it as they would
+    an Engine (``name``, ``n_ctx``, ``n_seq_max``, ``native``, ``start``)."""
+
+    def __init__(self, ref: str, proc: asyncio.subprocess.Process, socket_path: str, facts: dict):
+        self.ref, self.proc, self.socket_path = ref, proc, socket_path
+        self.name = facts["name"]
+        self.n_ctx, self.n_seq_max, self.n_vocab = facts["n_ctx"], facts["n_seq_max"], facts["n_vocab"]
+        self.native = SimpleNamespace(setting=facts["native"])
+        self.threads = facts["threads"]
+        self.pid = proc.pid
+        self._ids = itertools.count(1)
+
+    @classmethod
+    async def spawn(cls, ref: str, socket_path: str, options: dict) -> "ModelProcess":
+        """Start a process for ``ref`` and wait until its model is loaded.
+        Raises the load's own error (MemoryFitError, GGUFError, ...)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeinfer.server.worker", ref, "--socket", socket_path,
+            "--options", json.dumps(options), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, limit=READY_LINE_LIMIT)
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), LOAD_TIMEOUT)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            proc.kill()
+            await proc.wait()
+            raise EngineError(f"{ref} did not load within {LOAD_TIMEOUT:g} s") from None
+        try:
+            facts = json.loads(line) if line else {}
+        except ValueError:
+            facts = {}
+        if not facts.get("ready"):
+            code = await proc.wait()
+            if "class" in facts:
+                raise _rebuild_error(facts) if not facts.get("hint") else \
+                    _with_hint(_rebuild_error(facts), facts["hint"])
+            raise EngineError(f"{ref} failed to load: its process exited with status {code}",
+                              hint="the server's log has its last words; check the file with "
+                                   f"'edgeinfer show {ref}'")
+        return cls(ref, proc, socket_path, facts)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def rss(self) -> int:
+        """Resident memory of the model's process, in bytes."""
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except psutil.Error:
+            return 0
+
+    def _lost(self) -> EngineError:
+        code = self.proc.returncode
+        how = f"exit status {code}" if code is not None and code >= 0 else \
+            f"signal {signal.Signals(-code).name}" if code is not None else "a closed socket"
+        return EngineError(f"{self.ref}'s process ended mid-request ({how})",
+                           hint="retry: the model is loaded again on the next request")
+
+    async def _connect(self):
+        try:
+            return await asyncio.open_unix_connection(self.socket_path, limit=READY_LINE_LIMIT * 16)
+        except OSError:
+            raise self._lost() from None
+
+    async def call(self, op: str, **fields) -> dict:
+        """One request and its one reply (``stats``, ``threads``)."""
+        from .server.protocol import encode
+
+        reader, writer = await self._connect()
+        try:
+            writer.write(encode({"id": next(self._ids), "op": op, **fields}))
+            await writer.drain()
+            line = await reader.readline()
+            if not line:
+                raise self._lost()
+            reply = json.loads(line)
+            if reply.get("event") == "error":
+                raise _rebuild_error(reply)
+            return reply
+        finally:
+            writer.close()
+
+    async def set_threads(self, threads: int) -> None:
+        if threads != self.threads:
+            await self.call("threads", threads=threads)
+            self.threads = threads
+
+    async def count(self, req) -> int:
+        """Tokens in ``req``'s prompt, as the model renders it."""
+        from .server.protocol import request_fields
+
+        return (await self.call("count", request=request_fields(req)))["tokens"]
+
+    def status(self) -> dict:
+        """The scheduler's status (blocking: call it in a thread)."""
+        import socket as socket_
+
+        from .server.protocol import encode
+
+        with socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM) as s:
+            s.settimeout(5)
+            try:
+                s.connect(self.socket_path)
+                s.sendall(encode({"id": 0, "op": "stats"}))
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                return {}
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            return {}
+        return {k: v for k, v in reply.items() if k not in ("id", "event")}
+
+    async def start(self, req):
+        """Start ``req`` in the model's process: a generation.Run whose
+        events come from there. Closing the events closes the connection,
+        which cancels the request in the process."""
+        from .server import generation
+        from .server.protocol import encode, request_fields
+
+        reader, writer = await self._connect()
+        rid = next(self._ids)
+        try:
+            writer.write(encode({"id": rid, "op": "run", "request": request_fields(req)}))
+            await writer.drain()
+            reply = await self._reply(reader)
+            if reply.get("event") != "started":
+                raise _rebuild_error(reply) if reply.get("event") == "error" else self._lost()
+        except BaseException:
+            writer.close()
+            raise
+        return generation.Run(reply["tokens"], reply["max_tokens"], self._events(reader, writer))
+
+    async def _reply(self, reader) -> dict:
+        line = await reader.readline()
+        if not line:
+            await asyncio.sleep(0.05)   # let the process's exit be seen, for the message
+            raise self._lost()
+        return json.loads(line)
+
+    async def _events(self, reader, writer):
+        try:
+            while True:
+                reply = await self._reply(reader)
+                kind = reply.get("event")
+                if kind == "token":
+                    yield TextEvent(reply.get("text", ""), reply.get("tokens") or [])
+                elif kind == "done":
+                    known = {k: v for k, v in (reply.get("stats") or {}).items() if k in Stats.__dataclass_fields__}
+                    stats = Stats(**known)
+                    stats.finish_reason = reply.get("finish_reason", stats.finish_reason)
+                    yield DoneEvent(stats)
+                    return
+                elif kind == "error":
+                    raise _rebuild_error(reply)
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        """End the process: SIGTERM (it drains), then SIGKILL."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+
+
+def _with_hint(e: EdgeinferError, hint: str) -> EdgeinferError:
+    e.hint = hint
+    return e
+
+
+class InlineModel:
+    """An Engine of this process, as the pool holds a model."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.name = self.ref = engine.name
+        self.n_ctx, self.n_seq_max = engine.n_ctx, engine.n_seq_max
+        self.n_vocab = getattr(engine, "n_vocab", 0)
+        self.native = getattr(engine, "native", SimpleNamespace(setting="full"))
+        self.threads = getattr(engine, "threads", 0)
+        self.alive = True
+
+    async def start(self, req):
+        from .server import generation
+
+        return await generation.run(self.engine, req)
+
+    async def count(self, req) -> int:
+        from .server import generation
+
+        return len(await asyncio.to_thread(generation.render, self.engine, req))
+
+    async def set_threads(self, threads: int) -> None:
+        if threads != self.threads and hasattr(self.engine, "set_threads"):
+            self.engine.set_threads(threads)
+            self.threads = threads
+
+    def status(self) -> dict:
+        return self.engine.status()
+
+    def rss(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.close)
+
+
+@dataclass
+class PoolOptions:
+    """How a pool loads and keeps models."""
+
+    keep_alive: float | None = DEFAULT_KEEP_ALIVE   # None: forever
+    load: dict = field(default_factory=dict)          # edgeinfer.load() options for every model
+    aliases: dict = field(default_factory=dict)       # name a request may use → model
+    any_name: bool = False   # with exactly one model pinned: any other name is answered by it
+    cores: int | None = None  # the cores shared between busy models (default: hardware.default_threads())
+
+
+@dataclass
+class Slot:
+    """One model the pool knows: loaded or not."""
+
+    ref: str
+    model: object | None = None        # ModelProcess or InlineModel
+    pinned: bool = False
+    busy: int = 0                      # requests in flight
+    last_used: float = 0.0
+    expires: float | None = None       # monotonic time it unloads when idle; None: never
+    loading: asyncio.Task | None = None
+    last_error: str | None = None
+    loads: int = 0
+
+    @property
+    def name(self) -> str:
+        """What requests call it: a store name, or a file's name (its path
+        stays on the server)."""
+        return os.path.basename(self.ref) if os.sep in self.ref else self.ref
+
+
+class ModelPool:
+    """The models a server answers for."""
+
+    def __init__(self, store=None, opts: PoolOptions | None = None):
+        self.store = store
+        self.opts = opts or PoolOptions()
+        self.slots: dict[str, Slot] = {}
+        self._dir = None
+        self._reaper: asyncio.Task | None = None
+        self._fit_lock = asyncio.Lock()
+        self.closed = False
+
+    @classmethod
+    def of_engine(cls, engine, store=None) -> "ModelPool":
+        """A pool of one Engine of this process, pinned."""
+        pool = cls(store, PoolOptions(keep_alive=None))
+        model = InlineModel(engine)
+        pool.slots[model.ref] = Slot(model.ref, model=model, pinned=True, loads=1)
+        return pool
+
+    # -- names ------------------------------------------------------------
+    @property
+    def pinned(self) -> list[Slot]:
+        return [s for s in self.slots.values() if s.pinned]
+
+    def only(self) -> Slot | None:
+        """The one pinned model, when exactly one is."""
+        pinned = self.pinned
+        return pinned[0] if len(pinned) == 1 else None
+
+    def resolve(self, name) -> str:
+        """The store reference a request's model name means (blocking:
+        it may read the store). Raises ModelNotServedError."""
+        from .errors import RequestError
+
+        if name is not None and not isinstance(name, str):
+            raise RequestError("model", "model must be a string")
+        if name is None or name == "":
+            only = self.only() or (next(iter(self.slots.values())) if len(self.slots) == 1 else None)
+            if only is not None:
+                return only.ref
+            raise RequestError("model", "model is required: this server runs several models "
+                                        "(GET /v1/models lists them)")
+        name = self.opts.aliases.get(name, name)
+        for slot in self.slots.values():
+            if name in (slot.name, slot.name.split(":")[0]) or (slot.model is not None and name == slot.model.name):
+                return slot.ref
+        if self.store is not None:
+            try:
+                return self.store.resolve(name).ref
+            except (EdgeinferError, ValueError):
+                pass
+        only = self.only()
+        if only is not None and self.opts.any_name:
+            return only.ref
+        hint = "'edgeinfer list' shows the models here; 'edgeinfer pull NAME' fetches another"
+        if only is not None:
+            hint += f"; start the server with --any-name to answer every name with {only.ref}"
+        raise ModelNotServedError(f"no model named {name[:100]!r} here", hint=hint)
+
+    def listed(self) -> list[dict]:
+        """Every model a request may name: the store's, then aliases, with
+        whether each is loaded (blocking: reads the store)."""
+        refs = list(self.slots)
+        if self.store is not None:
+            try:
+                refs += [m.ref for m in self.store.list() if m.ref not in self.slots]
+            except EdgeinferError:
+                pass
+        out = [self.describe(ref) for ref in refs]
+        for alias, target in sorted(self.opts.aliases.items()):
+            out.append({"name": alias, "alias_of": target, "loaded": self._loaded(target)})
+        return out
+
+    def _loaded(self, name: str) -> bool:
+        slot = self.slots.get(name) or next((s for s in self.slots.values() if s.ref.split(":")[0] == name), None)
+        return bool(slot and slot.model is not None and slot.model.alive)
+
+    def describe(self, ref: str) -> dict:
+        """One model's state: loaded or on demand; memory, threads,
+        requests in flight, seconds until it unloads."""
+        slot = self.slots.get(ref)
+        if slot is None or slot.model is None or not slot.model.alive:
+            d = {"name": slot.name if slot else ref, "loaded": False,
+                 "state": "failed" if slot and slot.last_error else "on demand"}
+            if slot is not None and slot.last_error:
+                d["error"] = slot.last_error
+            return d
+        m = slot.model
+        left = None if slot.expires is None or slot.busy else max(0.0, slot.expires - time.monotonic())
+        return {"name": slot.name, "loaded": True, "state": "busy" if slot.busy else "idle", "pinned": slot.pinned,
+                "n_ctx": m.n_ctx, "parallel": m.n_seq_max, "threads": m.threads, "requests": slot.busy,
+                "memory_bytes": m.rss(), "pid": getattr(m, "pid", os.getpid()),
+                "expires_in_s": None if left is None else round(left, 1), "loads": slot.loads}
+
+    # -- lifecycle --------------------------------------------------------
+    async def start(self, pinned: list[str] = ()) -> None:
+        """Load the pinned models (in order; an error here stops the server)
+        and start unloading idle ones."""
+        for name in pinned:
+            # A file given at start is served under its own path; a request
+            # can only name it by its file name (the model's name), never
+            # load a file of its choosing.
+            ref = name if os.path.isfile(name) else await asyncio.to_thread(self.resolve, name)
+            slot = self.slots.setdefault(ref, Slot(ref))
+            slot.pinned = True
+            await self._ensure_loaded(slot)
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap())
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self._unload(s) for s in self.slots.values()), return_exceptions=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def unload(self, name: str) -> bool:
+        """Unload a model now (after its requests); False if it was not loaded."""
+        ref = await asyncio.to_thread(self.resolve, name)
+        slot = self.slots.get(ref)
+        if slot is None or slot.model is None:
+            return False
+        slot.expires = time.monotonic()
+        if not slot.busy:
+            await self._unload(slot)
+        return True
+
+    # -- requests ---------------------------------------------------------
+    async def run(self, name, req, keep_alive=None):
+        """Start ``req`` on the model ``name`` means, loading it if need be.
+        Returns a generation.Run with ``.model`` (the model) set; the
+        model counts as busy until its events end. ``keep_alive``
+        (seconds, None: the pool's) applies once it is idle again."""
+        ref = await asyncio.to_thread(self.resolve, name)
+        slot = self.slots.setdefault(ref, Slot(ref))
+        model = await self._ensure_loaded(slot)
+        slot.busy += 1
+        await self._share_cores()
+        try:
+            run = await model.start(req)
+        except BaseException:
+            await self._release(slot, keep_alive)
+            raise
+        run.model = model
+        run.events = self._held(run.events, slot, keep_alive)
+        return run
+
+    async def model_for(self, name):
+        """The loaded model ``name`` means (loading it), for a face that
+        needs its facts without generating (count_tokens)."""
+        ref = await asyncio.to_thread(self.resolve, name)
+        return await self._ensure_loaded(self.slots.setdefault(ref, Slot(ref)))
+
+    async def _held(self, events, slot: Slot, keep_alive):
+        try:
+            async with contextlib.aclosing(events) as inner:
+                async for ev in inner:
+                    yield ev
+        except EngineError:
+            if slot.model is not None and not slot.model.alive:
+                slot.last_error = "its process ended"
+                log.error("%s: the model's process ended (status %s); it loads again on the next request",
+                          slot.ref, slot.model.proc.returncode if hasattr(slot.model, "proc") else "?")
+            raise
+        finally:
+            await self._release(slot, keep_alive)
+
+    async def _release(self, slot: Slot, keep_alive) -> None:
+        slot.busy -= 1
+        slot.last_used = time.monotonic()
+        seconds = self.opts.keep_alive if keep_alive is None else keep_alive
+        forever = seconds is None or seconds == float("inf") or (slot.pinned and seconds != 0) or \
+            isinstance(slot.model, InlineModel)   # an Engine of this process has no process to end
+        slot.expires = None if forever else slot.last_used + seconds
+        if not slot.busy and slot.expires is not None and seconds == 0:
+            await self._unload(slot)
+        await self._share_cores()
+
+    async def _share_cores(self) -> None:
+        """Every busy model decodes with its share of the cores: all of
+        them when it is the only one busy."""
+        from . import hardware
+
+        cores = self.opts.cores or hardware.default_threads()
+        busy = [s for s in self.slots.values() if s.busy and s.model is not None and s.model.alive]
+        if not busy:
+            return
+        share = cores if len(busy) == 1 else max(1, cores // len(busy))
+        for s in busy:
+            try:
+                await s.model.set_threads(share)
+            except EdgeinferError:
+                pass   # a process that just died: its request reports it
+
+    # -- loading and unloading --------------------------------------------
+    async def _ensure_loaded(self, slot: Slot):
+        if slot.model is not None and slot.model.alive:
+            return slot.model
+        if slot.model is not None:   # its process died: load it again
+            slot.model = None
+        if slot.loading is None:
+            slot.loading = asyncio.ensure_future(self._load(slot))
+        try:
+            return await asyncio.shield(slot.loading)
+        finally:
+            if slot.loading is not None and slot.loading.done():
+                slot.loading = None
+
+    async def _load(self, slot: Slot):
+        t0 = time.perf_counter()
+        async with self._fit_lock:   # one load at a time: each must see the memory the last one took
+            await self._make_room(slot.ref)
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="edgeinfer-models-")   # mode 700: ours alone
+            path = os.path.join(self._dir, f"{len(os.listdir(self._dir))}-{os.getpid()}.sock")
+            try:
+                model = await ModelProcess.spawn(slot.ref, path, self.opts.load)
+            except EdgeinferError as e:
+                slot.last_error = e.one_line()
+                raise
+        slot.model, slot.last_error, slot.loads = model, None, slot.loads + 1
+        slot.last_used = time.monotonic()
+        slot.expires = None if slot.pinned or self.opts.keep_alive is None else slot.last_used + self.opts.keep_alive
+        log.info("%s loaded in %.1f s (process %d, %d threads)", slot.ref, time.perf_counter() - t0,
+                 model.pid, model.threads)
+        return model
+
+    async def _make_room(self, ref: str) -> None:
+        """Unload idle models, least recently used first, until ``ref``
+        fits in the memory available; MemoryFitError if it cannot fit
+        even alone."""
+        need = await asyncio.to_thread(self._need, ref)
+        from . import hardware
+
+        while True:
+            have = hardware.available_memory()
+            if need is None or need <= have:
+                return
+            idle = sorted((s for s in self.slots.values() if s.model is not None and not s.busy and not s.pinned
+                           and s.ref != ref), key=lambda s: s.last_used)
+            if not idle:
+                loaded = [s.ref for s in self.slots.values() if s.model is not None and s.ref != ref]
+                why = f"; {', '.join(loaded)} are loaded and busy or pinned" if loaded else ""
+                raise MemoryFitError(f"{ref} needs about {need / 1e9:.2f} GB and {have / 1e9:.2f} GB is "
+                                     f"available{why}",
+                                     hint="retry when the other models are idle, serve fewer models, "
+                                          "or use a smaller quant")
+            log.info("unloading %s to make room for %s", idle[0].ref, ref)
+            await self._unload(idle[0])
+
+    def _need(self, ref: str) -> int | None:
+        """Bytes ``ref`` (a store name or a file) takes at the context it
+        will load with."""
+        from .fit import box_profile
+        from .gguf_file import read_gguf
+        from .store import resolve_model
+
+        try:
+            info = read_gguf(resolve_model(ref, self.store)[0])
+        except Exception:   # noqa: BLE001 - the load itself will say what is wrong
+            return None
+        n_ctx = self.opts.load.get("n_ctx") or min(box_profile().n_ctx, info.context_length or box_profile().n_ctx)
+        return info.memory_estimate(n_ctx)
+
+    async def _unload(self, slot: Slot) -> None:
+        model, slot.model, slot.expires = slot.model, None, None
+        if model is not None:
+            await model.stop()
+            log.info("%s unloaded", slot.ref)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_EVERY)
+            now = time.monotonic()
+            for slot in list(self.slots.values()):
+                if slot.model is None:
+                    continue
+                if not slot.model.alive and not slot.busy:
+                    log.error("%s: the model's process ended (status %s)", slot.ref,
+                              getattr(getattr(slot.model, "proc", None), "returncode", "?"))
+                    slot.model, slot.last_error = None, "its process ended"
+                elif not slot.busy and slot.expires is not None and now >= slot.expires:
+                    await self._unload(slot)
