@@ -141,7 +141,8 @@ def _launch(cmd: list[str], env, where) -> Served:
 
 
 def start(model, *args, env=None) -> Served:
-    """``edgeinfer serve MODEL --port 0 ARGS``: the JSON-lines server."""
+    """``edgeinfer serve MODEL --port 0 ARGS``: the JSON-lines server
+    (MODEL None: the store's models, on demand)."""
     def where(line: str):
         if not line.startswith("Serving "):
             return None
@@ -149,8 +150,8 @@ def start(model, *args, env=None) -> Served:
         u = re.search(r"unix:(\S+?)[,:]", line)
         return int(m.group(1)) if m else None, u.group(1) if u else None
 
-    return _launch([sys.executable, "-m", "edgeinfer", "serve", str(model), "--port", "0", "--threads", "1", *args],
-                   env, where)
+    return _launch([sys.executable, "-m", "edgeinfer", "serve", *_model(model), "--port", "0", "--threads", "1",
+                    *args], env, where)
 
 
 def start_http(model, *args, env=None) -> Served:
@@ -159,5 +160,10 @@ def start_http(model, *args, env=None) -> Served:
         m = re.search(r"^Serving .* http://127\.0\.0\.1:(\d+)", line)
         return (int(m.group(1)), None) if m else None
 
-    return _launch([sys.executable, "-m", "edgeinfer", "serve", str(model), "--no-jsonl", "--http", "0",
+    return _launch([sys.executable, "-m", "edgeinfer", "serve", *_model(model), "--no-jsonl", "--http", "0",
                     "--threads", "1", *args], env, where)
+
+
+def _model(model) -> list[str]:
+    """MODEL as serve's argument; None for none (every model in the store, on demand)."""
+    return [] if model is None else [str(model)]
