@@ -108,14 +108,29 @@ def cgroup_memory_limit() -> int | None:
     return min(limits) if limits else None
 
 
+def _reclaimable(d: Path) -> int:
+    """Page cache charged to cgroup ``d`` that no process maps: files read
+    and closed, or the weights of a model whose process has ended. The
+    kernel drops it before it would kill anything, so it is room."""
+    stat = {}
+    for line in (_read(d / "memory.stat") or "").splitlines():
+        k, _, v = line.partition(" ")
+        if v.strip().isdigit():
+            stat[k] = int(v)
+    if "file" in stat:                                      # v2
+        return max(stat["file"] - stat.get("file_mapped", 0) - stat.get("file_dirty", 0), 0)
+    cache = stat.get("total_cache", stat.get("cache", 0))   # v1
+    return max(cache - stat.get("total_mapped_file", stat.get("mapped_file", 0)), 0)
+
+
 def cgroup_memory_headroom() -> int | None:
     """Bytes left under the tightest limit: min over limited levels of
-    limit minus that level's usage."""
+    limit minus that level's usage, not counting page cache nobody maps."""
     rooms = []
     for d, lim, use in _memory_levels():
         n = _number(d / lim)
         if n is not None:
-            rooms.append(max(n - (_number(d / use) or 0), 0))
+            rooms.append(max(n - max((_number(d / use) or 0) - _reclaimable(d), 0), 0))
     return min(rooms) if rooms else None
 
 

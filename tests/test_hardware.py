@@ -186,6 +186,23 @@ def test_memory_figures_stay_under_the_cgroup_limit(machine):
     assert hardware.available_memory() == 0
 
 
+@pytest.mark.parametrize("stat, room", [
+    # v2: 300 MB of page cache, 100 MB of it mapped by a running model, 20 MB dirty
+    (f"anon {500 << 20}\nfile {300 << 20}\nfile_mapped {100 << 20}\nfile_dirty {20 << 20}", 180 << 20),
+    # v1: the same counted its own way
+    (f"total_rss {500 << 20}\ntotal_cache {300 << 20}\ntotal_mapped_file {100 << 20}", 200 << 20),
+])
+def test_page_cache_nobody_maps_is_room(machine, stat, room):
+    """The weights of a model whose process ended stay in the page cache,
+    charged to the cgroup, until the kernel needs the room: they count as
+    free, or a server that unloads one model to load another would find
+    no room for it."""
+    machine.write("memory.max", str(1 << 30))
+    machine.write("memory.current", str((1 << 30) - (10 << 20)))   # 10 MB left by the usage alone
+    machine.write("memory.stat", stat)
+    assert hardware.cgroup_memory_headroom() == (10 << 20) + room
+
+
 # -- cores and affinity -------------------------------------------------------------
 
 def test_hyperthreads_count_once_within_the_affinity(machine):
