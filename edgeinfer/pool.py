@@ -571,7 +571,10 @@ class ModelPool:
                 self._dir = tempfile.mkdtemp(prefix="edgeinfer-models-")   # mode 700: ours alone
             path = os.path.join(self._dir, f"{len(os.listdir(self._dir))}-{os.getpid()}.sock")
             try:
-                model = await ModelProcess.spawn(slot.ref, path, self.opts.load)
+                # The fit was checked here, against the memory of every
+                # model's process; the new process, its interpreter loaded
+                # already, would count itself twice.
+                model = await ModelProcess.spawn(slot.ref, path, {**self.opts.load, "check_memory": False})
             except EdgeinferError as e:
                 slot.last_error = e.one_line()
                 raise
@@ -585,29 +588,35 @@ class ModelPool:
     async def _make_room(self, ref: str) -> None:
         """Unload idle models, least recently used first, until ``ref``
         fits in the memory available; MemoryFitError if it cannot fit
-        even alone."""
-        need = await asyncio.to_thread(self._need, ref)
-        from . import hardware
+        beside the models that are busy or pinned, or even alone."""
+        from . import fit, hardware
 
+        sized = await asyncio.to_thread(self._need, ref)
+        if sized is None:
+            return   # not a GGUF this can read: the load itself says what is wrong
+        info, n_ctx = sized
+        need = info.memory_estimate(n_ctx)
         while True:
             have = hardware.available_memory()
-            if need is None or need <= have:
+            if need <= have:
                 return
             idle = sorted((s for s in self.slots.values() if s.model is not None and not s.busy and not s.pinned
                            and s.ref != ref), key=lambda s: s.last_used)
             if not idle:
-                loaded = [s.ref for s in self.slots.values() if s.model is not None and s.ref != ref]
-                why = f"; {', '.join(loaded)} are loaded and busy or pinned" if loaded else ""
-                raise MemoryFitError(f"{ref} needs about {need / 1e9:.2f} GB and {have / 1e9:.2f} GB is "
-                                     f"available{why}",
-                                     hint="retry when the other models are idle, serve fewer models, "
-                                          "or use a smaller quant")
-            log.info("unloading %s to make room for %s", idle[0].ref, ref)
+                loaded = [s.name for s in self.slots.values() if s.model is not None and s.ref != ref]
+                if loaded:
+                    why = f"{', '.join(loaded)} {'is' if len(loaded) == 1 else 'are'} loaded and busy or pinned"
+                    hint = "retry when the other models are idle, or serve fewer models at once"
+                else:
+                    why, hint = "nothing else is loaded", fit.advice(ref, info.memory_estimate, n_ctx, have)
+                raise MemoryFitError(f"{ref} needs about {need / 1e9:.2f} GB at n_ctx={n_ctx} and "
+                                     f"{have / 1e9:.2f} GB is available; {why}", hint=hint)
+            log.info("unloading %s to make room for %s", idle[0].name, ref)
             await self._unload(idle[0])
 
-    def _need(self, ref: str) -> int | None:
-        """Bytes ``ref`` (a store name or a file) takes at the context it
-        will load with."""
+    def _need(self, ref: str):
+        """(GGUFInfo, context) of ``ref`` (a store name or a file) as it
+        will load; None when it cannot be read."""
         from .fit import box_profile
         from .gguf_file import read_gguf
         from .store import resolve_model
@@ -616,8 +625,8 @@ class ModelPool:
             info = read_gguf(resolve_model(ref, self.store)[0])
         except Exception:   # noqa: BLE001 - the load itself will say what is wrong
             return None
-        n_ctx = self.opts.load.get("n_ctx") or min(box_profile().n_ctx, info.context_length or box_profile().n_ctx)
-        return info.memory_estimate(n_ctx)
+        box = box_profile()
+        return info, self.opts.load.get("n_ctx") or min(box.n_ctx, info.context_length or box.n_ctx)
 
     async def _unload(self, slot: Slot) -> None:
         model, slot.model, slot.expires = slot.model, None, None
