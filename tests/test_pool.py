@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -81,6 +83,13 @@ def test_three_models_answer_in_any_order(server):
     msg = server.anthropic().messages.create(model="tiny-a", max_tokens=4, messages=HELLO)
     assert msg.model == "tiny-a:f16" and msg.usage.output_tokens <= 4
     assert server.anthropic().messages.count_tokens(model="tiny-b", messages=HELLO).input_tokens > 3
+    # edgeinfer ps asks the running server.
+    out = subprocess.run([sys.executable, "-m", "edgeinfer", "ps", "--http", server.base], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == set(NAMES) and all(r[1] == "idle" for r in rows.values()), out.stdout
+    assert "in 600 s" in out.stdout or "in 599 s" in out.stdout
 
 
 def test_an_unknown_model_is_a_404_naming_the_command(server):
@@ -187,6 +196,9 @@ def test_json_lines_name_the_model_and_report_each(home):
             assert a and b and a != b
             stats = c.stats()
             assert {m["name"] for m in stats["models"]} >= {"tiny-a:f16", "tiny-b:f16"}
+            out = subprocess.run([sys.executable, "-m", "edgeinfer", "ps", "--port", str(s.port), "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0 and {m["name"] for m in json.loads(out.stdout)} <= {"tiny-a:f16", "tiny-b:f16"}
             listed = {m["name"]: m for m in c.models()["models"]}
             assert listed["tiny-a:f16"]["loaded"] and not listed["tiny-c:f16"]["loaded"]
             with pytest.raises(Exception, match="no model named"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -271,4 +272,54 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, h
     click.echo("Stopped.", err=True)
 
 
-COMMANDS = [serve_cmd]
+def loaded_models(port: int, unix: str | None, http: str | None, token: str | None) -> list[dict]:
+    """The models a running server has loaded, as it describes them."""
+    if http:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(http.rstrip("/") + "/v1/models",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                cards = json.load(r)["data"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ServerConfigError(f"cannot read {http}/v1/models: {e}",
+                                    hint="is 'edgeinfer serve --http PORT' running there?") from None
+        return [{"name": c["id"], **c.get("edgeinfer", {})} for c in cards if c.get("loaded")
+                and "alias_of" not in c.get("edgeinfer", {})]
+    from ..server.client import Client
+
+    with Client(port=port, unix=unix, token=token, timeout=10) as c:
+        return c.stats().get("models", [])
+
+
+@click.command("ps")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="The server's JSON-lines port on 127.0.0.1.")
+@click.option("--unix", metavar="PATH", help="The server's Unix socket instead.")
+@click.option("--http", "http_url", metavar="URL", help="Ask over HTTP instead, e.g. http://127.0.0.1:8080.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the server's token.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ps_cmd(port, unix, http_url, token_file, as_json):
+    """Show the models a running server has loaded: memory, threads,
+    requests in flight, and when each unloads."""
+    from ..progress import human_bytes
+
+    models = loaded_models(port, unix, http_url, read_token(None, token_file))
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    if not models:
+        click.echo("No model is loaded; one loads when a request names it.")
+        return
+    click.echo(f"{'NAME':<40} {'STATE':<6} {'MEMORY':>9} {'THREADS':>7} {'REQUESTS':>8}  UNLOADS")
+    for m in models:
+        left = m.get("expires_in_s")
+        unloads = "when idle" if m.get("state") == "busy" and left is None and not m.get("pinned") else \
+            "never (pinned)" if m.get("pinned") else "never" if left is None else f"in {left:.0f} s"
+        click.echo(f"{m['name']:<40} {m.get('state', ''):<6} {human_bytes(m.get('memory_bytes') or 0):>9} "
+                   f"{m.get('threads', ''):>7} {m.get('requests', 0):>8}  {unloads}")
+
+
+COMMANDS = [serve_cmd, ps_cmd]
