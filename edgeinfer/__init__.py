@@ -18,6 +18,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .catalog import CatalogEntry, default_entry, load_catalog
+from .cores import CoreShare, share_cores
 from .errors import (
     AllSourcesFailedError,
     AuthError,
@@ -64,7 +65,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "default_model", "pull", "import_file", "read_gguf", "default_entry", "load_catalog",
     "Engine", "ChatSession", "TextEvent", "DoneEvent", "Stats", "ModelStore", "Manifest",
-    "CatalogEntry", "GGUFInfo", "Client", "AsyncClient",
+    "CatalogEntry", "GGUFInfo", "Client", "AsyncClient", "share_cores", "CoreShare",
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",

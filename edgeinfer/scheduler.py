@@ -81,6 +81,8 @@ class Scheduler:
         self._closing = False
         self._abort_events: list[threading.Event] = []   # written on this thread only
         self._threads_next: tuple[int, int] | None = None  # set_threads: applied before the next step
+        self.on_busy: Callable[[bool], object] | None = None  # told when generation starts and stops (cores.py)
+        self._told_busy = False
         self.counters: collections.Counter = collections.Counter()
         self.steps_by_size: collections.Counter = collections.Counter()  # sequences in a step → steps
         self.max_sequences_in_step = 0
@@ -214,6 +216,12 @@ class Scheduler:
     # -- the loop ---------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            if self.on_busy is not None and bool(self._running) != self._told_busy:
+                self._told_busy = not self._told_busy
+                try:
+                    self.on_busy(self._told_busy)   # outside our lock: it may set other engines' threads
+                except Exception:  # noqa: BLE001 - sharing cores is a courtesy, never a failure
+                    pass
             with self._cond:
                 self._expire_queue()
                 if self._closing and not self._running:
@@ -229,7 +237,8 @@ class Scheduler:
                 if call is None and not self._calls and not self._closing:
                     self._admit()
                 if call is None and not self._running:
-                    self._cond.wait(self._next_deadline())
+                    if not self._told_busy or self.on_busy is None:   # else: say so first, outside the lock
+                        self._cond.wait(self._next_deadline())
                     continue
             if self._threads_next is not None:
                 self._apply_threads()
