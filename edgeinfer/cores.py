@@ -52,7 +52,7 @@ class CoreShare:
             engines = [e for k, e in list(self._engines.items()) if k in self._busy]
         for engine in engines:
             if engine.threads != threads:
-                engine.set_threads(threads)
+                engine.set_threads(threads, wait=False)   # maybe from an engine's own scheduler thread
 
 
 def share_cores(*engines, cores: int | None = None) -> CoreShare:

@@ -250,14 +250,15 @@ class Engine:
         self._cancel.clear()
         return self._scheduler.call(fn, timeout=self.lock_timeout, cancel=self._cancel)
 
-    def set_threads(self, threads: int, threads_batch: int | None = None) -> None:
+    def set_threads(self, threads: int, threads_batch: int | None = None, *, wait: bool = True) -> None:
         """Change the decode and prompt-processing thread counts in place,
         from the scheduler's next step on (streams under way carry on with
-        them)."""
+        them). ``wait``: return once they are in force (at most one step;
+        False from an event loop)."""
         self._check_open()
         self.threads = int(threads)
         self.threads_batch = int(threads_batch or threads)
-        self._scheduler.set_threads(self.threads, self.threads_batch)
+        self._scheduler.set_threads(self.threads, self.threads_batch, wait=30.0 if wait else None)
 
     def benchmark(self, n_prompt: int = 512, n_gen: int = 128, seq: int = 0) -> tuple[float, float]:
         """Time a cold prefill of ``n_prompt`` tokens and ``n_gen`` single-token

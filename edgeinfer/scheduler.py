@@ -80,7 +80,7 @@ class Scheduler:
         self._idle_since = {s: 0.0 for s in range(self.n_seq)}  # LRU of free slots' cached KV
         self._closing = False
         self._abort_events: list[threading.Event] = []   # written on this thread only
-        self._threads_next: tuple[int, int] | None = None  # set_threads: applied before the next step
+        self._threads_next: tuple | None = None  # set_threads: (threads, batch, done event), applied before a step
         self.on_busy: Callable[[bool], object] | None = None  # told when generation starts and stops (cores.py)
         self._told_busy = False
         self.counters: collections.Counter = collections.Counter()
@@ -138,21 +138,26 @@ class Scheduler:
             raise value
         return value
 
-    def set_threads(self, threads: int, threads_batch: int) -> None:
+    def set_threads(self, threads: int, threads_batch: int, wait: float | None = None) -> None:
         """Decode with these thread counts from the next step on, even
         while sequences run (a server shares the cores between models that
-        are busy at once)."""
+        are busy at once). ``wait``: seconds to wait until they are in
+        force (at most one step)."""
+        applied = threading.Event()
         with self._cond:
-            self._threads_next = (int(threads), int(threads_batch))
+            self._threads_next = (int(threads), int(threads_batch), applied)
             self._cond.notify_all()
+        if wait and threading.get_ident() != self._thread.ident:
+            applied.wait(wait)
 
     def _apply_threads(self) -> None:
         with self._cond:
             want, self._threads_next = self._threads_next, None
         if want is not None:
-            self.ctx.set_threads(*want)
+            self.ctx.set_threads(want[0], want[1])
             if self.draft is not None:
-                self.draft.ctx.set_threads(*want)
+                self.draft.ctx.set_threads(want[0], want[1])
+            want[2].set()
 
     def wake(self) -> None:
         """Have the loop look at the queue now (a request was cancelled)."""
@@ -216,6 +221,8 @@ class Scheduler:
     # -- the loop ---------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            if self._threads_next is not None:
+                self._apply_threads()
             if self.on_busy is not None and bool(self._running) != self._told_busy:
                 self._told_busy = not self._told_busy
                 try:
@@ -236,11 +243,11 @@ class Scheduler:
                 call = self._calls.popleft() if self._calls and not self._running else None
                 if call is None and not self._calls and not self._closing:
                     self._admit()
-                if call is None and not self._running:
+                if call is None and not self._running and self._threads_next is None:
                     if not self._told_busy or self.on_busy is None:   # else: say so first, outside the lock
                         self._cond.wait(self._next_deadline())
                     continue
-            if self._threads_next is not None:
+            if self._threads_next is not None:   # set while this thread waited
                 self._apply_threads()
             if call is not None:
                 fn, done, box, cancel = call

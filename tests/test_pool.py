@@ -223,3 +223,20 @@ def test_aliases_and_any_name(home, tiny_model):
         assert json.dumps(cards(s)["gpt-4.1"]["edgeinfer"]["alias_of"]) == '"tiny-b"'
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("value, seconds", [("5m", 300.0), ("30s", 30.0), ("250ms", 0.25), ("1h", 3600.0), (0, 0.0),
+                                            ("0", 0.0), (2.5, 2.5), (-1, None), ("-1", None), ("forever", None)])
+def test_keep_alive_durations(value, seconds):
+    from edgeinfer.server.generation import parse_keep_alive
+
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5d", True, "1e999s", "", [5]])
+def test_keep_alive_refuses_what_is_not_a_duration(value):
+    from edgeinfer.errors import RequestError
+    from edgeinfer.server.generation import parse_keep_alive
+
+    with pytest.raises(RequestError, match="keep_alive must be a duration"):
+        parse_keep_alive(value)

@@ -233,7 +233,8 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, h
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     quiet = not sys.stderr.isatty()
     from ..errors import RequestError
-    from ..pool import ModelPool, PoolOptions, parse_keep_alive
+    from ..pool import ModelPool, PoolOptions
+    from ..server.generation import parse_keep_alive
     from ..store import ModelStore
 
     try:

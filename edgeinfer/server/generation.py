@@ -229,6 +229,33 @@ def model_names(served: str, store) -> list[str]:
     return names
 
 
+def parse_keep_alive(value, param: str = "keep_alive") -> float | None:
+    """Seconds an idle model stays loaded, from a number of seconds or a
+    duration ("5m", "30s", "1h", "0"); None for forever (-1, "-1",
+    "forever"). Raises RequestError for anything else."""
+    if isinstance(value, bool):
+        raise RequestError(param, f"{param} must be a duration such as \"5m\", a number of seconds, or -1")
+    if isinstance(value, (int, float)):
+        return None if value < 0 else float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("-1", "forever", "inf"):
+            return None
+        units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+        for unit in ("ms", "s", "m", "h", ""):
+            if text.endswith(unit):
+                number = text[:len(text) - len(unit)] if unit else text
+                try:
+                    seconds = float(number) * units.get(unit, 1)
+                except ValueError:
+                    break
+                if seconds != seconds or seconds == float("inf"):
+                    break
+                return None if seconds < 0 else seconds
+    raise RequestError(param, f"{param} must be a duration such as \"5m\" or \"30s\", a number of seconds, "
+                              "0 (unload after the request) or -1 (keep loaded)")
+
+
 # -- running a request -------------------------------------------------------------
 def render(engine, req: GenerationRequest) -> list[int]:
     """The request's prompt as token ids (blocking: templates and long

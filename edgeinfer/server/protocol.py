@@ -133,10 +133,8 @@ def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
         raise bad("model must be a string")
     call.model = model
     if obj.get("keep_alive") is not None:
-        from ..pool import parse_keep_alive
-
         try:
-            call.keep_alive = parse_keep_alive(obj["keep_alive"])
+            call.keep_alive = generation.parse_keep_alive(obj["keep_alive"])
         except RequestError as e:
             raise bad(str(e)) from None
         if call.keep_alive is None:
