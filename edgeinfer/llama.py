@@ -260,6 +260,7 @@ class Context:
         lc.llama_set_n_threads(self.handle, threads, threads_batch)
 
     def threads(self) -> tuple[int, int]:
+        """The threads a decode and a prompt's evaluation use now."""
         return lc.llama_n_threads(self.handle), lc.llama_n_threads_batch(self.handle)
 
     # -- the KV cells of each sequence ----------------------------------------

@@ -301,6 +301,7 @@ class PoolOptions:
     aliases: dict = field(default_factory=dict)       # name a request may use → model
     any_name: bool = False   # with exactly one model pinned: any other name is answered by it
     cores: int | None = None  # the cores shared between busy models (default: hardware.default_threads())
+    share_cores: bool = True  # False: leave each model's threads alone (a model's own process: its server shares)
 
 
 @dataclass
@@ -339,7 +340,7 @@ class ModelPool:
     @classmethod
     def of_engine(cls, engine, store=None) -> "ModelPool":
         """A pool of one Engine of this process, pinned."""
-        pool = cls(store, PoolOptions(keep_alive=None))
+        pool = cls(store, PoolOptions(keep_alive=None, share_cores=False))
         model = InlineModel(engine)
         pool.slots[model.ref] = Slot(model.ref, model=model, pinned=True, loads=1)
         return pool
@@ -509,6 +510,8 @@ class ModelPool:
         them when it is the only one busy."""
         from . import hardware
 
+        if not self.opts.share_cores:
+            return
         cores = self.opts.cores or hardware.default_threads()
         busy = [s for s in self.slots.values() if s.busy and s.model is not None and s.model.alive]
         if not busy:

@@ -200,6 +200,7 @@ class Scheduler:
             "decode_tps": round(tps, 2), "prefill_chunk": self.prefill_chunk,
             "drafted_tokens": self.counters["drafted"], "accepted_tokens": self.counters["accepted"],
             "prefill_chunk_source": "given" if self.fixed_chunk else "measured",
+            "threads": self.ctx.threads()[0],
         }
 
     @property

@@ -175,14 +175,14 @@ def test_busy_models_share_the_cores(home):
             t.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(t.is_alive() for t in threads):
-            listed = cards(s)
-            seen.append(tuple(listed[n]["edgeinfer"].get("threads") for n in NAMES[:2]))
+            metrics = s.metrics()   # each model's process says what its decodes use
+            seen.append(tuple(metrics.get(f'edgeinfer_model_threads{{model="{n}"}}') for n in NAMES[:2]))
             time.sleep(0.05)
         for t in threads:
             t.join(120)
         assert (1, 1) in seen, seen
         ask(client, "tiny-a")
-        assert cards(s)["tiny-a:f16"]["edgeinfer"]["threads"] == 2
+        assert s.metrics()['edgeinfer_model_threads{model="tiny-a:f16"}'] == 2
     finally:
         assert s.stop() == 0
 

@@ -97,7 +97,7 @@ class _Live:
         for slot in loaded:
             model = slot.model
             try:
-                st = {**model.status(), "threads": model.threads, "memory_bytes": model.rss()}
+                st = {"threads": model.threads, "memory_bytes": model.rss(), **model.status()}  # its own word wins
             except Exception:   # closed while the scrape ran
                 continue
             if not st or "n_ctx" not in st:
