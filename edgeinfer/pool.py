@@ -335,6 +335,7 @@ class ModelPool:
         self._dir = None
         self._reaper: asyncio.Task | None = None
         self._fit_lock = asyncio.Lock()
+        self._stopping: set[asyncio.Task] = set()   # processes being stopped in the background
         self.closed = False
 
     @classmethod
@@ -439,7 +440,8 @@ class ModelPool:
         self.closed = True
         if self._reaper is not None:
             self._reaper.cancel()
-        await asyncio.gather(*(self._unload(s) for s in self.slots.values()), return_exceptions=True)
+        await asyncio.gather(*(self._unload(s) for s in self.slots.values()), *list(self._stopping),
+                             return_exceptions=True)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -502,7 +504,13 @@ class ModelPool:
             isinstance(slot.model, InlineModel)   # an Engine of this process has no process to end
         slot.expires = None if forever else slot.last_used + seconds
         if not slot.busy and slot.expires is not None and seconds == 0:
-            await self._unload(slot)
+            # In the background: the answer's last bytes need not wait for
+            # the process to end (a load that needs its memory waits).
+            model, slot.model, slot.expires = slot.model, None, None
+            if model is not None:
+                task = asyncio.ensure_future(self._stop(slot, model))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
         await self._share_cores()
 
     async def _share_cores(self) -> None:
@@ -565,6 +573,8 @@ class ModelPool:
         beside the models that are busy or pinned, or even alone."""
         from . import fit, hardware
 
+        if self._stopping:   # models on their way out: their memory is not free until they are gone
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)
         sized = await asyncio.to_thread(self._need, ref)
         if sized is None:
             return   # not a GGUF this can read: the load itself says what is wrong
@@ -605,8 +615,11 @@ class ModelPool:
     async def _unload(self, slot: Slot) -> None:
         model, slot.model, slot.expires = slot.model, None, None
         if model is not None:
-            await model.stop()
-            log.info("%s unloaded", slot.ref)
+            await self._stop(slot, model)
+
+    async def _stop(self, slot: Slot, model) -> None:
+        await model.stop()
+        log.info("%s unloaded", slot.name)
 
     async def _reap(self) -> None:
         while True:

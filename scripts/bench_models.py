@@ -7,7 +7,7 @@ through the official openai client, temperature 0 and ignore_eos:
 
   1. load and unload: a cold request's time to its first token minus a
      warm one's (the load), and from a keep_alive 0 request's end until
-     /v1/models says the model is gone (the unload);
+     the model's process has exited (the unload);
   2. each model alone, then both at once: decode tok/s of one stream
      (tokens after the first / first to last token); with both busy the
      aggregate is the sum, compared with the faster model alone (the
@@ -40,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -83,9 +84,10 @@ def stream(client, model: str, n: int, **extra) -> tuple[float, float, int]:
     return (first or time.perf_counter()) - t0, tps, count
 
 
-def loaded(base: str) -> set[str]:
+def loaded(base: str) -> dict[str, int]:
+    """The loaded models (name without tag) and their processes."""
     with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
-        return {c["id"].split(":")[0] for c in json.load(r)["data"] if c.get("loaded")}
+        return {c["id"].split(":")[0]: c["edgeinfer"]["pid"] for c in json.load(r)["data"] if c.get("loaded")}
 
 
 def med(xs: list[float]) -> str:
@@ -123,10 +125,11 @@ def main() -> int:
                 cold, _, _ = stream(client, m, 2)
                 warm, _, _ = stream(client, m, 2)
                 add(f"load {m} (s)", cold - warm)
+                pid = loaded(base)[m]
                 stream(client, m, 2, keep_alive=0)
                 t = time.perf_counter()
-                while m in loaded(base):
-                    time.sleep(0.01)
+                while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    time.sleep(0.005)
                 add(f"unload {m} (s)", time.perf_counter() - t)
             print(f"load/unload rep {rep + 1}/{args.reps} done", file=sys.stderr)
 
