@@ -90,6 +90,13 @@ def loaded(base: str) -> dict[str, int]:
         return {c["id"].split(":")[0]: c["edgeinfer"]["pid"] for c in json.load(r)["data"] if c.get("loaded")}
 
 
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def med(xs: list[float]) -> str:
     return f"{statistics.median(xs):8.2f} ({min(xs):.2f}-{max(xs):.2f})" if xs else "-"
 
@@ -128,7 +135,7 @@ def main() -> int:
                 pid = loaded(base)[m]
                 stream(client, m, 2, keep_alive=0)
                 t = time.perf_counter()
-                while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                while running(pid):
                     time.sleep(0.005)
                 add(f"unload {m} (s)", time.perf_counter() - t)
             print(f"load/unload rep {rep + 1}/{args.reps} done", file=sys.stderr)
