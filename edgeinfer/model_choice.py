@@ -60,19 +60,34 @@ def config_file():
     return paths.config_dir() / "config.toml"
 
 
+def _config() -> dict:
+    path = config_file()
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CatalogError(f"{path}: {e}", hint="fix or remove that file") from None
+
+
+def aliases() -> dict[str, str]:
+    """Names a server answers with other models, from config.toml's
+    ``[aliases]`` table (``"gpt-4.1" = "smollm2-135m-instruct"``)."""
+    table = _config().get("aliases", {})
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                              for k, v in table.items()):
+        raise CatalogError(f"{config_file()}: [aliases] must map names to model names, as in "
+                           '"gpt-4.1" = "smollm2-135m-instruct"')
+    return dict(table)
+
+
 def pinned() -> tuple[str, str] | None:
     """(name, where it was pinned) from $EDGEINFER_MODEL or config.toml."""
     env = os.environ.get(ENV)
     if env:
         return env, f"${ENV}"
     path = config_file()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise CatalogError(f"{path}: {e}", hint="fix or remove that file") from None
-    v = data.get("default_model")
+    v = _config().get("default_model")
     if v is None:
         return None
     if not isinstance(v, str) or not v:

@@ -94,10 +94,14 @@ class ModelProcess:
             stdout=asyncio.subprocess.PIPE, limit=READY_LINE_LIMIT)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), LOAD_TIMEOUT)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
             raise EngineError(f"{ref} did not load within {LOAD_TIMEOUT:g} s") from None
+        except asyncio.CancelledError:   # the server is closing
+            proc.kill()
+            await proc.wait()
+            raise
         try:
             facts = json.loads(line) if line else {}
         except ValueError:
@@ -105,8 +109,9 @@ class ModelProcess:
         if not facts.get("ready"):
             code = await proc.wait()
             if "class" in facts:
-                raise _rebuild_error(facts) if not facts.get("hint") else \
-                    _with_hint(_rebuild_error(facts), facts["hint"])
+                err = _rebuild_error(facts)
+                err.hint = facts.get("hint") or ""
+                raise err
             raise EngineError(f"{ref} failed to load: its process exited with status {code}",
                               hint="the server's log has its last words; check the file with "
                                    f"'edgeinfer show {ref}'")
@@ -248,11 +253,6 @@ class ModelProcess:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
                 await self.proc.wait()
-
-
-def _with_hint(e: EdgeinferError, hint: str) -> EdgeinferError:
-    e.hint = hint
-    return e
 
 
 class InlineModel:

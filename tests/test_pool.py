@@ -212,12 +212,16 @@ def test_json_lines_name_the_model_and_report_each(home):
         assert s.stop() == 0
 
 
-def test_aliases_and_any_name(home, tiny_model):
-    s = start_http(tiny_model, "--alias", "gpt-4.1=tiny-b", "--any-name", env={"EDGEINFER_HOME": str(home)})
+def test_aliases_and_any_name(home, tiny_model, tmp_path):
+    (tmp_path / "config.toml").write_text('[aliases]\n"claude-3-haiku" = "tiny-c"\n"gpt-4.1" = "tiny-a"\n')
+    s = start_http(tiny_model, "--alias", "gpt-4.1=tiny-b", "--any-name",
+                   env={"EDGEINFER_HOME": str(home), "EDGEINFER_CONFIG": str(tmp_path)})
     try:
         client = s.openai()
+        r = client.chat.completions.create(model="claude-3-haiku", messages=HELLO, max_tokens=3, temperature=0)
+        assert r.model == "tiny-c:f16"                        # an alias from config.toml
         r = client.chat.completions.create(model="gpt-4.1", messages=HELLO, max_tokens=3, temperature=0)
-        assert r.model == "tiny-b:f16"                        # the alias
+        assert r.model == "tiny-b:f16"                        # --alias, over config.toml's
         r = client.chat.completions.create(model="davinci-002", messages=HELLO, max_tokens=3, temperature=0)
         assert r.model == "tiny.gguf"                         # any other name: the one model given
         assert json.dumps(cards(s)["gpt-4.1"]["edgeinfer"]["alias_of"]) == '"tiny-b"'

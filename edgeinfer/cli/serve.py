@@ -128,7 +128,8 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="A model to load at start and keep loaded; repeatable (MODEL alone is one).")
 @click.option("--alias", "aliases", multiple=True, metavar="NAME=MODEL",
-              help="Answer requests for NAME with MODEL (e.g. gpt-4.1=smollm2-135m-instruct); repeatable.")
+              help="Answer requests for NAME with MODEL (e.g. gpt-4.1=smollm2-135m-instruct); repeatable. "
+                   "config.toml's [aliases] table adds more.")
 @click.option("--any-name", is_flag=True, help="With exactly one model loaded at start: answer a request "
               "for any model name with it (for clients that hard-code a vendor's model name).")
 @click.option("--keep-alive", default="5m", show_default=True, metavar="DURATION",
@@ -241,7 +242,9 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, h
         keep = parse_keep_alive(keep_alive, "--keep-alive")
     except RequestError as e:
         raise click.UsageError(str(e)) from None
-    alias_map = parse_aliases(aliases)
+    from ..model_choice import aliases as config_aliases
+
+    alias_map = {**config_aliases(), **parse_aliases(aliases)}   # the command line over config.toml
     store = ModelStore()
     pinned = [ensure_model(m, yes, quiet=quiet) for m in ([model] if model else []) + list(models)]
     if not pinned and not store.list():   # an empty store: the model chosen for this machine

@@ -50,6 +50,9 @@ async def _serve(engine, socket_path: str) -> None:
     stop = stop_event()
     await server.start()
     _say(facts(engine))
+    # Nothing more goes to the server on stdout: anything printed later
+    # goes to the log, and can never fill a pipe nobody reads.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     await stop.wait()
     await server.stop()
 
