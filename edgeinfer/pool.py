@@ -51,6 +51,8 @@ DEFAULT_KEEP_ALIVE = 300.0      # seconds an idle model stays loaded (Ollama's d
 LOAD_TIMEOUT = 600.0            # a 4 GB model from an SD card takes minutes
 STOP_TIMEOUT = 10.0             # SIGTERM, then SIGKILL
 REAP_EVERY = 0.5                # seconds between checks for idle models past their keep-alive
+HANG_CHECK_EVERY = 2.0          # seconds between looks at a busy model's progress
+DEFAULT_HANG_TIMEOUT = 300.0    # a step taking longer is a hang (a 512-token chunk of a 7B on a Pi: ~100 s)
 READY_LINE_LIMIT = 1 << 20
 
 
@@ -82,6 +84,7 @@ class ModelProcess:
         self.native = SimpleNamespace(setting=facts["native"])
         self.threads = facts["threads"]
         self.pid = proc.pid
+        self.hung = False     # ended by the pool's hang watch
         self._ids = itertools.count(1)
 
     @classmethod
@@ -131,6 +134,10 @@ class ModelProcess:
             return 0
 
     def _lost(self) -> EngineError:
+        if self.hung:
+            return EngineError(f"{self.ref} stopped making progress and its process was ended",
+                               hint="retry: the model is loaded again on the next request; if it recurs, "
+                                    "check the model with 'edgeinfer doctor'")
         code = self.proc.returncode
         how = f"exit status {code}" if code is not None and code >= 0 else \
             f"signal {signal.Signals(-code).name}" if code is not None else "a closed socket"
@@ -302,6 +309,7 @@ class PoolOptions:
     any_name: bool = False   # with exactly one model pinned: any other name is answered by it
     cores: int | None = None  # the cores shared between busy models (default: hardware.default_threads())
     share_cores: bool = True  # False: leave each model's threads alone (a model's own process: its server shares)
+    hang_timeout: float | None = DEFAULT_HANG_TIMEOUT  # a busy model with no step for this long is ended
 
 
 @dataclass
@@ -317,6 +325,8 @@ class Slot:
     loading: asyncio.Task | None = None
     last_error: str | None = None
     loads: int = 0
+    checked: float = 0.0               # the hang watch: its last look, and the last sign of progress
+    progressed: float = 0.0
 
     @property
     def name(self) -> str:
@@ -369,10 +379,10 @@ class ModelPool:
                 return only.ref
             raise RequestError("model", "model is required: this server runs several models "
                                         "(GET /v1/models lists them)")
+        known = self._known(name)
+        if known is not None:
+            return known
         name = self.opts.aliases.get(name, name)
-        for slot in self.slots.values():
-            if name in (slot.name, slot.name.split(":")[0]) or (slot.model is not None and name == slot.model.name):
-                return slot.ref
         if self.store is not None:
             try:
                 return self.store.resolve(name).ref
@@ -383,8 +393,27 @@ class ModelPool:
             return only.ref
         hint = "'edgeinfer list' shows the models here; 'edgeinfer pull NAME' fetches another"
         if only is not None:
-            hint += f"; start the server with --any-name to answer every name with {only.ref}"
+            hint += f"; start the server with --any-name to answer every name with {only.name}"
         raise ModelNotServedError(f"no model named {name[:100]!r} here", hint=hint)
+
+    def _known(self, name) -> str | None:
+        """The model a name means without reading the store: one this
+        pool holds already (by name, name without tag, or alias)."""
+        if not isinstance(name, str) or not name:
+            return None
+        name = self.opts.aliases.get(name, name)
+        for slot in self.slots.values():
+            if name in (slot.name, slot.name.split(":")[0]) or (slot.model is not None and name == slot.model.name):
+                return slot.ref
+        return None
+
+    async def aresolve(self, name) -> str:
+        """:meth:`resolve` on the event loop: at once for a model held
+        already, else in a thread (the store is read)."""
+        if name is None or name == "":
+            return self.resolve(name)   # the one model, or a refusal: no store to read
+        known = self._known(name)
+        return known if known is not None else await asyncio.to_thread(self.resolve, name)
 
     def listed(self) -> list[dict]:
         """Every model a request may name: the store's, then aliases, with
@@ -429,7 +458,7 @@ class ModelPool:
             # A file given at start is served under its own path; a request
             # can only name it by its file name (the model's name), never
             # load a file of its choosing.
-            ref = name if os.path.isfile(name) else await asyncio.to_thread(self.resolve, name)
+            ref = name if os.path.isfile(name) else await self.aresolve(name)
             slot = self.slots.setdefault(ref, Slot(ref))
             slot.pinned = True
             await self._ensure_loaded(slot)
@@ -447,7 +476,7 @@ class ModelPool:
 
     async def unload(self, name: str) -> bool:
         """Unload a model now (after its requests); False if it was not loaded."""
-        ref = await asyncio.to_thread(self.resolve, name)
+        ref = await self.aresolve(name)
         slot = self.slots.get(ref)
         if slot is None or slot.model is None:
             return False
@@ -462,9 +491,11 @@ class ModelPool:
         Returns a generation.Run with ``.model`` (the model) set; the
         model counts as busy until its events end. ``keep_alive``
         (seconds, None: the pool's) applies once it is idle again."""
-        ref = await asyncio.to_thread(self.resolve, name)
+        ref = await self.aresolve(name)
         slot = self.slots.setdefault(ref, Slot(ref))
         model = await self._ensure_loaded(slot)
+        if not slot.busy:
+            slot.progressed = time.monotonic()   # the hang watch counts from here
         slot.busy += 1
         await self._share_cores()
         try:
@@ -479,7 +510,7 @@ class ModelPool:
     async def model_for(self, name):
         """The loaded model ``name`` means (loading it), for a face that
         needs its facts without generating (count_tokens)."""
-        ref = await asyncio.to_thread(self.resolve, name)
+        ref = await self.aresolve(name)
         return await self._ensure_loaded(self.slots.setdefault(ref, Slot(ref)))
 
     async def _held(self, events, slot: Slot, keep_alive):
@@ -634,3 +665,32 @@ class ModelPool:
                     slot.model, slot.last_error = None, "its process ended"
                 elif not slot.busy and slot.expires is not None and now >= slot.expires:
                     await self._unload(slot)
+                elif slot.busy and isinstance(slot.model, ModelProcess) and now >= slot.checked + HANG_CHECK_EVERY:
+                    slot.checked = now
+                    self._watch(slot)
+
+    def _watch(self, slot: Slot) -> None:
+        """A busy model whose process stops answering, or whose scheduler
+        takes no step for the hang timeout, is ended: its requests fail
+        (as after a crash) and the next one loads it again."""
+        model = slot.model
+
+        async def check():
+            try:
+                stuck = (await asyncio.wait_for(model.call("stats"), HANG_CHECK_EVERY)).get("in_decode_s", 0.0)
+            except (asyncio.TimeoutError, EdgeinferError, OSError, ValueError):
+                stuck = None   # no answer at all
+            now = time.monotonic()
+            if stuck is not None and stuck < (self.opts.hang_timeout or float("inf")):
+                slot.progressed = now   # answering, and no decode stuck (a slow reader is no hang)
+            elif self.opts.hang_timeout is not None and now - slot.progressed > self.opts.hang_timeout \
+                    and slot.model is model and model.alive:
+                log.error("%s made no progress for %.0f s with requests in flight: ending its process",
+                          slot.name, now - slot.progressed)
+                model.hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    model.proc.kill()
+
+        task = asyncio.ensure_future(check())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)

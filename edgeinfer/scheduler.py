@@ -81,6 +81,7 @@ class Scheduler:
         self._closing = False
         self._abort_events: list[threading.Event] = []   # written on this thread only
         self._threads_next: tuple | None = None  # set_threads: (threads, batch, done event), applied before a step
+        self._decode_since: float | None = None   # when the llama_decode under way began (a hang shows here)
         self.on_busy: Callable[[bool], object] | None = None  # told when generation starts and stops (cores.py)
         self._told_busy = False
         self.counters: collections.Counter = collections.Counter()
@@ -201,6 +202,7 @@ class Scheduler:
             "drafted_tokens": self.counters["drafted"], "accepted_tokens": self.counters["accepted"],
             "prefill_chunk_source": "given" if self.fixed_chunk else "measured",
             "threads": self.ctx.threads()[0],
+            "in_decode_s": round(now - since, 3) if (since := self._decode_since) is not None else 0.0,
         }
 
     @property
@@ -379,8 +381,11 @@ class Scheduler:
         limit = min(n_batch - n_decode, self.prefill_chunk if decoding else n_batch)
         while True:
             plan = self._plan(decoding, prefilling, limit)
-            t_step = time.perf_counter()
-            rc = self._decode(plan)
+            t_step = self._decode_since = time.perf_counter()
+            try:
+                rc = self._decode(plan)
+            finally:
+                self._decode_since = None
             if rc != DECODE_NO_ROOM:
                 break
             # No room in the KV cache for this batch (llama.cpp restored it):

@@ -244,3 +244,26 @@ def test_keep_alive_refuses_what_is_not_a_duration(value):
 
     with pytest.raises(RequestError, match="keep_alive must be a duration"):
         parse_keep_alive(value)
+
+
+def test_a_model_that_stops_making_progress_is_ended_and_loaded_again(home):
+    """A hang (here: the model's process stopped by SIGSTOP, so it neither
+    steps nor answers) fails its request after the hang timeout, and the
+    next request gets the model loaded afresh."""
+    s = start_http(None, "--hang-timeout", "3", env={"EDGEINFER_HOME": str(home)})
+    try:
+        client = s.openai()
+        ask(client, "tiny-b")
+        pid = cards(s)["tiny-b:f16"]["edgeinfer"]["pid"]
+        stream = client.completions.create(model="tiny-b", prompt="Once", max_tokens=1500, stream=True,
+                                           extra_body={"ignore_eos": True})
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError, match="stopped making progress"):
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    os.kill(pid, signal.SIGSTOP)
+        assert 3 <= time.monotonic() - t0 < 30
+        assert ask(client, "tiny-b") and cards(s)["tiny-b:f16"]["edgeinfer"]["pid"] != pid
+        assert any("made no progress" in line for line in s.log)
+    finally:
+        assert s.stop() == 0

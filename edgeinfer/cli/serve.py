@@ -135,6 +135,9 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
 @click.option("--keep-alive", default="5m", show_default=True, metavar="DURATION",
               help="How long a model loaded on demand stays loaded when idle: 30s, 5m, 1h; 0 unloads "
                    "after each request; -1 or forever keeps it.")
+@click.option("--hang-timeout", default=300.0, show_default=True, type=click.FloatRange(1, None), metavar="SECONDS",
+              help="A model busy this long without finishing a step (or without answering) is ended and "
+                   "loaded again on the next request.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs a token. '' for none.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
@@ -174,9 +177,9 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
               help="With --print-systemd-unit: the service's EDGEINFER_HOME.")
 @click.option("--memory-max", help="With --print-systemd-unit: MemoryMax= (default: 3/4 of RAM).")
 @click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
-def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, http_port, cors, max_body, unix,
-              parallel, queue_limit, n_ctx, threads, prefill_chunk, token, token_file, max_line, idle_timeout,
-              speculative, draft, yes, print_systemd_unit, unit_user, unit_home, memory_max, cpu_quota):
+def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, port, jsonl, http_port, cors,
+              max_body, unix, parallel, queue_limit, n_ctx, threads, prefill_chunk, token, token_file, max_line,
+              idle_timeout, speculative, draft, yes, print_systemd_unit, unit_user, unit_home, memory_max, cpu_quota):
     """Serve models to other programs: JSON lines (docs/protocol.md) and,
     with --http, the OpenAI and Anthropic HTTP APIs (docs/http.md).
 
@@ -207,7 +210,8 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, h
             raise ServerConfigError("a unit file must not hold the token",
                                     hint="put it in a file (chmod 600) and pass --token-file FILE")
         check_exposure(Options(host=host, port=port, token="x" if token_file else None))
-        opts = ["--host", host or "", "--port", str(port), "--keep-alive", keep_alive]
+        opts = ["--host", host or "", "--port", str(port), "--keep-alive", keep_alive, "--hang-timeout",
+                f"{hang_timeout:g}"]
         for m in models:
             opts += ["--model", m]
         for a in aliases:
@@ -260,7 +264,7 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, host, port, jsonl, h
                                   draft=ensure_model(draft, yes, quiet=quiet) if draft else None).items()
             if v is not None}
     pool = ModelPool(store, PoolOptions(keep_alive=keep, load=load, aliases=alias_map, any_name=any_name,
-                                        cores=threads))
+                                        cores=threads, hang_timeout=hang_timeout))
     http_opts = None
     if http_port is not None:
         http_opts = HttpOptions(host=host, port=http_port, token=secret, cors=list(cors), max_body=max_body)
