@@ -28,8 +28,12 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from . import llama, selftest, settings
 from . import native as _native
+from .embed import EMBED_SEQUENCES, Batcher, Embeddings, chat_model_error, embedding_model_error, normalized
+from .embed import fit as fit_input
 from .errors import ContextOverflowError, EngineBusyError, EngineError, GrammarError, RequestError, SpeculativeError
 from .events import DoneEvent, Stats, TextEvent
 from .fit import refusal
@@ -82,6 +86,14 @@ class Engine:
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
+        # An embedding model turns whole inputs into vectors (embed.py): each
+        # input is evaluated in one piece, nothing is generated or cached.
+        self.embedding = self.info.is_embedding
+        if self.embedding:
+            n_ctx = n_ctx or self.info.context_length or 512
+            n_batch = max(n_batch, n_ctx)
+            n_seq_max = n_seq_max or EMBED_SEQUENCES
+            speculative, prompt_cache, draft = "off", False, None
         self.sha256 = sha256
         self._model = self._ctx = self._scheduler = self.draft = None
         self._cancel = threading.Event()       # engine.cancel() during a whole-context call
@@ -116,7 +128,7 @@ class Engine:
             self._ctx = llama.Context(self._model, n_ctx=self.n_ctx, n_batch=self.n_batch,
                                       n_seq_max=self.n_seq_max, threads=self.threads,
                                       threads_batch=self.threads_batch, kv_type=self.kv_type,
-                                      flash_attn=self.flash_attn)
+                                      flash_attn=self.flash_attn, embeddings=self.embedding)
         except BaseException:
             self._free()
             raise
@@ -148,6 +160,7 @@ class Engine:
                                     draft=self.draft, stop_on_repeat=self.stop_on_repeat,
                                     queue_limit=queue_limit, prefill_chunk=prefill_chunk)
         self._step_costs: dict[int, float] | None = None
+        self._batcher = Batcher(self._ctx, self._exclusive) if self.embedding else None
         self._memo: collections.OrderedDict = collections.OrderedDict()   # see _segment_tokens
         self._memo_lock = threading.Lock()
         if self.speculative.mode == "auto":
@@ -398,6 +411,8 @@ class Engine:
                  ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                  speculative: str | None = None) -> Request:
         self._check_open()
+        if self.embedding:
+            raise embedding_model_error(self.name)
         gbnf = constrain(json_schema, grammar)
         compiled = None
         if gbnf is not None:
@@ -572,6 +587,47 @@ class Engine:
         ...             temperature=0)
         """
         return "".join(e.text for e in self.stream_chat(messages, **kwargs))
+
+    # -- embeddings --------------------------------------------------------
+    def embed(self, texts: str | Iterable[str], *, normalize: bool = True, truncate: bool = True) -> np.ndarray:
+        """One vector per text, as a float32 array of shape (n, dim),
+        unit length unless ``normalize=False``. A text longer than the
+        model's context is cut to fit (``truncate=False``: refused with
+        ContextOverflowError); :meth:`embed_tokens` says which were.
+        Texts from callers on several threads share batches. An embedding
+        model only (``all-minilm-l6-v2``); a chat model raises RequestError.
+
+        >>> engine = edgeinfer.load("all-minilm-l6-v2")                    # doctest: +SKIP
+        >>> v = engine.embed(["a cat sat on the mat", "a dog lay on the rug"])
+        >>> float(v[0] @ v[1])                                             # cosine similarity
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        self._check_open()
+        return self.embed_tokens([self.tokenize(t, add_bos=True) for t in texts], normalize=normalize,
+                                 truncate=truncate).vectors
+
+    def embed_tokens(self, inputs: list[list[int]], *, normalize: bool = True,
+                     truncate: bool = True) -> Embeddings:
+        """:meth:`embed` for inputs already tokenized (each with the
+        model's special tokens), with each input's token count and whether
+        it was cut."""
+        self._check_open()
+        if not self.embedding:
+            raise chat_model_error(self.name)
+        fitted = [fit_input(list(t), self.n_ctx, truncate, i) for i, t in enumerate(inputs)]
+        for i, (toks, _) in enumerate(fitted):
+            if not all(0 <= t < self.n_vocab for t in toks):
+                raise RequestError("input", f"input[{i}]: token ids must be from 0 to {self.n_vocab - 1}")
+        vectors = self._batcher.vectors([toks for toks, _ in fitted]) if fitted else \
+            np.zeros((0, self._ctx.n_embd), dtype=np.float32)
+        return Embeddings(normalized(vectors) if normalize else vectors, [len(t) for t, _ in fitted],
+                          [cut for _, cut in fitted])
+
+    @property
+    def n_embd(self) -> int:
+        """The width of the model's vectors."""
+        return self._ctx.n_embd
 
     # -- asyncio -----------------------------------------------------------
     async def astream(self, prompt: str, **kwargs):

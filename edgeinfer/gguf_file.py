@@ -414,6 +414,11 @@ def _check_version(version: int) -> None:
     raise GGUFError(f"GGUF version {version} is not supported (only versions 2 and 3)")
 
 
+# Architectures llama.cpp runs as encoders only: they embed, never generate.
+ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                                   "neo-bert", "modern-bert", "eurobert"})
+
+
 def _meta(key: str, doc: str) -> property:
     return property(lambda self: self._str(key), doc=doc)
 
@@ -457,6 +462,14 @@ class GGUFInfo:
     n_layer = _arch_int("block_count", "transformer blocks")
     n_embd = _arch_int("embedding_length", "embedding width")
     n_head = _arch_int("attention.head_count", "query heads")
+    pooling_type = _arch_int("pooling_type", "how an embedding model pools its token vectors "
+                                             "(llama.cpp's numbering: 1 mean, 2 cls, 3 last, 4 rank)")
+
+    @property
+    def is_embedding(self) -> bool:
+        """An embedding model: an encoder (BERT and its kin), or a model
+        that says how to pool its token vectors. It embeds; it does not chat."""
+        return self.architecture in ENCODER_ARCHITECTURES or (self.pooling_type or 0) > 0
 
     @property
     def n_head_kv(self) -> int | None:

@@ -176,7 +176,9 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_seq_max: int, threads: int,
                  threads_batch: int, kv_type: str = "f16", flash_attn: bool = False,
-                 should_abort: Callable[[], bool] | None = None):
+                 should_abort: Callable[[], bool] | None = None, embeddings: bool = False):
+        """``embeddings``: the context gives each sequence's pooled vector
+        (pooling as the GGUF says) instead of logits: an embedding model's."""
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
         self.model, self.vocab = model, model.vocab
@@ -190,6 +192,7 @@ class Context:
         p.kv_unified = True
         p.n_threads, p.n_threads_batch = threads, threads_batch
         p.no_perf = True
+        p.embeddings = self.embeddings = bool(embeddings)
         # Flash attention is off by default: its CPU kernel takes another
         # path for short batches, so the few tokens evaluated after a
         # reused prefix would get different logits than in a cold prefill
@@ -203,7 +206,11 @@ class Context:
         self.handle = lc.llama_init_from_model(model.handle, p)
         if not self.handle:
             raise EngineError(f"llama.cpp could not create a context of {n_ctx} tokens", hint="try a smaller n_ctx")
-        self._mem = lc.llama_get_memory(self.handle)
+        self._mem = lc.llama_get_memory(self.handle)   # None for an encoder: it keeps no KV cache
+        # An encoder (BERT) evaluates a batch with llama_encode; everything else decodes.
+        self.encoder_only = bool(lc.llama_model_has_encoder(model.handle)) and \
+            not lc.llama_model_has_decoder(model.handle)
+        self.n_embd = lc.llama_model_n_embd(model.handle)
         self.should_abort = should_abort or (lambda: False)
         self._abort_cb = lc.ggml_abort_callback(lambda _data: self.should_abort())
         lc.llama_set_abort_callback(self.handle, self._abort_cb, None)
@@ -234,6 +241,32 @@ class Context:
             self._abort_on = on
         b.handle.n_tokens = b.n
         return lc.llama_decode(self.handle, b.handle)
+
+    def embed(self, batch: Batch | None = None) -> int:
+        """Evaluate ``batch`` for its sequences' pooled vectors (an
+        embedding context): encode for an encoder, else decode after the
+        KV cache is cleared (each batch stands alone). Returns llama.cpp's
+        status, 0 for success."""
+        b = batch or self.batch
+        if self._check_thread:
+            self._one_thread()
+        if self._abort_on:
+            lc.llama_set_abort_callback(self.handle, _NO_ABORT, None)
+            self._abort_on = False
+        b.handle.n_tokens = b.n
+        if self.encoder_only:
+            return lc.llama_encode(self.handle, b.handle)
+        if self._mem:
+            lc.llama_memory_clear(self._mem, True)
+        return lc.llama_decode(self.handle, b.handle)
+
+    def pooled(self, seq: int) -> np.ndarray:
+        """A copy of sequence ``seq``'s pooled vector from the last :meth:`embed`."""
+        ptr = lc.llama_get_embeddings_seq(self.handle, seq)
+        if not ptr:
+            raise EngineError("llama.cpp gave no embedding for this input",
+                              hint="the model may not pool its token vectors; check it with 'edgeinfer show'")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
 
     def _one_thread(self) -> None:
         me = threading.get_ident()

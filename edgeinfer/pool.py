@@ -173,6 +173,14 @@ class ModelProcess:
             await self.call("threads", threads=threads)
             self.threads = threads
 
+    async def embed(self, req):
+        """``req`` (an EmbeddingRequest) embedded in the model's process."""
+        from .embed import Embeddings
+        from .server.embedding import decode_vectors
+
+        reply = await self.call("embed", input=req.inputs, truncate=req.truncate, encoding_format="base64")
+        return Embeddings(decode_vectors(reply["embeddings"]), reply["n_tokens"], reply["truncated"])
+
     async def count(self, req) -> int:
         """Tokens in ``req``'s prompt, as the model renders it."""
         from .server.protocol import request_fields
@@ -278,6 +286,11 @@ class InlineModel:
         from .server import generation
 
         return await generation.run(self.engine, req)
+
+    async def embed(self, req):
+        from .server import embedding
+
+        return await embedding.run(self.engine, req)
 
     async def count(self, req) -> int:
         from .server import generation
@@ -506,6 +519,26 @@ class ModelPool:
         run.model = model
         run.events = self._held(run.events, slot, keep_alive)
         return run
+
+    async def embed(self, name, req, keep_alive=None):
+        """Embed ``req`` (a server.embedding.EmbeddingRequest) with the
+        model ``name`` means, loading it if need be. Returns (the model,
+        embed.Embeddings)."""
+        ref = await self.aresolve(name)
+        slot = self.slots.setdefault(ref, Slot(ref))
+        model = await self._ensure_loaded(slot)
+        if not slot.busy:
+            slot.progressed = time.monotonic()
+        slot.busy += 1
+        await self._share_cores()
+        try:
+            return model, await model.embed(req)
+        except EngineError:
+            if not model.alive:
+                slot.last_error = "its process ended"
+            raise
+        finally:
+            await self._release(slot, keep_alive)
 
     async def model_for(self, name):
         """The loaded model ``name`` means (loading it), for a face that

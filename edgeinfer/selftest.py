@@ -25,6 +25,7 @@ or ``hang``, after its prefill when it runs that setting (``*`` for all).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -461,6 +462,10 @@ def _child(raw: str) -> int:
     cp.n_batch = cp.n_ubatch = 64
     cp.n_threads, cp.n_threads_batch = a["threads"], a["threads_batch"]
     cp.no_perf = True
+    # An embedding model (an encoder, or one that pools) is tried the way
+    # it runs: one batch, then its pooled vector, which must be finite.
+    embedding = not lc.llama_model_has_decoder(model) or _pools(lc, model)
+    cp.embeddings = embedding
     ctx = lc.llama_init_from_model(model, cp)
     if not ctx:
         print("error: llama.cpp could not create a context", file=sys.stderr)
@@ -491,6 +496,26 @@ def _child(raw: str) -> int:
             sys.exit(4)
         return int(row.argmax())
 
+    if embedding:
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(tokens)
+        encode = lc.llama_decode if lc.llama_model_has_decoder(model) else lc.llama_encode
+        rc = encode(ctx, batch)
+        if rc != 0:
+            print(f"error: llama.cpp returned {rc} evaluating the input", file=sys.stderr)
+            return 3
+        _say("prefilled")
+        _fault(fault)
+        ptr = lc.llama_get_embeddings_seq(ctx, 0)
+        vec = np.ctypeslib.as_array(ptr, shape=(lc.llama_model_n_embd(model),)) if ptr else None
+        if vec is None or not np.isfinite(vec).all():
+            print("error: the embedding is missing or not finite", file=sys.stderr)
+            return 4
+        _say("decoded")
+        print("OK " + json.dumps({"tokens": [], "repacked": mp.repacked}), flush=True)
+        return 0
     decode(tokens, 0)
     _say("prefilled")
     _fault(fault)
@@ -507,6 +532,16 @@ def _child(raw: str) -> int:
     lc.llama_free(ctx)
     lc.llama_model_free(model)
     return 0
+
+
+def _pools(lc, model) -> bool:
+    """Whether the model's GGUF names a pooling type (an embedding model
+    built on a decoder)."""
+    buf = ctypes.create_string_buffer(64)
+    if lc.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf)) < 0:
+        return False
+    key = buf.value + b".pooling_type"
+    return lc.llama_model_meta_val_str(model, key, buf, len(buf)) >= 0 and buf.value not in (b"", b"0")
 
 
 if __name__ == "__main__":

@@ -119,11 +119,7 @@ class Generation:
     async def start(cls, front, req: GenerationRequest, endpoint: str, body: dict) -> "Generation":
         """Start ``req`` on the model ``body`` names (its ``model`` and
         ``keep_alive``); ``front`` has ``require_pool()`` and ``metrics``."""
-        keep_alive = None
-        if body.get("keep_alive") is not None:
-            keep_alive = generation.parse_keep_alive(body["keep_alive"])
-            keep_alive = float("inf") if keep_alive is None else keep_alive
-        run = await front.require_pool().run(body.get("model"), req, keep_alive=keep_alive)
+        run = await front.require_pool().run(body.get("model"), req, keep_alive=generation.keep_alive_of(body))
         try:
             first = await run.events.__anext__()
         except BaseException:

@@ -256,6 +256,15 @@ def parse_keep_alive(value, param: str = "keep_alive") -> float | None:
                               "0 (unload after the request) or -1 (keep loaded)")
 
 
+def keep_alive_of(body: dict) -> float | None:
+    """A request body's ``keep_alive`` for the pool: None when absent (the
+    server's own), inf for forever, else seconds."""
+    if body.get("keep_alive") is None:
+        return None
+    seconds = parse_keep_alive(body["keep_alive"])
+    return float("inf") if seconds is None else seconds
+
+
 # -- running a request -------------------------------------------------------------
 def render(engine, req: GenerationRequest) -> list[int]:
     """The request's prompt as token ids (blocking: templates and long

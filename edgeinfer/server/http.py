@@ -197,6 +197,7 @@ class HttpFront:
             Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
             Route("/v1/chat/completions", self._wrap(openai_api.chat_completions), methods=["POST"]),
             Route("/v1/completions", self._wrap(openai_api.completions), methods=["POST"]),
+            Route("/v1/embeddings", self._wrap(openai_api.embeddings), methods=["POST"]),
             Route("/v1/messages", self._wrap(anthropic_api.messages), methods=["POST"]),
             Route("/v1/messages/count_tokens", self._wrap(anthropic_api.count_tokens), methods=["POST"]),
         ]
@@ -347,5 +348,5 @@ class HttpFront:
             s.close()
 
 
-ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages",
-               "/v1/messages/count_tokens")
+ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+               "/v1/messages", "/v1/messages/count_tokens")

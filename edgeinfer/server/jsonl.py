@@ -221,12 +221,12 @@ class _Connection:
                                                 '"token" field', call.id)
 
     async def dispatch(self, call: Call) -> None:
-        if call.op in protocol.GENERATING_OPS:
+        if call.op in protocol.GENERATING_OPS or call.op == "embed":
             if self.server._stopping:
                 raise ProtocolError.of(generation.StoppingError("the server is stopping; no new requests"), call.id)
             if call.id in self.inflight:
                 raise ProtocolError("duplicate_id", f"request {call.id!r} is still running", call.id)
-            task = asyncio.create_task(self.generate(call))
+            task = asyncio.create_task(self.generate(call) if call.op != "embed" else self.embed(call))
             self.inflight[call.id] = task
             self.server._requests.add(task)
             task.add_done_callback(lambda t, rid=call.id: self._done(rid, t))
@@ -285,6 +285,19 @@ class _Connection:
             del self.inflight[rid]
         self.server._requests.discard(task)
 
+    async def embed(self, call: Call) -> None:
+        from .embedding import encode_vectors
+
+        try:
+            model, out = await self.pool.embed(call.model, call.embedding, keep_alive=call.keep_alive)
+            vectors = encode_vectors(out.vectors) if call.encoding == "base64" else out.vectors.tolist()
+            await self.send({"id": call.id, "event": "result", "model": model.name, "embeddings": vectors,
+                             "n_tokens": out.n_tokens, "truncated": out.truncated})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._fail(call.id, e)
+
     async def generate(self, call: Call) -> None:
         rid = call.id
         try:
@@ -324,18 +337,22 @@ class _Connection:
                     pass
             raise
         except Exception as e:
-            if self.closed or self.writer.is_closing() or isinstance(e, ConnectionError):
-                return   # our own writes failed: the client is gone
-            m = generation.meaning(e)
-            if m.code == "internal":
-                log.error("request %r failed: %s", rid, generation.message(e), exc_info=e)
-            event = ProtocolError.of(e, rid).event()
-            if self.server.opts.internal:   # enough for the other side to raise the same error
-                event.update({"class": type(e).__name__, "param": getattr(e, "param", None)})
-            try:
-                await self.send(event)
-            except (ConnectionError, RuntimeError):
-                pass
+            await self._fail(rid, e)
+
+    async def _fail(self, rid, e: Exception) -> None:
+        """Answer a request that failed with its error event."""
+        if self.closed or self.writer.is_closing() or isinstance(e, ConnectionError):
+            return   # our own writes failed: the client is gone
+        m = generation.meaning(e)
+        if m.code == "internal":
+            log.error("request %r failed: %s", rid, generation.message(e), exc_info=e)
+        event = ProtocolError.of(e, rid).event()
+        if self.server.opts.internal:   # enough for the other side to raise the same error
+            event.update({"class": type(e).__name__, "param": getattr(e, "param", None)})
+        try:
+            await self.send(event)
+        except (ConnectionError, RuntimeError):
+            pass
 
 
 def _is_stale_socket(path: str) -> bool:

@@ -18,7 +18,7 @@ from ..events import DoneEvent
 from ..speculative import MODES as SPEC_MODES
 from .api import SSE_HEADERS, Generation, sse, stream_events
 from .fields import Fields, text_content
-from .generation import GenerationRequest
+from .generation import GenerationRequest, keep_alive_of
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16    # the OpenAI API's own default for /v1/completions
@@ -217,3 +217,28 @@ async def completions(front, body: dict, request):
         yield sse("[DONE]")
 
     return StreamingResponse(body_iter(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def embeddings(front, body: dict, request):
+    """``POST /v1/embeddings``: vectors of an embedding model, normalised,
+    as float lists or base64 (OpenAI's clients ask for base64 by default)."""
+    from .embedding import EmbeddingRequest, encode_vectors, parse_input
+
+    f = Fields(body)
+    front.check_model(body.get("model"))
+    encoding = f.choice("encoding_format", ("float", "base64")) or "float"
+    truncate = body.get("truncate", True)   # an extension, as Ollama's field
+    if not isinstance(truncate, bool):
+        raise f.bad("truncate", "must be true or false")
+    req = EmbeddingRequest(parse_input(body.get("input")), truncate=truncate)
+    dimensions = f.integer("dimensions", 1, 1 << 20)
+    model, out = await front.require_pool().embed(body.get("model"), req, keep_alive=keep_alive_of(body))
+    width = out.vectors.shape[1] if out.vectors.ndim == 2 else 0
+    if dimensions is not None and dimensions != width:
+        raise f.bad("dimensions", f"{model.name} gives vectors of {width} dimensions only; leave dimensions "
+                                  "out or set it to that")
+    rows = encode_vectors(out.vectors) if encoding == "base64" else out.vectors.tolist()
+    n = sum(out.n_tokens)
+    return JSONResponse({"object": "list", "model": model.name,
+                         "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+                         "usage": {"prompt_tokens": n, "total_tokens": n}})

@@ -22,7 +22,7 @@ from ..speculative import MODES as SPEC_MODES
 from . import generation
 from .generation import GenerationRequest, RequestError
 
-OPS = ("generate", "chat", "cancel", "models", "health", "stats")
+OPS = ("generate", "chat", "embed", "cancel", "models", "health", "stats")
 GENERATING_OPS = ("generate", "chat", "run")
 # Ops a model's own process answers to the server that started it (on a
 # Unix socket only that server can open): "run" carries a whole
@@ -83,6 +83,8 @@ class Call:
     request: GenerationRequest | None = None      # generate, chat and run
     threads: int | None = None                    # threads
     keep_alive: float | None = None               # seconds the model stays loaded after this request
+    embedding: object = None                      # embed: a server.embedding.EmbeddingRequest
+    encoding: str = "float"                       # embed: vectors as "float" lists or "base64"
 
 
 def error_event(request_id, code: str, message: str) -> dict:
@@ -153,6 +155,8 @@ def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
         return call
     if op in ("run", "count"):
         return _internal_run(call, obj, bad)
+    if op == "embed":
+        return _embed(call, obj, bad)
     if op not in GENERATING_OPS:
         return call
     if rid is None:
@@ -211,6 +215,29 @@ def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
     call.request = req
+    return call
+
+
+def _embed(call: Call, obj: dict, bad) -> Call:
+    from .embedding import EmbeddingRequest, parse_input
+
+    if call.id is None:
+        raise bad("embed needs an id, so its result can be told apart")
+    unknown = sorted(set(obj) - {"id", "op", "token", "model", "keep_alive", "input", "truncate",
+                                 "encoding_format"})
+    if unknown:
+        raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
+    truncate = obj.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise bad("truncate must be true or false")
+    encoding = obj.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise bad('encoding_format must be "float" or "base64"')
+    try:
+        call.embedding = EmbeddingRequest(parse_input(obj.get("input")), truncate=truncate)
+    except RequestError as e:
+        raise bad(str(e)) from None
+    call.encoding = encoding
     return call
 
 

@@ -46,7 +46,10 @@ async def _serve(engine, socket_path: str) -> None:
     from .jsonl import Options, Server, stop_event
 
     # The socket's directory belongs to the server's user alone (mode 700).
-    server = Server(engine, Options(host=None, unix=socket_path, internal=True, idle_timeout=1e9))
+    # Lines come from the server alone, which checked each request's size
+    # against its own limits already (a JSON-escaped body grows a little).
+    server = Server(engine, Options(host=None, unix=socket_path, internal=True, idle_timeout=1e9,
+                                    max_line=1 << 28))
     stop = stop_event()
     await server.start()
     _say(facts(engine))
