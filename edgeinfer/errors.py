@@ -24,6 +24,8 @@
     │   └── VocabularyMismatchError (ValueError)
     │                                 a draft model whose tokens differ
     ├── QuantizeError                 quantize/convert refused or failed
+    │   └── ConvertError (ValueError) a Hugging Face folder the converter
+    │                                 cannot turn into GGUF
     ├── CompareError (ValueError)     models that cannot be compared
     ├── TemplateError                 a chat template failed or was hostile
     ├── GrammarError (ValueError)     a JSON schema or grammar that cannot
@@ -162,6 +164,16 @@ class SpeculativeError(EdgeinferError, ValueError):
 class QuantizeError(EdgeinferError):
     """A quantize or convert that was refused (unknown type, requantizing)
     or that llama.cpp's quantizer failed."""
+
+
+class ConvertError(QuantizeError, ValueError):
+    """A Hugging Face model folder that ``edgeinfer.convert`` refuses: an
+    architecture it does not know, or files that are missing or malformed.
+    The message names the file or field."""
+
+    hint = ("the converter takes sentence-transformers BERT folders (BertModel: config.json, "
+            "tokenizer.json or vocab.txt, model.safetensors); convert others with llama.cpp's "
+            "convert_hf_to_gguf.py and run 'edgeinfer import FILE.gguf --name NAME'")
 
 
 class CompareError(EdgeinferError, ValueError):
