@@ -90,7 +90,10 @@ class Engine:
         # input is evaluated in one piece, nothing is generated or cached.
         self.embedding = self.info.is_embedding
         if self.embedding:
-            n_ctx = n_ctx or self.info.context_length or 512
+            # Never past the positions it was trained for: an encoder looks
+            # each position up in a table of that many rows.
+            trained = self.info.context_length or 512
+            n_ctx = min(n_ctx or trained, trained)
             n_batch = max(n_batch, n_ctx)
             n_seq_max = n_seq_max or EMBED_SEQUENCES
             speculative, prompt_cache, draft = "off", False, None

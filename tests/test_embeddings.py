@@ -85,6 +85,14 @@ def test_long_inputs_are_cut_or_refused(engine):
         engine.generate("hello")
 
 
+def test_the_context_never_passes_the_trained_positions(bert):
+    """A server's --n-ctx meant for its chat model reaches the embedding
+    model too: past its position table llama.cpp would abort."""
+    with edgeinfer.load(bert, threads=1, n_ctx=4096) as e:
+        assert e.n_ctx == 64
+        assert e.embed(" ".join(["word"] * 300)).shape == (1, e.n_embd)
+
+
 def test_a_chat_model_does_not_embed(tiny_model):
     with edgeinfer.load(tiny_model, threads=1, n_ctx=256) as chat:
         with pytest.raises(RequestError, match="does not embed"):
