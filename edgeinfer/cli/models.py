@@ -181,22 +181,30 @@ def rm_cmd(models):
 
 
 @click.command("import")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
 @click.option("--name", required=True, help="Name for the model, name[:tag].")
-def import_cmd(path, name):
-    """Copy a local GGUF file into the store under --name.
+@click.option("--to", "to", type=click.Choice(["f16", "q8_0"], case_sensitive=False),
+              help="For a folder: the type to convert to (default f16).")
+def import_cmd(path, name, to):
+    """Copy a local GGUF file into the store under --name, or convert a
+    Hugging Face model folder into one.
 
     The file is checked first; a damaged file is refused and nothing enters
-    the store.
+    the store. A folder must hold a sentence-transformers BERT (BertModel:
+    config.json, tokenizer.json or vocab.txt, model.safetensors, its
+    1_Pooling); other architectures are refused. The tag defaults to the
+    type.
 
     \b
-    Example:
+    Examples:
       edgeinfer import ./my-model.Q4_K_M.gguf --name my-model:q4_k_m
+      edgeinfer import ./all-MiniLM-L6-v2 --name minilm --to q8_0
     """
     from ..pull import import_file
 
-    m = import_file(path, name)
-    click.echo(f"imported {m.ref} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
+    m = import_file(path, name, to=to.lower() if to else None)
+    how = "converted" if os.path.isdir(path) else "imported"
+    click.echo(f"{how} {m.ref} ({human_bytes(m.size)}, sha256 {m.sha256[:12]})")
 
 
 COMMANDS = [pull_cmd, list_cmd, show_cmd, rm_cmd, import_cmd]
