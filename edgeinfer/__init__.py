@@ -27,6 +27,7 @@ from .errors import (
     CompareError,
     ConnectionLostError,
     ContextOverflowError,
+    ConvertError,
     DiskSpaceError,
     DownloadError,
     EdgeinferError,
@@ -69,7 +70,8 @@ __all__ = [
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",
-    "TemplateError", "GrammarError", "VocabularyMismatchError", "SpeculativeError", "QuantizeError", "CompareError",
+    "TemplateError", "GrammarError", "VocabularyMismatchError", "SpeculativeError", "QuantizeError", "ConvertError",
+    "CompareError",
     "ServerConfigError", "ServerError", "RequestError", "ModelNotServedError", "StoppingError",
     "ServerBusyError", "AuthError", "ConnectionLostError",
 ]

@@ -447,8 +447,10 @@ def extract_folder(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
                     except (UnicodeDecodeError, json.JSONDecodeError) as e:
                         raise ConvertError(f"{archive}: modules.json: {e}") from None
                 for m in mods if isinstance(mods, list) else []:
-                    p = str(m.get("path", "")) if isinstance(m, dict) else ""
-                    if str(m.get("type", "")).endswith("Pooling") and re.fullmatch(r"[\w.-]+", p) and ".." not in p:
+                    if not isinstance(m, dict) or not str(m.get("type", "")).endswith("Pooling"):
+                        continue
+                    p = str(m.get("path", ""))
+                    if re.fullmatch(r"[\w.-]+", p) and ".." not in p:
                         wanted.append(f"{p}/config.json")
             for rel in wanted:
                 if prefix + rel in names:
