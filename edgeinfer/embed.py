@@ -3,7 +3,7 @@
 An embedding model (BERT and its kin, or any GGUF that names a pooling
 type) loads through the same doorway as a chat model, with a context that
 gives each sequence's pooled vector (``llama.Context(embeddings=True)``).
-Inputs are packed into batches, as many as fit in ``n_batch`` tokens and
+Inputs are packed into batches of up to EMBED_BATCH_TOKENS tokens and
 ``n_seq_max`` sequences, each input a sequence of its own (an input's
 tokens attend only to each other, so packing never changes a vector);
 every batch runs on the engine's scheduler thread, and inputs from
@@ -20,6 +20,12 @@ import numpy as np
 from .errors import ContextOverflowError, EngineError, RequestError
 
 EMBED_SEQUENCES = 64      # inputs per batch at most (llama.cpp allows 256 sequences)
+# Tokens per batch at most (a longer input goes alone). Attention in a
+# batch spans all of its tokens, masked per input, so its cost grows with
+# the square of the batch: 128 sentences of all-minilm-l6-v2 took 114-136
+# per second in batches of 512 tokens, 197-247 in batches of 128 and
+# 219-222 in batches of 64 (2-core AMD EPYC, one process, alternating).
+EMBED_BATCH_TOKENS = 128
 
 
 @dataclass
@@ -57,7 +63,8 @@ def fit(tokens: list[int], n_ctx: int, truncate: bool, index: int) -> tuple[list
 
 def pack(lengths: list[int], n_batch: int, n_seq: int) -> list[list[int]]:
     """Indices of the inputs in each batch, in order: as many as fit in
-    ``n_batch`` tokens and ``n_seq`` sequences."""
+    ``n_batch`` tokens and ``n_seq`` sequences (an input longer than
+    ``n_batch`` alone)."""
     batches: list[list[int]] = []
     used = 0
     for i, n in enumerate(lengths):
@@ -80,7 +87,7 @@ def run_batches(ctx, inputs: list[list[int]]) -> np.ndarray:
     evaluated in as few batches as fit. On the scheduler's thread."""
     out = np.zeros((len(inputs), ctx.n_embd), dtype=np.float32)
     b = ctx.batch
-    for group in pack([len(t) for t in inputs], ctx.n_batch, ctx.n_seq_max):
+    for group in pack([len(t) for t in inputs], min(ctx.n_batch, EMBED_BATCH_TOKENS), ctx.n_seq_max):
         b.clear()
         for seq, i in enumerate(group):
             for pos, tok in enumerate(inputs[i]):
