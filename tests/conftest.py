@@ -33,6 +33,26 @@ def load_script(name: str):
     return mod
 
 
+def import_into(home: Path, models: dict) -> Path:
+    """A store under EDGEINFER_HOME ``home`` holding ``models`` (name:tag →
+    GGUF path), imported as a user would (each file checked in a child,
+    whose record goes under that home too)."""
+    from edgeinfer.pull import import_file
+    from edgeinfer.store import ModelStore
+
+    old = os.environ.get("EDGEINFER_HOME")
+    os.environ["EDGEINFER_HOME"] = str(home)
+    try:
+        for name, path in models.items():
+            import_file(path, name, store=ModelStore())
+    finally:
+        if old is None:
+            del os.environ["EDGEINFER_HOME"]
+        else:
+            os.environ["EDGEINFER_HOME"] = old
+    return home
+
+
 @pytest.fixture(scope="session")
 def shared_selftest(tmp_path_factory) -> Path:
     """One native self-test record for the whole session: each model file

@@ -5,19 +5,16 @@ chat model, through the official openai client."""
 from __future__ import annotations
 
 import base64
-import os
 import threading
 
 import numpy as np
 import openai
 import pytest
-from conftest import load_script
+from conftest import import_into, load_script
 from served import start, start_http
 
 import edgeinfer
 from edgeinfer.errors import ContextOverflowError, RequestError
-from edgeinfer.pull import import_file
-from edgeinfer.store import ModelStore
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,18 +98,7 @@ def test_a_chat_model_does_not_embed(tiny_model):
 
 @pytest.fixture(scope="module")
 def home(bert, tiny_model, tmp_path_factory):
-    home = tmp_path_factory.mktemp("embed-home")
-    old = os.environ.get("EDGEINFER_HOME")
-    os.environ["EDGEINFER_HOME"] = str(home)
-    try:
-        import_file(bert, "tiny-bert:f16", store=ModelStore())
-        import_file(tiny_model, "tiny-chat:f16", store=ModelStore())
-    finally:
-        if old is None:
-            del os.environ["EDGEINFER_HOME"]
-        else:
-            os.environ["EDGEINFER_HOME"] = old
-    return home
+    return import_into(tmp_path_factory.mktemp("embed-home"), {"tiny-bert:f16": bert, "tiny-chat:f16": tiny_model})
 
 
 def test_openai_embeddings_beside_a_chat_model(home, engine):

@@ -16,11 +16,8 @@ import time
 import openai
 import psutil
 import pytest
-from conftest import load_script
+from conftest import import_into, load_script
 from served import start, start_http
-
-from edgeinfer.pull import import_file
-from edgeinfer.store import ModelStore
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,17 +30,8 @@ def home(tmp_path_factory):
     """An EDGEINFER_HOME whose store holds three tiny models."""
     home = tmp_path_factory.mktemp("pool-home")
     builder = load_script("build_tiny_model")
-    old = os.environ.get("EDGEINFER_HOME")
-    os.environ["EDGEINFER_HOME"] = str(home)
-    try:
-        for seed, name in enumerate(NAMES):
-            import_file(builder.build(home / f"src-{seed}.gguf", seed=seed), name, store=ModelStore())
-    finally:
-        if old is None:
-            del os.environ["EDGEINFER_HOME"]
-        else:
-            os.environ["EDGEINFER_HOME"] = old
-    return home
+    return import_into(home, {name: builder.build(home / f"src-{seed}.gguf", seed=seed)
+                              for seed, name in enumerate(NAMES)})
 
 
 @pytest.fixture(scope="module")
