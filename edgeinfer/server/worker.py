@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:   # noqa: BLE001 - whatever it was, the server must hear why
         _say({"ready": False, "class": "EngineError", "message": f"{type(e).__name__}: {e}", "hint": ""})
         return 1
+    if not engine.embedding:
+        try:   # the chat template compiles on first use: about 5 ms, better spent before the first request
+            engine.chat_tokens([{"role": "user", "content": "Hi"}])
+        except EdgeinferError:
+            pass   # a template that fails says so to the request that uses it
     try:
         asyncio.run(_serve(engine, args.socket))
     finally:
