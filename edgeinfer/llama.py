@@ -232,6 +232,12 @@ class Context:
         token), which costs a few % of decode speed. A decode-only step is
         short and cancel is checked between steps, so the callback is
         installed only when ``abortable`` (default: more than one token)."""
+        b = self._ready(batch, abortable)
+        return lc.llama_decode(self.handle, b.handle)
+
+    def _ready(self, batch: Batch | None, abortable: bool | None) -> Batch:
+        """The batch to evaluate, with the abort callback set as asked
+        (None: on for more than one token) and its token count handed over."""
         b = batch or self.batch
         if self._check_thread:
             self._one_thread()
@@ -240,20 +246,14 @@ class Context:
             lc.llama_set_abort_callback(self.handle, self._abort_cb if on else _NO_ABORT, None)
             self._abort_on = on
         b.handle.n_tokens = b.n
-        return lc.llama_decode(self.handle, b.handle)
+        return b
 
     def embed(self, batch: Batch | None = None) -> int:
         """Evaluate ``batch`` for its sequences' pooled vectors (an
         embedding context): encode for an encoder, else decode after the
         KV cache is cleared (each batch stands alone). Returns llama.cpp's
         status, 0 for success."""
-        b = batch or self.batch
-        if self._check_thread:
-            self._one_thread()
-        if self._abort_on:
-            lc.llama_set_abort_callback(self.handle, _NO_ABORT, None)
-            self._abort_on = False
-        b.handle.n_tokens = b.n
+        b = self._ready(batch, abortable=False)
         if self.encoder_only:
             return lc.llama_encode(self.handle, b.handle)
         if self._mem:

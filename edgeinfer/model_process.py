@@ -8,6 +8,7 @@ for the server's faces (``name``, ``n_ctx``, ``n_seq_max``, ``native``,
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -52,6 +53,7 @@ class ModelProcess:
         self.native = SimpleNamespace(setting=facts["native"])
         self.threads = facts["threads"]
         self.pid = proc.pid
+        self._loop = asyncio.get_running_loop()   # the server's: status() asks through it from other threads
         self.hung = False     # ended by the pool's hang watch
         self._ids = itertools.count(1)
 
@@ -156,27 +158,11 @@ class ModelProcess:
         return (await self.call("count", request=request_fields(req)))["tokens"]
 
     def status(self) -> dict:
-        """The scheduler's status (blocking: call it in a thread)."""
-        import socket as socket_
-
-        from .server.protocol import encode
-
-        with socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM) as s:
-            s.settimeout(5)
-            try:
-                s.connect(self.socket_path)
-                s.sendall(encode({"id": 0, "op": "stats"}))
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-            except OSError:
-                return {}
+        """The scheduler's status (blocking: call it from a thread, never
+        the event loop, which :meth:`call` runs on); {} if it does not answer."""
         try:
-            reply = json.loads(data)
-        except ValueError:
+            reply = asyncio.run_coroutine_threadsafe(self.call("stats"), self._loop).result(5)
+        except (EdgeinferError, OSError, ValueError, TimeoutError, concurrent.futures.TimeoutError):
             return {}
         return {k: v for k, v in reply.items() if k not in ("id", "event")}
 

@@ -283,38 +283,25 @@ class ModelPool:
         Returns a generation.Run with ``.model`` (the model) set; the
         model counts as busy until its events end. ``keep_alive``
         (seconds, None: the pool's) applies once it is idle again."""
-        ref = await self.aresolve(name)
-        slot = self.slots.setdefault(ref, Slot(ref))
-        model = await self._ensure_loaded(slot)
-        if not slot.busy:
-            slot.progressed = time.monotonic()   # the hang watch counts from here
-        slot.busy += 1
-        await self._share_cores()
+        slot, model = await self._acquire(name)
         try:
             run = await model.start(req)
         except BaseException:
             await self._release(slot, keep_alive)
             raise
         run.model = model
-        run.events = self._held(run.events, slot, keep_alive)
+        run.events = self._held(run.events, slot, model, keep_alive)
         return run
 
     async def embed(self, name, req, keep_alive=None):
         """Embed ``req`` (a server.embedding.EmbeddingRequest) with the
         model ``name`` means, loading it if need be. Returns (the model,
         embed.Embeddings)."""
-        ref = await self.aresolve(name)
-        slot = self.slots.setdefault(ref, Slot(ref))
-        model = await self._ensure_loaded(slot)
-        if not slot.busy:
-            slot.progressed = time.monotonic()
-        slot.busy += 1
-        await self._share_cores()
+        slot, model = await self._acquire(name)
         try:
             return model, await model.embed(req)
         except EngineError:
-            if not model.alive:
-                slot.last_error = "its process ended"
+            self._note_lost(slot, model)
             raise
         finally:
             await self._release(slot, keep_alive)
@@ -325,19 +312,36 @@ class ModelPool:
         ref = await self.aresolve(name)
         return await self._ensure_loaded(self.slots.setdefault(ref, Slot(ref)))
 
-    async def _held(self, events, slot: Slot, keep_alive):
+    async def _acquire(self, name) -> tuple[Slot, object]:
+        """The slot and loaded model ``name`` means, counted busy (every
+        acquire is paired with a _release), the cores shared anew."""
+        ref = await self.aresolve(name)
+        slot = self.slots.setdefault(ref, Slot(ref))
+        model = await self._ensure_loaded(slot)
+        if not slot.busy:
+            slot.progressed = time.monotonic()   # the hang watch counts from here
+        slot.busy += 1
+        await self._share_cores()
+        return slot, model
+
+    async def _held(self, events, slot: Slot, model, keep_alive):
         try:
             async with contextlib.aclosing(events) as inner:
                 async for ev in inner:
                     yield ev
         except EngineError:
-            if slot.model is not None and not slot.model.alive:
-                slot.last_error = "its process ended"
-                log.error("%s: the model's process ended (status %s); it loads again on the next request",
-                          slot.ref, slot.model.proc.returncode if hasattr(slot.model, "proc") else "?")
+            self._note_lost(slot, model)
             raise
         finally:
             await self._release(slot, keep_alive)
+
+    def _note_lost(self, slot: Slot, model) -> None:
+        """After an EngineError: if the model's process ended, say so
+        (the next request loads it again)."""
+        if not model.alive:
+            slot.last_error = "its process ended"
+            log.error("%s: the model's process ended (status %s); it loads again on the next request",
+                      slot.name, getattr(getattr(model, "proc", None), "returncode", "?"))
 
     async def _release(self, slot: Slot, keep_alive) -> None:
         slot.busy -= 1

@@ -224,8 +224,6 @@ class Scheduler:
     # -- the loop ---------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            if self._threads_next is not None:
-                self._apply_threads()
             if self.on_busy is not None and bool(self._running) != self._told_busy:
                 self._told_busy = not self._told_busy
                 try:
@@ -250,7 +248,7 @@ class Scheduler:
                     if not self._told_busy or self.on_busy is None:   # else: say so first, outside the lock
                         self._cond.wait(self._next_deadline())
                     continue
-            if self._threads_next is not None:   # set while this thread waited
+            if self._threads_next is not None:   # before the next call or step
                 self._apply_threads()
             if call is not None:
                 fn, done, box, cancel = call
