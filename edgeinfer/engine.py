@@ -537,19 +537,25 @@ class Engine:
         return "".join(e.text for e in self.stream(prompt, **kwargs))
 
     # -- chat --------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Render ``messages`` through the chat template and tokenize them.
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Render ``messages`` (and ``tools``, in OpenAI's form) through the
+        chat template and tokenize them.
 
         The template's own text may contain control tokens; the messages'
         content is tokenized as plain text, so a user who types
-        ``<|im_end|>`` cannot close a turn."""
+        ``<|im_end|>`` cannot close a turn. A template that knows nothing
+        of tools gets them written into the system message
+        (edgeinfer.tools)."""
         from .template import render_segments
+        from .tools import prompt_messages
 
         self._check_open()  # the vocabulary below is freed with the model
         if self.system_prompt and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        messages, tools = prompt_messages(messages, tools, self.chat_template)
         vocab = self.vocab
-        segments = render_segments(self.chat_template, messages, add_generation_prompt,
+        segments = render_segments(self.chat_template, messages, add_generation_prompt, tools=tools,
                                    bos_token=vocab.token_text(vocab.bos), eos_token=vocab.token_text(vocab.eos))
         ids: list[int] = []
         for text, is_template in segments:
@@ -579,17 +585,44 @@ class Engine:
                 self._memo.popitem(last=False)
         return ids
 
-    def stream_chat(self, messages: list[dict], **kwargs) -> Iterator[TextEvent | DoneEvent]:
-        """Stream the assistant's reply to OpenAI-style ``messages``."""
-        return self.stream_tokens(self.chat_tokens(messages), **kwargs)
+    def stream_chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice=None,
+                    parallel_tool_calls: bool = True, **kwargs) -> Iterator:
+        """Stream the assistant's reply to OpenAI-style ``messages``:
+        TextEvents, then a DoneEvent.
 
-    def chat(self, messages: list[dict], **kwargs) -> str:
-        """The assistant's reply to ``messages`` as a string.
+        With ``tools`` (OpenAI's form: ``{"type": "function", "function":
+        {"name", "description", "parameters"}}``) the stream carries
+        ToolCallEvents too, and ``tool_choice`` ("auto", "none",
+        "required" or ``{"type": "function", "function": {"name": ...}}``)
+        is kept by grammar (edgeinfer.tools)."""
+        if tools is None:
+            if tool_choice is not None:
+                raise RequestError("tool_choice", "tool_choice needs tools")
+            return self.stream_tokens(self.chat_tokens(messages), **kwargs)
+        from .tools import ToolUse, split_calls
+
+        use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
+        if use.choice.mode != "none" and (kwargs.get("json_schema") is not None or kwargs.get("grammar") is not None):
+            raise RequestError("tools", "tools cannot be combined with a JSON schema or grammar")
+        tokens = self.chat_tokens(messages, tools=use.offered or None)
+        gbnf = use.grammar()
+        events = self.stream_tokens(tokens, grammar=gbnf, **kwargs) if gbnf else self.stream_tokens(tokens, **kwargs)
+        parser = use.parser()
+        return split_calls(events, parser) if parser else events
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, **kwargs):
+        """The assistant's reply to ``messages``: a string, or with
+        ``tools`` a :class:`~edgeinfer.tools.Reply` (its ``content``,
+        ``tool_calls`` with arguments as dicts, and ``finish_reason``).
 
         >>> engine.chat([{"role": "user", "content": "Capital of France?"}],  # doctest: +SKIP
         ...             temperature=0)
         """
-        return "".join(e.text for e in self.stream_chat(messages, **kwargs))
+        if tools is None:
+            return "".join(e.text for e in self.stream_chat(messages, **kwargs))
+        from .tools import collect
+
+        return collect(self.stream_chat(messages, tools=tools, **kwargs))
 
     # -- embeddings --------------------------------------------------------
     def embed(self, texts: str | Iterable[str], *, normalize: bool = True, truncate: bool = True) -> np.ndarray:

@@ -44,6 +44,25 @@ class TextEvent:
 
 
 @dataclass
+class ToolCallEvent:
+    """A piece of a tool call (edgeinfer.tools). A call's first piece has
+    ``first`` (its ``id`` and ``name`` are new); the next carry fragments
+    of its arguments' JSON text, which joined make the whole; its last has
+    ``done``. A call cut short by max_tokens never gets ``done``.
+    ``text`` is empty, so joining the ``.text`` of every event gives the
+    answer's content."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str = ""
+    first: bool = False
+    done: bool = False
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
 class DoneEvent:
     """The last event of a stream; ``text`` is empty so that joining the
     ``.text`` of every event gives the answer."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 
 import llama_cpp as lc
 import numpy as np
@@ -40,14 +41,34 @@ def schema_grammar(schema) -> str:
             schema = json.loads(text)
         except ValueError as e:
             raise GrammarError(f"the JSON schema is not JSON: {e}", hint="") from None
+    check_schema(schema)
+    return schema_rules(schema, "")
+
+
+def check_schema(schema, where: str = "the schema") -> None:
+    """GrammarError for a schema the grammar cannot hold an answer to:
+    not an object, too large, a reference outside it, or a keyword in
+    UNENFORCED."""
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema is an object, not {type(schema).__name__}")
-    text = json.dumps(schema)
-    if len(text) > MAX_SCHEMA_BYTES:
-        raise GrammarError(f"the JSON schema is {len(text):,} bytes; at most {MAX_SCHEMA_BYTES:,} are accepted")
-    _check_schema(schema)
+    size = len(json.dumps(schema))
+    if size > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"{where} is {size:,} bytes of JSON schema; at most {MAX_SCHEMA_BYTES:,} are accepted")
+    _check_schema(schema, where)
+
+
+def schema_rules(schema: dict, name: str, prop_order: list[str] | None = None, *, loose: bool = False) -> str:
+    """GBNF rules for a checked ``schema``, its top rule named ``name``
+    ("" for ``root``) and the rest prefixed with it; ``prop_order`` puts
+    those properties first, in that order. ``loose``: between tokens the
+    JSON may have a new line and indentation too, as models write JSON
+    they were not held to (a lazy grammar must accept what came before
+    its trigger)."""
+    converter = llama_grammar.SchemaConverter(prop_order={p: i for i, p in enumerate(prop_order or [])},
+                                              allow_fetch=False, dotall=False, raw_pattern=False)
     try:
-        gbnf = llama_grammar.json_schema_to_gbnf(text)
+        converter.visit(converter.resolve_refs(schema, "request"), name)
+        gbnf = converter.format_grammar()
     except RecursionError:
         raise GrammarError("the JSON schema nests too deeply to convert") from None
     except Exception as e:  # the converter reports what it cannot handle by assertion
@@ -55,9 +76,12 @@ def schema_grammar(schema) -> str:
         raise GrammarError(f"the JSON schema cannot be turned into a grammar: {detail[:300]}") from None
     # This converter lets a string hold raw control characters, which JSON
     # forbids (they must be escaped); llama.cpp's own grammar excludes them.
-    return gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)
+    gbnf = gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)
+    return gbnf.replace(_TIGHT_SPACE, _LOOSE_SPACE) if loose else gbnf
 
 
+_TIGHT_SPACE = 'space ::= " "?'
+_LOOSE_SPACE = 'space ::= | " " | "\\n" [ \\t]{0,20}'
 _LOOSE_CHAR = 'char ::= [^"\\\\]'
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F]'
 
@@ -103,6 +127,12 @@ def _check_schema(node, where: str = "the schema", depth: int = 0) -> None:
             _check_schema(node[key], f"{where}.{key}"[:200], depth + 1)
 
 
+def check_cost(gbnf: str, what: str = "the grammar") -> None:
+    """GrammarError for a grammar too large or too costly to run."""
+    _check_text(gbnf)
+    check_gbnf(gbnf, what)
+
+
 def _check_text(gbnf) -> None:
     if not isinstance(gbnf, str) or not gbnf.strip():
         raise GrammarError("a grammar is a non-empty GBNF string with a 'root' rule")
@@ -120,12 +150,18 @@ class CompiledGrammar:
     large grammar stalls nobody else), then handed to the request's
     GrammarGate. Freed by whoever holds it last."""
 
-    def __init__(self, vocab, gbnf: str):
-        self.gbnf = gbnf
-        self.sampler = lc.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
-        if not self.sampler:
+    def __init__(self, vocab, gbnf: str, trigger: bytes | None = None):
+        self.gbnf, self.vocab = gbnf, vocab
+        self.trigger = None if trigger is None else re.compile(trigger)
+        self.sampler = self.fresh()
+
+    def fresh(self):
+        """A new llama.cpp sampler of this grammar (the caller's to free)."""
+        sampler = lc.llama_sampler_init_grammar(self.vocab, self.gbnf.encode("utf-8"), b"root")
+        if not sampler:
             raise GrammarError("llama.cpp could not parse the grammar (its log says where); "
                                "it must be GBNF with a 'root' rule", hint="")
+        return sampler
 
     def take(self):
         """The sampler, now the caller's to free."""
@@ -138,12 +174,14 @@ class CompiledGrammar:
             self.sampler = None
 
 
-def compile_grammar(vocab, gbnf: str) -> CompiledGrammar:
+def compile_grammar(vocab, gbnf) -> CompiledGrammar:
     """Parse ``gbnf`` as :func:`resolve` returned it (its cost already
-    checked) with llama.cpp. Raises GrammarError; parsing takes a
-    millisecond or so for an ordinary grammar, and done here it fails in
-    the caller's thread rather than mid-step."""
-    return CompiledGrammar(vocab, gbnf)
+    checked), or a tools.CallGrammar, with llama.cpp. Raises GrammarError;
+    parsing takes a millisecond or so for an ordinary grammar, and done
+    here it fails in the caller's thread rather than mid-step."""
+    if isinstance(gbnf, str):
+        return CompiledGrammar(vocab, gbnf)
+    return CompiledGrammar(vocab, gbnf.gbnf, gbnf.trigger)
 
 
 def resolve(json_schema=None, grammar: str | None = None) -> str | None:
@@ -152,6 +190,8 @@ def resolve(json_schema=None, grammar: str | None = None) -> str | None:
     What the grammar will cost is checked here, before anything builds it."""
     if json_schema is not None and grammar is not None:
         raise GrammarError("give json_schema or grammar, not both")
+    if grammar is not None and not isinstance(grammar, str):   # a tools.CallGrammar, checked as it was built
+        return grammar
     if grammar is not None:
         _check_text(grammar)
         check_gbnf(grammar)
@@ -161,9 +201,12 @@ def resolve(json_schema=None, grammar: str | None = None) -> str | None:
     if json_schema == "json":
         return JSON_OBJECT_GBNF
     gbnf = schema_grammar(json_schema)
-    _check_text(gbnf)
-    check_gbnf(gbnf, "the schema's grammar")
+    check_cost(gbnf, "the schema's grammar")
     return gbnf
+
+
+MAX_REDRAWS = 8        # tokens refused in a row before a lazy grammar gives up on a step
+TRIGGER_TAIL = 256     # bytes of text kept to find a trigger in (longer than any trigger)
 
 
 class GrammarGate:
@@ -182,7 +225,7 @@ class GrammarGate:
 
     check_first = True   # False masks at every token (the tests compare both)
 
-    def __init__(self, grammar: CompiledGrammar, n_vocab: int):
+    def __init__(self, grammar: CompiledGrammar, n_vocab: int, vocab=None):
         self.sampler = grammar.take()
         if not self.sampler:
             raise GrammarError("this grammar was used by another request already", hint="")
@@ -193,6 +236,12 @@ class GrammarGate:
         self.masked = 0      # tokens the grammar refused, so that the whole vocabulary was masked
         self.arr = self._array(self.cand)
         self.one_arr = self._array(self.one)
+        # A lazy grammar (tool calls under "auto") waits for its trigger in
+        # the text; llama.cpp's own lazy grammar aborts the process when
+        # the text its trigger caught does not parse, so it is done here.
+        self.grammar, self.vocab = grammar, vocab
+        self.waiting = grammar.trigger is not None
+        self.tail = b""      # the end of the text so far, where a trigger is looked for
 
     @staticmethod
     def _array(buf: np.ndarray):
@@ -218,6 +267,8 @@ class GrammarGate:
         llama.cpp aborts the process when its grammar accepts a token it
         does not allow, or an end-of-generation token before the grammar
         is complete, so no such token ever reaches accept."""
+        if self.waiting:
+            return self._sample_waiting(chain, ctx, idx, is_eog)
         arr = self._fill(ctx, idx)
         lc.llama_sampler_apply(chain, ctypes.byref(arr))
         tok = arr.data[arr.selected].id
@@ -237,6 +288,53 @@ class GrammarGate:
             lc.llama_sampler_accept(self.sampler, tok)
         lc.llama_sampler_accept(chain, tok)
         return int(tok)
+
+    def _allows(self, tok: int) -> bool:
+        """Whether the grammar, as it stands, allows ``tok`` next."""
+        self.one[0] = (tok, 1.0, 0.0)
+        one = self.one_arr
+        one.size, one.selected, one.sorted = 1, -1, False
+        lc.llama_sampler_apply(self.sampler, ctypes.byref(one))
+        return bool(np.isfinite(self.one["logit"][0]))
+
+    def _sample_waiting(self, chain, ctx, idx: int, is_eog) -> int:
+        """Draw freely; a token that completes the trigger starts the
+        grammar with the text the trigger caught, and one whose text the
+        grammar could not follow is not drawn."""
+        banned: list[int] = []
+        for _ in range(MAX_REDRAWS):
+            arr = self._fill(ctx, idx)
+            if banned:
+                self.cand["logit"][banned] = -np.inf
+            lc.llama_sampler_apply(chain, ctypes.byref(arr))
+            if arr.selected < 0 or not np.isfinite(arr.data[arr.selected].logit):
+                return -1
+            tok = int(arr.data[arr.selected].id)
+            if is_eog(tok):
+                break
+            text = self.tail + self.vocab.token_bytes(tok, True)
+            m = self.grammar.trigger.search(text)
+            if m is None or self._start(text[m.start():]):
+                self.tail = text[-TRIGGER_TAIL:]
+                break
+            banned.append(tok)
+        else:
+            return -1
+        lc.llama_sampler_accept(chain, tok)
+        return tok
+
+    def _start(self, caught: bytes) -> bool:
+        """Feed the grammar the text its trigger caught; False (and a fresh
+        grammar) when it does not parse."""
+        text = caught.decode("utf-8", errors="ignore")
+        for t in self.vocab.tokenize(text, add_bos=False, special=False):
+            if not self._allows(t):
+                lc.llama_sampler_free(self.sampler)
+                self.sampler = self.grammar.fresh()
+                return False
+            lc.llama_sampler_accept(self.sampler, t)
+        self.waiting = False
+        return True
 
     def free(self) -> None:
         if self.sampler:

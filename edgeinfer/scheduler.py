@@ -347,7 +347,7 @@ class Scheduler:
         run.penalties = penalties(ctx.n_ctx, **r.options)
         if r.grammar is not None:
             try:
-                run.gate = GrammarGate(r.grammar, ctx.n_vocab)
+                run.gate = GrammarGate(r.grammar, ctx.n_vocab, vocab)
             except BaseException:
                 free_chain(chain)
                 raise

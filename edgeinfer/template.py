@@ -9,6 +9,8 @@ and any sandbox violation is a TemplateError.
 
 from __future__ import annotations
 
+import contextvars
+import json
 import re
 import secrets
 from datetime import datetime
@@ -48,42 +50,143 @@ def _environment():
         _env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True)
         _env.globals["raise_exception"] = raise_exception
         _env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _env.filters["tojson"] = _tojson
     return _env
 
 
 def check_messages(messages: list[dict]) -> list[dict]:
+    """Messages as the template sees them: a role and string content;
+    an assistant's may carry ``tool_calls`` instead of content (each
+    ``{"id", "type": "function", "function": {"name", "arguments": {...}}}``),
+    a tool result its ``tool_call_id`` and ``name``."""
     if not isinstance(messages, list) or not messages:
         raise TemplateError("messages must be a non-empty list of {'role', 'content'} dicts",
                             hint="pass e.g. [{'role': 'user', 'content': 'Hello'}]")
     out = []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        calls = m.get("tool_calls") if isinstance(m, dict) and m.get("role") == "assistant" else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if calls and content is None:
+            content = ""
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
             raise TemplateError(f"bad message {m!r}: need a role ({', '.join(ROLES)}) and string content",
                                 hint="pass e.g. {'role': 'user', 'content': 'Hello'}")
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = [_check_call(c) for c in calls]
+        for key in ("tool_call_id", "name"):
+            if m["role"] == "tool" and isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+def _check_call(call) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), dict):
+        raise TemplateError(f"bad tool call {str(call)[:200]}: need function.name and function.arguments "
+                            "(an object)")
+    return {"id": str(call.get("id") or ""), "type": "function",
+            "function": {"name": fn["name"], "arguments": fn["arguments"]}}
+
+
+class _Marks:
+    """Text swapped for random markers while a template renders, so that
+    what came from a request is tokenized as plain text afterwards."""
+
+    def __init__(self):
+        self.key = secrets.token_hex(8)
+        self.text: dict[str, str] = {}
+        self.pattern = re.compile(f"(\x00{self.key}:\\d+\x00)")   # one group: split() keeps the markers
+
+    def mark(self, text: str) -> str:
+        m = f"\x00{self.key}:{len(self.text)}\x00"
+        self.text[m] = text
+        return m
+
+    def unmark(self, value):
+        """``value`` with every marker in it put back."""
+        if isinstance(value, str):
+            return self.pattern.sub(lambda m: self.text[m.group()], value)
+        if isinstance(value, dict):
+            return {k: self.unmark(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.unmark(v) for v in value]
+        return value
+
+    def leaves(self, value):
+        """``value`` with every string in it marked."""
+        if isinstance(value, str):
+            return self.mark(value)
+        if isinstance(value, dict):
+            return {k: self.leaves(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.leaves(v) for v in value]
+        return value
+
+
+_rendering: contextvars.ContextVar[_Marks] = contextvars.ContextVar("rendering")
+
+
+def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+    """``tojson`` as chat templates are written for (Hugging Face's: no
+    HTML escaping, Unicode kept). Its output is text from the request, so
+    it comes back as a marked piece, tokenized as plain text."""
+    marks = _rendering.get()
+    text = json.dumps(marks.unmark(value), indent=indent, ensure_ascii=ensure_ascii, separators=separators,
+                      sort_keys=sort_keys)
+    return marks.mark(text)
+
+
+def _masked_tool(tool: dict, marks: _Marks) -> dict:
+    """A tool whose name and descriptions are marked: templates print
+    them as they are, and they are the request's text."""
+    fn = tool.get("function", {})
+    out = {**fn, "name": marks.mark(fn.get("name", ""))}
+    if isinstance(fn.get("description"), str):
+        out["description"] = marks.mark(fn["description"])
+    return {**tool, "function": out}
+
+
+def _masked_message(m: dict, marks: _Marks) -> dict:
+    # Empty content stays empty: templates test it ("if message.content").
+    out = {"role": m["role"], "content": marks.mark(m["content"]) if m["content"] else ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": marks.mark(c["id"]), "type": "function",
+                              "function": {"name": marks.mark(c["function"]["name"]),
+                                           "arguments": marks.leaves(c["function"]["arguments"])}}
+                             for c in m["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if key in m:
+            out[key] = marks.mark(m[key])
     return out
 
 
 def render_segments(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
-                    *, bos_token: str = "", eos_token: str = "") -> list[tuple[str, bool]]:
-    """Render ``messages`` and return ``(text, is_template_text)`` pieces.
+                    *, bos_token: str = "", eos_token: str = "",
+                    tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+    """Render ``messages`` (and ``tools``, in OpenAI's form, for a
+    template that lists them) and return ``(text, is_template_text)``
+    pieces.
 
-    Each message's content is swapped for a random marker before rendering,
-    then put back as its own piece, so the caller can tokenize the
-    template's text with control tokens enabled and the users' text
-    without: typing ``<|im_end|>`` cannot end a turn.
+    Each message's content, each tool's name and description and each
+    call's name and arguments are swapped for random markers before
+    rendering, then put back as pieces of their own, so the caller can
+    tokenize the template's text with control tokens enabled and the
+    request's text without: typing ``<|im_end|>`` cannot end a turn.
     """
     from jinja2 import TemplateError as JinjaError
     from jinja2.exceptions import SecurityError
 
     messages = check_messages(messages)
-    key = secrets.token_hex(8)
-    marks = {f"\x00{key}:{i}\x00": m["content"] for i, m in enumerate(messages)}
-    masked = [{"role": m["role"], "content": mark} for m, mark in zip(messages, marks)]
+    marks = _Marks()
+    masked = [_masked_message(m, marks) for m in messages]
+    extra = {"tools": [_masked_tool(t, marks) for t in tools]} if tools else {}
+    token = _rendering.set(marks)
     try:
         text = _environment().from_string(template or FALLBACK_TEMPLATE).render(
             messages=masked, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token)
+            bos_token=bos_token, eos_token=eos_token, **extra)
     except SecurityError as e:
         raise TemplateError(f"the model's chat template tried something unsafe and was stopped: {e}") from None
     except TemplateError:
@@ -91,14 +194,16 @@ def render_segments(template: str | None, messages: list[dict], add_generation_p
     except (JinjaError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError,
             RecursionError, MemoryError) as e:
         raise TemplateError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        _rendering.reset(token)
     # One pass over the text (a request may carry thousands of messages):
     # split() puts the markers found at the odd places.
     segments: list[tuple[str, bool]] = []
-    for i, piece in enumerate(re.split(f"(\x00{key}:\\d+\x00)", text)):
+    for i, piece in enumerate(marks.pattern.split(text)):
         if i % 2:
-            segments.append((marks[piece], False))
+            segments.append((marks.unmark(marks.text[piece]), False))
         elif piece:
-            if key in piece:
+            if marks.key in piece:
                 raise TemplateError("the chat template altered message text in a way edgeinfer cannot follow")
             segments.append((piece, True))
     return segments

@@ -6,7 +6,7 @@ and format the events that come back. What the faces share is written
 here once:
 
 - the request itself, with a place for the fields no face honours yet
-  (tools, log-probabilities, several answers, a suffix, images): a face
+  (log-probabilities, several answers, a suffix, images): a face
   that reads one puts it in the request, and
   :meth:`GenerationRequest.refuse_unsupported` refuses it by name, so
   nothing is silently ignored;
@@ -131,7 +131,6 @@ def json_shape(bare: bytes) -> tuple[int, int, int]:
 # Fields no face honours yet, each with why it is refused. Supporting one
 # means: run() uses it, and its line goes.
 UNSUPPORTED: dict[str, str] = {
-    "tools": "tools are not supported by this server",
     "logprobs": "log-probabilities are not supported",
     "n": "only n=1 is supported: send several requests for several answers",
     "suffix": "suffix (fill-in-the-middle) is not supported",
@@ -160,8 +159,10 @@ class GenerationRequest:
     grammar: str | None = None                        # GBNF; not with json_schema
     speculative: str | None = None                    # None: the engine's own mode
     ignore_eos: bool = False
+    tools: list | None = None                         # function tools, in OpenAI's form (edgeinfer.tools)
+    tool_choice: str | dict | None = None             # OpenAI's form: "auto", "none", "required" or a function
+    parallel_tool_calls: bool = True
     # Not supported yet (UNSUPPORTED): a face that reads one sets it here.
-    tools: list | None = None
     logprobs: int | None = None                       # log-probabilities per token, top N
     n: int = 1                                        # answers per request
     suffix: str | None = None                         # fill-in-the-middle: text after the answer
@@ -275,10 +276,29 @@ def render(engine, req: GenerationRequest) -> list[int]:
         return list(req.tokens)
     if req.prompt is not None:
         return engine.tokenize(req.prompt)
-    ids = engine.chat_tokens(req.messages)
+    use = tool_use(req)
+    tools = use.offered if use is not None else None
+    ids = engine.chat_tokens(req.messages, tools=tools) if tools else engine.chat_tokens(req.messages)
     if req.prefill:
         ids += engine.tokenize(req.prefill, add_bos=False)
     return ids
+
+
+def tool_use(req: GenerationRequest):
+    """The request's edgeinfer.tools.ToolUse, or None without tools."""
+    if not req.tools:
+        if req.tool_choice not in (None, "auto", "none"):
+            raise RequestError("tool_choice", "tool_choice needs tools")
+        return None
+    if req.messages is None:
+        raise RequestError("tools", "tools need a chat: send messages, not a prompt")
+    from ..tools import ToolUse
+
+    use = ToolUse.of(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if use.choice.mode != "none" and (req.json_schema is not None or req.grammar is not None):
+        raise RequestError("tools", "tools cannot be combined with a JSON schema or grammar for the same answer; "
+                                    "give the schema as a tool's parameters instead")
+    return use
 
 
 def fitted_max_tokens(engine, req: GenerationRequest, n_prompt: int) -> int:
@@ -314,15 +334,23 @@ async def run(engine, req: GenerationRequest) -> Run:
     that does not convert raise here; what the engine refuses (a prompt
     over the context, a full queue) raises at the first event."""
     req.refuse_unsupported()   # a face that forgot to refuse one still never ignores it
+    use = tool_use(req)
     tokens = await asyncio.to_thread(render, engine, req)
     gbnf = None
-    if req.json_schema is not None or req.grammar is not None:
+    if use is not None:
+        gbnf = await asyncio.to_thread(use.grammar)
+    elif req.json_schema is not None or req.grammar is not None:
         from .. import grammar  # loads llama.cpp's converter: only when a request needs it
         gbnf = await asyncio.to_thread(grammar.resolve, req.json_schema, req.grammar)  # big schemas take a while
     max_tokens = fitted_max_tokens(engine, req, len(tokens))
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
                                    **req.sampling)
+    parser = use.parser() if use is not None else None
+    if parser is not None:
+        from ..tools import asplit_calls
+
+        events = asplit_calls(events, parser)
     return Run(tokens, max_tokens, events)
 
 
