@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from . import errors
 from .errors import EdgeinferError, EngineError, ModelNotServedError
-from .events import DoneEvent, Stats, TextEvent
+from .events import DoneEvent, Stats, TextEvent, ToolCallEvent
 
 LOAD_TIMEOUT = 600.0            # a 4 GB model from an SD card takes minutes
 STOP_TIMEOUT = 10.0             # SIGTERM, then SIGKILL
@@ -200,6 +200,10 @@ class ModelProcess:
                 kind = reply.get("event")
                 if kind == "token":
                     yield TextEvent(reply.get("text", ""), reply.get("tokens") or [])
+                elif kind == "tool_call":
+                    yield ToolCallEvent(reply["index"], reply["call_id"], reply["name"], reply.get("arguments", ""),
+                                        first=bool(reply.get("first")), done=bool(reply.get("done")),
+                                        tokens=reply.get("tokens") or [])
                 elif kind == "done":
                     known = {k: v for k, v in (reply.get("stats") or {}).items() if k in Stats.__dataclass_fields__}
                     stats = Stats(**known)

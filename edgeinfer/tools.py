@@ -179,6 +179,25 @@ def arguments_object(value, param: str) -> dict:
     return value
 
 
+def openai_calls(calls, param: str) -> list[dict]:
+    """An assistant message's ``tool_calls`` in OpenAI's form, with each
+    call's arguments as an object (as templates want them)."""
+    if not isinstance(calls, list):
+        raise RequestError(param, f"{param} must be a list of tool calls")
+    out = []
+    for i, call in enumerate(calls):
+        where = f"{param}[{i}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                (call.get("id") is not None and not isinstance(call["id"], str)):
+            raise RequestError(where, f'{where} must be {{"id": ..., "type": "function", "function": '
+                                      '{"name": ..., "arguments": ...}}')
+        out.append({"id": call.get("id") or new_call_id(), "type": "function",
+                    "function": {"name": fn["name"],
+                                 "arguments": arguments_object(fn.get("arguments"), f"{where}.function.arguments")}})
+    return out
+
+
 def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
 

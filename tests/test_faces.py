@@ -323,7 +323,7 @@ def test_unsupported_fields_are_refused_by_name():
 
     async def main():
         async with http_app(engine) as client:
-            for body, param in (({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools"),
+            for body, param in (({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools[0]"),
                                 ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True}, "logprobs"),
                                 ({"messages": [{"role": "user", "content": [image]}]}, "messages[0].content")):
                 r = await client.post("/v1/chat/completions", json={"messages": HELLO, **body})

@@ -150,11 +150,21 @@ class Generation:
                 ev = await events.__anext__()
 
     async def text(self, request: Request) -> str:
-        """The whole answer. A client that hangs up while waiting for it
+        """The whole answer's text (see :meth:`reply`)."""
+        return (await self.reply(request)).content
+
+    async def reply(self, request: Request):
+        """The whole answer, as an edgeinfer.tools.Reply: its text and the
+        tool calls it made. A client that hangs up while waiting for it
         cancels the request (a stream notices through its writes; this
         watches the connection instead)."""
+        from ..tools import Collector
+
         async def collect():
-            return "".join([ev.text async for ev in self if not isinstance(ev, DoneEvent)])
+            answer = Collector()
+            async for ev in self:
+                answer.add(ev)
+            return answer.reply()
 
         async def hang_up():
             while (await request.receive())["type"] != "http.disconnect":

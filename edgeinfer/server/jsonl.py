@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -21,10 +22,10 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ServerConfigError
-from ..events import DoneEvent
+from ..events import DoneEvent, ToolCallEvent
 from . import generation, protocol
 from .defaults import DEFAULT_MAX_LINE, DEFAULT_PORT  # noqa: F401  (DEFAULT_PORT: re-exported)
-from .protocol import Call, ProtocolError, encode, error_event
+from .protocol import Call, ProtocolError, encode, error_event, tool_call_event
 
 log = logging.getLogger("edgeinfer.server")
 
@@ -305,7 +306,7 @@ class _Connection:
             internal = call.op == "run"
             if internal:   # the server that started this process answers with the prompt's size first
                 await self.send({"id": rid, "event": "started", "tokens": run.tokens, "max_tokens": run.max_tokens})
-            parts = []
+            parts, calls, arguments = [], [], {}
             # aclosing: however the loop ends (a write to a closed socket
             # raises here), the stream is closed, which cancels its sequence.
             async with contextlib.aclosing(run.events) as events:
@@ -315,10 +316,20 @@ class _Connection:
                                 "stats": ev.stats.to_dict()}
                         if not call.stream:
                             done["text"] = "".join(parts)
+                            if calls:
+                                done["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": json.loads(
+                                    "".join(arguments[c.index]))} for c in calls]
                         st = ev.stats
                         log.info("%s %r: %d+%d tokens (%d cached), %s, %.2f s", call.op, rid, st.prompt_tokens,
                                  st.generated_tokens, st.cached_tokens, st.finish_reason, st.total_s)
                         await self.send(done)
+                    elif isinstance(ev, ToolCallEvent):
+                        if internal or call.stream:
+                            await self.send(tool_call_event(rid, ev, tokens=internal))
+                        elif ev.done:
+                            calls.append(ev)
+                        else:
+                            arguments.setdefault(ev.index, []).append(ev.arguments)
                     elif internal:
                         await self.send({"id": rid, "event": "token", "text": ev.text, "tokens": ev.tokens})
                     elif ev.text:

@@ -1,9 +1,10 @@
 """The OpenAI face: ``POST /v1/chat/completions`` and ``/v1/completions``.
 
 Requests are read as the OpenAI API documents them into a
-:class:`~.generation.GenerationRequest`; a parameter this server cannot
-honour (``n`` > 1, tools, log-probabilities, a logit bias) is a 400 that
-names it, never silently ignored. Fields it does not know are ignored, as
+:class:`~.generation.GenerationRequest`, tools and tool calls included
+(edgeinfer.tools); a parameter this server cannot honour (``n`` > 1,
+log-probabilities, a logit bias) is a 400 that names it, never silently
+ignored. Fields it does not know are ignored, as
 newer clients send more than older servers read.
 """
 
@@ -14,17 +15,19 @@ import uuid
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..events import DoneEvent
+from ..events import DoneEvent, ToolCallEvent
 from ..speculative import MODES as SPEC_MODES
+from ..tools import check_choice, check_tools, openai_calls
 from .api import SSE_HEADERS, Generation, sse, stream_events
 from .fields import Fields, text_content
 from .generation import GenerationRequest, keep_alive_of
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16    # the OpenAI API's own default for /v1/completions
 
 # Our finish reasons in OpenAI's words: a loop cut short reads as "length".
-FINISH = {"stop": "stop", "length": "length", "repetition": "length", "cancelled": "length"}
+FINISH = {"stop": "stop", "length": "length", "repetition": "length", "cancelled": "length",
+          "tool_calls": "tool_calls"}
 
 
 def _sampling(f: Fields) -> dict:
@@ -78,10 +81,18 @@ def _messages(f: Fields, images: list) -> list[dict]:
             raise f.bad(name, "must be an object with role and content")
         role = m.get("role")
         if role not in ROLES:
-            raise f.bad(f"{name}.role", "must be system, developer, user or assistant (tools are not supported)")
-        if m.get("tool_calls"):
-            raise f.bad(f"{name}.tool_calls", "tool calls are not supported")
-        out.append({"role": ROLES[role], "content": text_content(m.get("content"), f"{name}.content", images)})
+            raise f.bad(f"{name}.role", "must be system, developer, user, assistant or tool")
+        msg = {"role": ROLES[role]}
+        if role == "assistant" and m.get("tool_calls"):
+            msg["tool_calls"] = openai_calls(m["tool_calls"], f"{name}.tool_calls")
+            msg["content"] = "" if m.get("content") is None else text_content(m["content"], f"{name}.content")
+        else:
+            msg["content"] = text_content(m.get("content"), f"{name}.content", images)
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise f.bad(f"{name}.tool_call_id", "a tool message needs the tool_call_id it answers")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
 
 
@@ -110,7 +121,7 @@ def _request(f: Fields, front, prompt: dict, images: list,
     # What no face supports yet goes into the request, which refuses it by name.
     names = {}
     body = f.body
-    req.tools = None if body.get("tools") in (None, []) else body["tools"]
+    _tools(f, req)
     req.n = 1 if body.get("n") is None else body["n"]
     for name, off in (("logprobs", False), ("top_logprobs", 0)):
         if body.get(name) not in (None, off):
@@ -120,6 +131,19 @@ def _request(f: Fields, front, prompt: dict, images: list,
         req.images, names["images"] = [block for _, block in images], images[0][0]
     req.refuse_unsupported(names)
     return req, stream, include_usage
+
+
+def _tools(f: Fields, req: GenerationRequest) -> None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` into the request."""
+    tools = f.body.get("tools")
+    if tools in (None, []):
+        if f.body.get("tool_choice") not in (None, "none", "auto"):
+            raise f.bad("tool_choice", "needs tools")
+        return
+    req.tools = check_tools(tools)
+    req.tool_choice = f.body.get("tool_choice")
+    check_choice(req.tool_choice, req.tools)
+    req.parallel_tool_calls = f.boolean("parallel_tool_calls", True)
 
 
 def _usage(stats) -> dict:
@@ -143,11 +167,15 @@ async def chat_completions(front, body: dict, request):
     gen = await Generation.start(front, req, "/v1/chat/completions", body)
     head = _head("chatcmpl", gen.model)
     if not stream:
-        text = await gen.text(request)
+        reply = await gen.reply(request)
         st = gen.stats
+        message = {"role": "assistant", "content": reply.content, "refusal": None}
+        if reply.tool_calls:
+            message["content"] = reply.content or None
+            message["tool_calls"] = [c.openai() for c in reply.tool_calls]
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None, "finish_reason": FINISH.get(st.finish_reason, "stop")}], "usage": _usage(st)})
+            "index": 0, "message": message, "logprobs": None,
+            "finish_reason": FINISH.get(st.finish_reason, "stop")}], "usage": _usage(st)})
 
     def chunk(delta: dict, finish=None) -> dict:
         out = {**head, "object": "chat.completion.chunk",
@@ -166,6 +194,12 @@ async def chat_completions(front, body: dict, request):
                 if include_usage:
                     yield sse({**head, "object": "chat.completion.chunk", "choices": [],
                                "usage": _usage(ev.stats)})
+            elif isinstance(ev, ToolCallEvent):
+                if ev.first:
+                    yield sse(chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                                     "function": {"name": ev.name, "arguments": ""}}]}))
+                elif ev.arguments:
+                    yield sse(chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]}))
             elif ev.text:
                 yield sse(chunk({"content": ev.text}))
         yield sse("[DONE]")

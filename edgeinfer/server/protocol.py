@@ -207,15 +207,44 @@ def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
                 req.sampling[name] = check_value(name, obj[name])
             except RequestError as e:
                 raise bad(str(e)) from None
+    if obj.get("tools") is not None:
+        if op != "chat":
+            raise bad("tools need a chat: use op chat")
+        parallel = obj.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            raise bad("parallel_tool_calls must be true or false")
+        try:
+            from ..tools import ToolUse
+
+            use = ToolUse.of(obj["tools"], obj.get("tool_choice"), parallel)
+        except RequestError as e:
+            raise bad(str(e)) from None
+        req.tools, req.tool_choice, req.parallel_tool_calls = use.tools, obj.get("tool_choice"), parallel
+    elif obj.get("tool_choice") is not None:
+        raise bad("tool_choice needs tools")
     # Fields the request model has but this server does not honour yet
-    # (tools, logprobs, n, suffix, images) are unknown here, so refused.
+    # (logprobs, n, suffix, images) are unknown here, so refused.
     known = {"id", "op", "token", "model", "keep_alive", "prompt", "messages", "stream", "max_tokens", "stop",
-             "seed", "ignore_eos", "json_schema", "grammar", "speculative", *OPTIONS}
+             "seed", "ignore_eos", "json_schema", "grammar", "speculative", "tools", "tool_choice",
+             "parallel_tool_calls", *OPTIONS}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
     call.request = req
     return call
+
+
+def tool_call_event(rid, ev, tokens: bool = False) -> dict:
+    """A "tool_call" event: a piece of a call (edgeinfer.events.ToolCallEvent)."""
+    out = {"id": rid, "event": "tool_call", "index": ev.index, "call_id": ev.id, "name": ev.name,
+           "arguments": ev.arguments}
+    if ev.first:
+        out["first"] = True
+    if ev.done:
+        out["done"] = True
+    if tokens:
+        out["tokens"] = ev.tokens
+    return out
 
 
 def _embed(call: Call, obj: dict, bad) -> Call:
@@ -269,14 +298,26 @@ def request_fields(req: GenerationRequest) -> dict:
 
 
 def _messages(messages, bad) -> list[dict]:
+    from ..tools import openai_calls
+
     if not isinstance(messages, list) or not messages:
         raise bad('chat needs messages: a list of {"role": ..., "content": ...}')
     if len(messages) > MAX_MESSAGES:
         raise bad(f"at most {MAX_MESSAGES} messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                not isinstance(m.get("content"), str):
-            raise bad(f"messages[{i}] needs a role (system, user or assistant) and string content")
-        out.append({"role": m["role"], "content": m["content"]})
+        calls = m.get("tool_calls") if isinstance(m, dict) and m.get("role") == "assistant" else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") or \
+                not (isinstance(content, str) or (calls and content is None)):
+            raise bad(f"messages[{i}] needs a role (system, user, assistant or tool) and string content")
+        msg = {"role": m["role"], "content": content or ""}
+        if calls:
+            try:
+                msg["tool_calls"] = openai_calls(calls, f"messages[{i}].tool_calls")
+            except RequestError as e:
+                raise bad(str(e)) from None
+        if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
