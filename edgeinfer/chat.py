@@ -25,11 +25,19 @@ class ChatSession:
     'Paris.'
 
     A cancelled answer is kept in the history as far as it got.
+
+    With ``tools`` (OpenAI's form), the model may call them: the calls
+    made are in ``last_calls`` (edgeinfer.tools.ToolCall), kept in the
+    history, and :meth:`tool_result` answers one, after which
+    :meth:`stream` with no text lets the model go on.
     """
 
-    def __init__(self, engine: "Engine", system: str | None = None, **options):
+    def __init__(self, engine: "Engine", system: str | None = None, *, tools: list[dict] | None = None,
+                 **options):
         self.engine = engine
         self.system = system
+        self.tools = tools
+        self.last_calls: list = []      # the calls the last answer made
         self.options = options          # default sampling options for every turn
         self.history: list[dict] = []   # user and assistant turns, without the system prompt
         self.last_stats: "Stats | None" = None
@@ -39,26 +47,45 @@ class ChatSession:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + self.history
 
-    def stream(self, text: str, **options) -> Iterator["TextEvent | DoneEvent"]:
-        """Add a user turn and stream the reply; the reply joins the history
-        when the stream ends, however it ends."""
-        self.history.append({"role": "user", "content": text})
-        parts: list[str] = []
+    def stream(self, text: str | None, **options) -> Iterator["TextEvent | DoneEvent"]:
+        """Add a user turn (None: none, after tool results) and stream the
+        reply; the reply joins the history when the stream ends, however
+        it ends."""
+        from .tools import Collector
+
+        if text is not None:
+            self.history.append({"role": "user", "content": text})
+        answer = Collector()
+        extra = {"tools": self.tools} if self.tools else {}
         try:
-            for event in self.engine.stream_chat(self.messages, **{**self.options, **options}):
-                parts.append(event.text)
+            for event in self.engine.stream_chat(self.messages, **extra, **{**self.options, **options}):
+                answer.add(event)
                 if isinstance(event, DoneEvent):
                     self.last_stats = event.stats
                 yield event
         except BaseException:
-            if not parts:
-                self.history.pop()
+            if not answer.text and not answer.calls:
+                if text is not None:
+                    self.history.pop()
                 raise
-            self.history.append({"role": "assistant", "content": "".join(parts)})
+            self._keep(answer.reply())
             raise
-        self.history.append({"role": "assistant", "content": "".join(parts)})
+        self._keep(answer.reply())
 
-    def send(self, text: str, **options) -> str:
+    def _keep(self, reply) -> None:
+        msg = {"role": "assistant", "content": reply.content}
+        if reply.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in reply.tool_calls]
+        self.last_calls = reply.tool_calls
+        self.history.append(msg)
+
+    def tool_result(self, call_id: str, content: str) -> None:
+        """Answer the call ``call_id`` with ``content`` (its result, as
+        text: JSON is usual)."""
+        self.history.append({"role": "tool", "tool_call_id": call_id, "content": content})
+
+    def send(self, text: str | None, **options) -> str:
         """Add a user turn and return the whole reply."""
         return "".join(e.text for e in self.stream(text, **options))
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..errors import EdgeinferError
-from ..events import DoneEvent
+from ..events import DoneEvent, ToolCallEvent
 from ..speculative import MODES
 from ._common import ensure_model, load_engine
 
@@ -30,6 +30,9 @@ Commands:
                      presence_penalty, dry_multiplier, dry_base,
                      dry_allowed_length, dry_last_n, max_tokens, seed
   /stats             figures for the last answer
+  /tools FILE        offer the tools in FILE (a JSON list, OpenAI's form);
+                     /tools off stops offering them
+  /result TEXT       answer the model's last tool call with TEXT
   /save FILE         save the conversation as JSON
   /load FILE         load a conversation saved with /save
   /exit              leave (so do Ctrl-D, and Ctrl-C on an empty line)
@@ -142,12 +145,19 @@ class Repl:
                 continue
             self.answer(text)
 
-    def answer(self, text: str) -> None:
+    def answer(self, text: str | None) -> None:
         stop = threading.Event()
         try:
             with ctrl_c_sets(stop), contextlib.closing(self.session.stream(text, cancel=stop)) as events:
                 for ev in events:
-                    if not isinstance(ev, DoneEvent):
+                    if isinstance(ev, ToolCallEvent):
+                        if ev.first:
+                            self.out.write(f"[call {ev.name}(")
+                        self.out.write(ev.arguments)
+                        if ev.done:
+                            self.out.write(")]\n")
+                        self.out.flush()
+                    elif not isinstance(ev, DoneEvent):
                         self.out.write(ev.text)
                         self.out.flush()
         except KeyboardInterrupt:
@@ -164,6 +174,8 @@ class Repl:
         self.out.flush()
         if stop.is_set():
             self.say("(stopped)")
+        elif self.session.last_calls:
+            self.say("(answer the call with /result TEXT)")
 
     def command(self, line: str) -> str | None:
         name, _, arg = line.partition(" ")
@@ -205,6 +217,20 @@ class Repl:
                          f"decode {st.decode_tps:.1f} tok/s, prompt {st.prompt_tokens} tokens "
                          f"({st.cached_tokens} cached), {st.generated_tokens} generated, "
                          f"finish: {st.finish_reason}")
+        elif name == "/tools":
+            self.tools(arg)
+        elif name == "/result":
+            pending = self.pending_call()
+            if pending is None:
+                self.say("No tool call is waiting for a result.")
+            elif not arg:
+                self.say(f"Usage: /result TEXT  (the result of {pending['function']['name']})")
+            else:
+                s.tool_result(pending["id"], arg)
+                if self.pending_call() is None:   # every call answered: the model goes on
+                    self.answer(None)
+                else:
+                    self.say(f"Now the result of {self.pending_call()['function']['name']}.")
         elif name == "/save":
             if not arg:
                 self.say("Usage: /save FILE")
@@ -226,6 +252,35 @@ class Repl:
         else:
             self.say(f"Unknown command {name} - type /help for the list")
         return None
+
+
+    def tools(self, arg: str) -> None:
+        from ..tools import check_tools
+
+        s = self.session
+        if not arg:
+            names = [t["function"]["name"] for t in s.tools or []]
+            self.say(f"Tools: {', '.join(names) or '(none)'}  - offer some with /tools FILE")
+        elif arg == "off":
+            s.tools = None
+            self.say("No tools offered.")
+        else:
+            try:
+                s.tools = check_tools(json.loads(Path(arg).expanduser().read_text(encoding="utf-8")))
+            except (OSError, ValueError) as e:
+                self.say(f"Cannot read tools from {arg}: {e} - give a JSON list of "
+                         '{"type": "function", "function": {"name": ..., "parameters": {...}}}')
+                return
+            self.say(f"Offering {len(s.tools)} tool(s): {', '.join(t['function']['name'] for t in s.tools)}")
+
+    def pending_call(self) -> dict | None:
+        """The first call of the last assistant turn with no result yet."""
+        h = self.session.history
+        turn = next((i for i in range(len(h) - 1, -1, -1) if h[i]["role"] == "assistant"), None)
+        if turn is None:
+            return None
+        answered = {m.get("tool_call_id") for m in h[turn + 1:] if m["role"] == "tool"}
+        return next((c for c in h[turn].get("tool_calls", []) if c["id"] not in answered), None)
 
 
 def _line_buffer() -> str:
