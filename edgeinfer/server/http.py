@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import anthropic_api, generation, openai_api
+from . import anthropic_api, generation, openai_api, responses_api
 from .api import RETRY_AFTER_S, ApiError, api_error_from, error_response, read_json
 from .defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY
 from .jsonl import is_loopback
@@ -198,6 +198,7 @@ class HttpFront:
             Route("/v1/chat/completions", self._wrap(openai_api.chat_completions), methods=["POST"]),
             Route("/v1/completions", self._wrap(openai_api.completions), methods=["POST"]),
             Route("/v1/embeddings", self._wrap(openai_api.embeddings), methods=["POST"]),
+            Route("/v1/responses", self._wrap(responses_api.responses), methods=["POST"]),
             Route("/v1/messages", self._wrap(anthropic_api.messages), methods=["POST"]),
             Route("/v1/messages/count_tokens", self._wrap(anthropic_api.count_tokens), methods=["POST"]),
         ]
@@ -349,4 +350,4 @@ class HttpFront:
 
 
 ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-               "/v1/messages", "/v1/messages/count_tokens")
+               "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
