@@ -43,7 +43,7 @@ from .grammar import resolve as constrain
 from .kv import KVLedger
 from .prompt_cache import PromptCache
 from .sampling import DEFAULTS as DEFAULT_SAMPLING
-from .sampling import check_options
+from .sampling import MAX_TOP_LOGPROBS, check_logit_bias, check_options
 from .scheduler import DEFAULT_QUEUE, Scheduler, new_seed
 from .sequence import Request
 from .speculative import SpecConfig, measure_step_costs, step_costs_for
@@ -326,6 +326,41 @@ class Engine:
 
         return self._exclusive(run)
 
+    def prompt_logprobs(self, tokens: list[int], top: int = 0, seq: int = 0) -> list[dict | None]:
+        """Each prompt token's log-probability entry given the tokens
+        before it (as TextEvent.logprobs has them; None for the first),
+        with the ``top`` likeliest alternatives: how likely the model
+        finds a text, as evaluation harnesses ask with ``echo``. Evaluated
+        alone, in batches, while other requests wait."""
+        from .sampling import token_logprobs
+
+        self._check_open()
+        if not 0 < len(tokens) < self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {len(tokens):,} tokens; the context holds {self.n_ctx:,}")
+
+        def run():
+            ctx, ledger, vocab = self._ctx, self._ledger, self.vocab
+            out: list[dict | None] = [None]
+            ledger.clear(seq)
+            try:
+                for start in range(0, len(tokens), self.n_batch):
+                    chunk = tokens[start:start + self.n_batch]
+                    b = ctx.batch
+                    b.clear()
+                    for i, t in enumerate(chunk):
+                        b.add(t, start + i, seq, True)
+                    rc = ctx.decode(b, abortable=True)
+                    if rc != 0:
+                        raise EngineError(f"llama_decode failed with status {rc}")
+                    for i in range(len(chunk)):
+                        if start + i + 1 < len(tokens):
+                            out.append(token_logprobs(ctx.logits(i), tokens[start + i + 1], top, vocab))
+            finally:
+                ledger.clear(seq)
+            return out
+
+        return self._exclusive(run)
+
     def cancel(self) -> None:
         """Stop every running and waiting generation (prefill as well as
         decode); safe from any thread."""
@@ -412,7 +447,8 @@ class Engine:
 
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
                  ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
-                 speculative: str | None = None) -> Request:
+                 speculative: str | None = None, logit_bias: dict | None = None,
+                 logprobs: int | None = None) -> Request:
         self._check_open()
         if self.embedding:
             raise embedding_model_error(self.name)
@@ -435,14 +471,22 @@ class Engine:
         for name, v in (("max_tokens", max_tokens), ("seed", seed)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise RequestError(name, f"{name} must be a whole number of 0 or more, not {str(v)[:40]}")
+        bias = check_logit_bias(logit_bias, self.n_vocab)
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError("logprobs", f"logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS} "
+                                           "(how many alternatives to give beside each token)")
+        # Speculation checks drafts in batches; log-probabilities are read a token at a time.
+        spec = None if logprobs is not None else self._spec(speculative)
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
-                       grammar=compiled, spec=self._spec(speculative))
+                       grammar=compiled, spec=spec, logit_bias=bias, logprobs=logprobs)
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
                       ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
-                      speculative: str | None = None, **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      speculative: str | None = None, logit_bias: dict | None = None,
+                      logprobs: int | None = None, **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
@@ -457,10 +501,15 @@ class Engine:
         A schema that cannot be converted raises GrammarError.
 
         ``speculative`` ("auto", "lookup" or "off") overrides the engine's
-        speculative decoding for this request (edgeinfer.speculative)."""
+        speculative decoding for this request (edgeinfer.speculative).
+
+        ``logit_bias`` ({token id: bias from -100 to 100}) is added to those
+        tokens' logits before sampling (-100 bans a token). ``logprobs`` (0
+        to 20) gives each TextEvent the log-probability of each of its
+        tokens and of that many most likely alternatives (``.logprobs``)."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
-                            json_schema, grammar, speculative)
+                            json_schema, grammar, speculative, logit_bias, logprobs)
         self._scheduler.submit(req)
         item = None
         try:
@@ -487,6 +536,7 @@ class Engine:
                              stop: Iterable[str] | str = (), seed: int | None = None,
                              cancel: threading.Event | None = None, ignore_eos: bool = False,
                              json_schema=None, grammar: str | None = None, speculative: str | None = None,
+                             logit_bias: dict | None = None, logprobs: int | None = None,
                              **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
@@ -495,7 +545,7 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
         args = (tokens, max_tokens, stop, seed, cancel, sampling,
                 lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
-                json_schema, grammar, speculative)
+                json_schema, grammar, speculative, logit_bias, logprobs)
         # A grammar is converted and parsed in a worker thread: a large one
         # must not stall the event loop every other client shares.
         constrained = json_schema is not None or grammar is not None

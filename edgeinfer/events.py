@@ -37,10 +37,14 @@ class Stats:
 
 @dataclass
 class TextEvent:
-    """A piece of generated text and the token ids that produced it."""
+    """A piece of generated text and the token ids that produced it;
+    ``logprobs``, when the request asked, has one entry per token:
+    ``{"token", "bytes", "logprob", "top_logprobs": [{"token", "bytes",
+    "logprob"}, ...]}`` (OpenAI's shape)."""
 
     text: str
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict] | None = None
 
 
 @dataclass

@@ -184,7 +184,8 @@ class ModelProcess:
         except BaseException:
             writer.close()
             raise
-        return generation.Run(reply["tokens"], reply["max_tokens"], self._events(reader, writer))
+        return generation.Run(reply["tokens"], reply["max_tokens"], self._events(reader, writer),
+                              prompt_text=reply.get("prompt_text"), prompt_logprobs=reply.get("prompt_logprobs"))
 
     async def _reply(self, reader) -> dict:
         line = await reader.readline()
@@ -199,7 +200,7 @@ class ModelProcess:
                 reply = await self._reply(reader)
                 kind = reply.get("event")
                 if kind == "token":
-                    yield TextEvent(reply.get("text", ""), reply.get("tokens") or [])
+                    yield TextEvent(reply.get("text", ""), reply.get("tokens") or [], logprobs=reply.get("logprobs"))
                 elif kind == "tool_call":
                     yield ToolCallEvent(reply["index"], reply["call_id"], reply["name"], reply.get("arguments", ""),
                                         first=bool(reply.get("first")), done=bool(reply.get("done")),

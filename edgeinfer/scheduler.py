@@ -36,7 +36,7 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats
 from .grammar import GrammarGate
 from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK
-from .sampling import free_chain, penalties, sampler_chain
+from .sampling import free_chain, penalties, sampler_chain, token_logprobs
 from .sequence import Request, Sequence, State
 from .speculative import StepTimes, next_draft
 
@@ -340,7 +340,7 @@ class Scheduler:
         self.counters["cache_hits"] += n > 0
         ctx, vocab = self.ctx, self.vocab
         chain = sampler_chain(r.seed, n_vocab=ctx.n_vocab, vocab=vocab.handle, n_ctx=ctx.n_ctx,
-                              banned=vocab.eog_tokens() if r.ignore_eos else (), **r.options)
+                              banned=vocab.eog_tokens() if r.ignore_eos else (), bias=r.logit_bias, **r.options)
         r.seq = seq
         self.last_seq = seq
         run = Sequence(r, seq, n, chain=chain, t0=t0, stop_on_repeat=self.stop_on_repeat)
@@ -580,7 +580,8 @@ class Scheduler:
         if vocab.is_eog(tok):
             self._finish(run, "stop")
             return -1
-        event, reason = run.emit(tok, vocab.token_bytes(tok),
+        logprob = None if run.req.logprobs is None else token_logprobs(ctx.logits(idx), tok, run.req.logprobs, vocab)
+        event, reason = run.emit(tok, vocab.token_bytes(tok), logprob=logprob,
                                  context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
         if event is not None:
             self._deliver(run.req, event)

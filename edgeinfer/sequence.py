@@ -54,6 +54,8 @@ class Request:
     ignore_eos: bool = False                      # run to max_tokens: no end-of-generation, no loop stop
     grammar: object | None = None                 # a grammar.CompiledGrammar the answer must follow
     spec: SpecConfig | None = None                # speculative decoding; None: off
+    logit_bias: dict[int, float] | None = None    # added to those tokens' logits
+    logprobs: int | None = None                   # None: none; N: each token's and the N likeliest
     id: int = field(default_factory=lambda: next(_ids))
     consumed: int = 0                             # events the reader has taken
     # set by the scheduler
@@ -87,7 +89,7 @@ class Sequence:
     and the text state between steps."""
 
     __slots__ = ("req", "seq", "state", "pending", "chain", "gate", "penalties", "utf8", "matcher", "generated",
-                 "pending_ids", "t0", "t_first", "stats", "n_cached", "ngrams", "estimate", "drafts",
+                 "pending_ids", "pending_lp", "t0", "t_first", "stats", "n_cached", "ngrams", "estimate", "drafts",
                  "stop_on_repeat")
 
     def __init__(self, req: Request, seq: int, n_cached: int, *, chain=None, t0: float | None = None,
@@ -103,6 +105,7 @@ class Sequence:
         self.matcher = StopMatcher(req.stops)
         self.generated: list[int] = []
         self.pending_ids: list[int] = []
+        self.pending_lp: list[dict] | None = [] if req.logprobs is not None else None
         self.t_first: float | None = None
         if req.stats is None:
             req.stats = Stats(prompt_tokens=len(req.tokens), cached_tokens=n_cached)
@@ -128,22 +131,25 @@ class Sequence:
             self.t_first = now
             self.stats.ttft_s = now - self.req.submitted
 
-    def emit(self, tok: int, piece: bytes, *, context_full: bool = False) -> tuple[TextEvent | None, str | None]:
+    def emit(self, tok: int, piece: bytes, *, context_full: bool = False,
+             logprob: dict | None = None) -> tuple[TextEvent | None, str | None]:
         """Take generated token ``tok`` (not an end-of-generation token),
-        whose bytes are ``piece``. Returns the text event to deliver now,
-        if any, and the finish reason if the answer ends with it.
+        whose bytes are ``piece`` (and ``logprob``, its log-probability
+        entry, when the request asked). Returns the text event to deliver
+        now, if any, and the finish reason if the answer ends with it.
         ``context_full``: the context has no room for another token."""
         stats = self.stats
         stats.generated_tokens += 1
         self.pending_ids.append(tok)
+        if self.pending_lp is not None:
+            self.pending_lp.append(logprob)
         self.generated.append(tok)
         if self.ngrams is not None:
             self.ngrams.extend((tok,))
         text, stopped = self.matcher.feed(self.utf8.decode(piece))
         event = None
         if text:
-            event = TextEvent(text, self.pending_ids)
-            self.pending_ids = []
+            event = self._event(text)
         if stopped:
             return event, "stop_string"
         if context_full:
@@ -155,6 +161,14 @@ class Sequence:
         self.pending = [tok]
         return event, None
 
+    def _event(self, text: str) -> TextEvent:
+        """The tokens held so far, with ``text``."""
+        event = TextEvent(text, self.pending_ids, logprobs=self.pending_lp)
+        self.pending_ids = []
+        if self.pending_lp is not None:
+            self.pending_lp = []
+        return event
+
     def finish(self, reason: str, now: float) -> TextEvent | None:
         """End the answer with ``reason`` ("stop_string" for a stop string,
         reported as "stop"); returns the held-back text and ids to deliver
@@ -165,8 +179,7 @@ class Sequence:
         # of an unfinished character) belongs to the answer unless a stop
         # string cut it off; every token id is reported once.
         tail = "" if hit_stop else self.matcher.flush() + self.utf8.decode(b"", final=True)
-        event = TextEvent(tail, self.pending_ids) if tail or self.pending_ids else None
-        self.pending_ids = []
+        event = self._event(tail) if tail or self.pending_ids else None
         if self.t_first is not None and stats.generated_tokens > 1:
             stats.decode_tps = (stats.generated_tokens - 1) / max(now - self.t_first, 1e-9)
         stats.finish_reason = "stop" if hit_stop else reason

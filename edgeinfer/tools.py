@@ -552,6 +552,7 @@ class Reply:
     tool_calls: list[ToolCall]
     finish_reason: str
     stats: object = None     # the events.Stats of the generation
+    logprobs: list | None = None   # an entry per token, when the request asked
 
 
 class Collector:
@@ -561,6 +562,7 @@ class Collector:
         self.text: list[str] = []
         self.args: dict[int, list[str]] = {}
         self.calls: list[ToolCall] = []
+        self.logprobs: list | None = None
         self.stats = None
 
     def add(self, ev) -> None:
@@ -574,9 +576,12 @@ class Collector:
             self.stats = ev.stats
         else:
             self.text.append(ev.text)
+            if ev.logprobs is not None:
+                self.logprobs = (self.logprobs or []) + ev.logprobs
 
     def reply(self) -> Reply:
-        return Reply("".join(self.text), self.calls, self.stats.finish_reason if self.stats else "", self.stats)
+        return Reply("".join(self.text), self.calls, self.stats.finish_reason if self.stats else "", self.stats,
+                     self.logprobs)
 
 
 def collect(events) -> Reply:

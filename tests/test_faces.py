@@ -323,8 +323,8 @@ def test_unsupported_fields_are_refused_by_name():
 
     async def main():
         async with http_app(engine) as client:
-            for body, param in (({"n": 2}, "n"), ({"tools": [{"type": "function"}]}, "tools[0]"),
-                                ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True}, "logprobs"),
+            for body, param in (({"n": 99}, "n"), ({"tools": [{"type": "function"}]}, "tools[0]"),
+                                ({"top_logprobs": 2}, "top_logprobs"), ({"best_of": 2}, "best_of"),
                                 ({"messages": [{"role": "user", "content": [image]}]}, "messages[0].content")):
                 r = await client.post("/v1/chat/completions", json={"messages": HELLO, **body})
                 assert (r.status_code, r.json()["error"]["param"]) == (400, param), r.text

@@ -263,8 +263,13 @@ BAD_OPENAI = [
     ({"messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty"),
     ({"messages": HELLO, "stop": [1]}, 400, "stop"),
     ({"messages": HELLO, "seed": "x"}, 400, "seed"),
-    ({"messages": HELLO, "n": 2}, 400, "n"),
-    ({"messages": HELLO, "logprobs": True}, 400, "logprobs"),
+    ({"messages": HELLO, "n": 0}, 400, "n"),
+    ({"messages": HELLO, "n": 17}, 400, "n"),
+    ({"messages": HELLO, "logprobs": "yes"}, 400, "logprobs"),
+    ({"messages": HELLO, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs"),
+    ({"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": HELLO, "logit_bias": {"1000000": 5}}, 400, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": {"5": -101}}, 400, "logit_bias"),
     ({"messages": HELLO, "tools": [{"type": "retrieval"}]}, 400, "tools[0]"),
     ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f g"}}]}, 400, "tools[0].function.name"),
     ({"messages": HELLO, "tool_choice": "required"}, 400, "tool_choice"),
@@ -430,7 +435,7 @@ def test_metrics_move_by_the_right_amounts(server):
     chunks = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=5, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     usage.append(chunks[-1].usage)
-    server.json("POST", "/v1/chat/completions", {"messages": HELLO, "n": 3})  # a 400
+    server.json("POST", "/v1/chat/completions", {"messages": HELLO, "n": 99})  # a 400
     after = server.metrics()
 
     def moved(name):

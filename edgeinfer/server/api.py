@@ -154,33 +154,127 @@ class Generation:
         return (await self.reply(request)).content
 
     async def reply(self, request: Request):
-        """The whole answer, as an edgeinfer.tools.Reply: its text and the
-        tool calls it made. A client that hangs up while waiting for it
-        cancels the request (a stream notices through its writes; this
-        watches the connection instead)."""
+        """The whole answer, as an edgeinfer.tools.Reply: its text, the
+        tool calls it made, and its log-probabilities if asked. A client
+        that hangs up while waiting for it cancels the request (a stream
+        notices through its writes; this watches the connection instead)."""
+        return await until_hang_up(request, self._collect())
+
+    async def _collect(self):
+        from ..tools import Collector
+
+        answer = Collector()
+        async for ev in self:
+            answer.add(ev)
+        return answer.reply()
+
+
+async def until_hang_up(request: Request, work):
+    """The result of the coroutine ``work``, cancelled if the client
+    hangs up first (then an ApiError)."""
+    async def hang_up():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer, gone = asyncio.ensure_future(work), asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (answer, gone):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(answer, gone, return_exceptions=True)
+    if not answer.done() or answer.cancelled():
+        raise ApiError("invalid_request", "the client closed the connection before the answer was ready")
+    return answer.result()
+
+
+MAX_CHOICES = 16
+
+
+class Choices:
+    """The ``n`` answers of one request: a Generation each, started
+    together (sequences of the same prompt share its prefill in the
+    scheduler), their events merged as ``(index, event)``."""
+
+    def __init__(self, gens: list[Generation]):
+        self.gens = gens
+        self.stats = None     # the answers' figures summed, once all are done
+        self.model, self.tokens = gens[0].model, gens[0].tokens
+
+    @classmethod
+    async def start(cls, front, req: GenerationRequest, endpoint: str, body: dict, n: int) -> "Choices":
+        """``n`` copies of ``req``, each with its own seed (``seed + i``
+        when the request gives one, so that answers differ)."""
+        import dataclasses
+
+        if n == 1:
+            return cls([await Generation.start(front, req, endpoint, body)])
+        reqs = [dataclasses.replace(req, seed=None if req.seed is None else (req.seed + i) % (1 << 32),
+                                    sampling=dict(req.sampling), stop=list(req.stop)) for i in range(n)]
+        started = await asyncio.gather(*(Generation.start(front, r, endpoint, body) for r in reqs),
+                                       return_exceptions=True)
+        failed = [g for g in started if isinstance(g, BaseException)]
+        if failed:
+            for g in started:
+                if isinstance(g, Generation):
+                    await g._run.aclose()
+            raise failed[0]
+        return cls(list(started))
+
+    async def __aiter__(self):
+        if len(self.gens) == 1:   # the usual case: no merging
+            gen = self.gens[0]
+            async for ev in gen:
+                yield 0, ev
+            self.stats = gen.stats
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen: Generation):
+            try:
+                async for ev in gen:
+                    await queue.put((i, ev))
+            except Exception as e:
+                await queue.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(self.gens)]
+        try:
+            left = len(tasks)
+            while left:
+                i, ev = await queue.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                if isinstance(ev, DoneEvent):
+                    left -= 1
+                yield i, ev
+            self.stats = summed([g.stats for g in self.gens])
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def replies(self, request: Request) -> list:
+        """Each answer as an edgeinfer.tools.Reply, in order."""
         from ..tools import Collector
 
         async def collect():
-            answer = Collector()
-            async for ev in self:
-                answer.add(ev)
-            return answer.reply()
+            answers = [Collector() for _ in self.gens]
+            async for i, ev in self:
+                answers[i].add(ev)
+            return [a.reply() for a in answers]
 
-        async def hang_up():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
+        return await until_hang_up(request, collect())
 
-        answer, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(hang_up())
-        try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (answer, gone):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(answer, gone, return_exceptions=True)
-        if not answer.done() or answer.cancelled():
-            raise ApiError("invalid_request", "the client closed the connection before the answer was ready")
-        return answer.result()
+
+def summed(stats: list):
+    """One Stats for several answers to one prompt: the prompt counted
+    once, the generated tokens of all."""
+    import dataclasses
+
+    out = dataclasses.replace(stats[0])
+    out.generated_tokens = sum(s.generated_tokens for s in stats)
+    return out
 
 
 async def stream_events(gen: Generation, front, endpoint: str, error_event=None):

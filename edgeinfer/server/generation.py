@@ -6,7 +6,7 @@ and format the events that come back. What the faces share is written
 here once:
 
 - the request itself, with a place for the fields no face honours yet
-  (log-probabilities, several answers, a suffix, images): a face
+  (several answers, a suffix, images): a face
   that reads one puts it in the request, and
   :meth:`GenerationRequest.refuse_unsupported` refuses it by name, so
   nothing is silently ignored;
@@ -131,7 +131,6 @@ def json_shape(bare: bytes) -> tuple[int, int, int]:
 # Fields no face honours yet, each with why it is refused. Supporting one
 # means: run() uses it, and its line goes.
 UNSUPPORTED: dict[str, str] = {
-    "logprobs": "log-probabilities are not supported",
     "n": "only n=1 is supported: send several requests for several answers",
     "suffix": "suffix (fill-in-the-middle) is not supported",
     "images": "images are not supported; this server reads text only",
@@ -162,8 +161,10 @@ class GenerationRequest:
     tools: list | None = None                         # function tools, in OpenAI's form (edgeinfer.tools)
     tool_choice: str | dict | None = None             # OpenAI's form: "auto", "none", "required" or a function
     parallel_tool_calls: bool = True
+    logprobs: int | None = None                       # log-probabilities per token, with the top N alternatives
+    logit_bias: dict | None = None                    # {token id: bias from -100 to 100}
+    echo: bool = False                                # the prompt's text (and its logprobs) before the answer
     # Not supported yet (UNSUPPORTED): a face that reads one sets it here.
-    logprobs: int | None = None                       # log-probabilities per token, top N
     n: int = 1                                        # answers per request
     suffix: str | None = None                         # fill-in-the-middle: text after the answer
     images: list | None = None
@@ -295,6 +296,8 @@ def tool_use(req: GenerationRequest):
     from ..tools import ToolUse
 
     use = ToolUse.of(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if req.logprobs is not None:
+        raise RequestError("logprobs", "logprobs cannot be combined with tools")
     if use.choice.mode != "none" and (req.json_schema is not None or req.grammar is not None):
         raise RequestError("tools", "tools cannot be combined with a JSON schema or grammar for the same answer; "
                                     "give the schema as a tool's parameters instead")
@@ -321,6 +324,8 @@ class Run:
     max_tokens: int
     events: AsyncIterator
     model: object = None     # what ran it (edgeinfer.pool sets it): .name, .native, .n_ctx
+    prompt_text: str | None = None            # with echo: the prompt as text
+    prompt_logprobs: list | None = None       # with echo and logprobs: an entry per prompt token (None first)
 
     def __aiter__(self):
         return self.events.__aiter__()
@@ -342,16 +347,33 @@ async def run(engine, req: GenerationRequest) -> Run:
     elif req.json_schema is not None or req.grammar is not None:
         from .. import grammar  # loads llama.cpp's converter: only when a request needs it
         gbnf = await asyncio.to_thread(grammar.resolve, req.json_schema, req.grammar)  # big schemas take a while
+    prompt_text = prompt_lp = None
+    if req.echo:
+        prompt_text = req.prompt if req.prompt is not None else await asyncio.to_thread(engine.detokenize, tokens)
+        if req.logprobs is not None:
+            prompt_lp = await asyncio.to_thread(engine.prompt_logprobs, tokens, req.logprobs)
+    if req.max_tokens == 0:   # the prompt alone: echo scores a text without generating
+        if not req.echo:
+            raise RequestError("max_tokens", "max_tokens must be at least 1 (0 only with echo)")
+        events = _nothing(len(tokens))
+        return Run(tokens, 0, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
     max_tokens = fitted_max_tokens(engine, req, len(tokens))
+    extra = {k: v for k, v in (("logit_bias", req.logit_bias), ("logprobs", req.logprobs)) if v is not None}
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
-                                   **req.sampling)
+                                   **extra, **req.sampling)
     parser = use.parser() if use is not None else None
     if parser is not None:
         from ..tools import asplit_calls
 
         events = asplit_calls(events, parser)
-    return Run(tokens, max_tokens, events)
+    return Run(tokens, max_tokens, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
+
+
+async def _nothing(n_prompt: int):
+    from ..events import DoneEvent, Stats
+
+    yield DoneEvent(Stats(prompt_tokens=n_prompt, finish_reason="length"))
 
 
 # -- the error table -------------------------------------------------------------

@@ -305,8 +305,9 @@ class _Connection:
             run = await self.pool.run(call.model, call.request, keep_alive=call.keep_alive)
             internal = call.op == "run"
             if internal:   # the server that started this process answers with the prompt's size first
-                await self.send({"id": rid, "event": "started", "tokens": run.tokens, "max_tokens": run.max_tokens})
-            parts, calls, arguments = [], [], {}
+                await self.send({"id": rid, "event": "started", "tokens": run.tokens, "max_tokens": run.max_tokens,
+                                 "prompt_text": run.prompt_text, "prompt_logprobs": run.prompt_logprobs})
+            parts, calls, arguments, logprobs = [], [], {}, []
             # aclosing: however the loop ends (a write to a closed socket
             # raises here), the stream is closed, which cancels its sequence.
             async with contextlib.aclosing(run.events) as events:
@@ -316,6 +317,8 @@ class _Connection:
                                 "stats": ev.stats.to_dict()}
                         if not call.stream:
                             done["text"] = "".join(parts)
+                            if call.request.logprobs is not None:
+                                done["logprobs"] = logprobs
                             if calls:
                                 done["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": json.loads(
                                     "".join(arguments[c.index]))} for c in calls]
@@ -331,12 +334,20 @@ class _Connection:
                         else:
                             arguments.setdefault(ev.index, []).append(ev.arguments)
                     elif internal:
-                        await self.send({"id": rid, "event": "token", "text": ev.text, "tokens": ev.tokens})
-                    elif ev.text:
+                        out = {"id": rid, "event": "token", "text": ev.text, "tokens": ev.tokens}
+                        if ev.logprobs is not None:
+                            out["logprobs"] = ev.logprobs
+                        await self.send(out)
+                    elif ev.text or ev.logprobs:
                         if call.stream:
-                            await self.send({"id": rid, "event": "token", "text": ev.text})
+                            out = {"id": rid, "event": "token", "text": ev.text}
+                            if ev.logprobs is not None:
+                                out["logprobs"] = ev.logprobs
+                            await self.send(out)
                         else:
                             parts.append(ev.text)
+                            if ev.logprobs is not None:
+                                logprobs += ev.logprobs
         except asyncio.CancelledError:
             # Cancelled by "cancel", a drain timeout or the connection going:
             # tell a client that is still there.

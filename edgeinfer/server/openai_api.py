@@ -1,10 +1,11 @@
 """The OpenAI face: ``POST /v1/chat/completions`` and ``/v1/completions``.
 
 Requests are read as the OpenAI API documents them into a
-:class:`~.generation.GenerationRequest`, tools and tool calls included
-(edgeinfer.tools); a parameter this server cannot honour (``n`` > 1,
-log-probabilities, a logit bias) is a 400 that names it, never silently
-ignored. Fields it does not know are ignored, as
+:class:`~.generation.GenerationRequest`: tools and tool calls
+(edgeinfer.tools), log-probabilities (and ``echo`` on completions), a
+logit bias, and ``n`` answers (api.Choices). A parameter this server
+cannot honour (``suffix``, images, audio, ``best_of``) is a 400 that
+names it, never silently ignored. Fields it does not know are ignored, as
 newer clients send more than older servers read.
 """
 
@@ -16,9 +17,10 @@ import uuid
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent, ToolCallEvent
+from ..sampling import MAX_TOP_LOGPROBS
 from ..speculative import MODES as SPEC_MODES
 from ..tools import check_choice, check_tools, openai_calls
-from .api import SSE_HEADERS, Generation, sse, stream_events
+from .api import MAX_CHOICES, SSE_HEADERS, Choices, sse, stream_events
 from .fields import Fields, text_content
 from .generation import GenerationRequest, keep_alive_of
 
@@ -43,7 +45,6 @@ def _sampling(f: Fields) -> dict:
     top_k = f.integer("top_k", -1, 1_000_000)
     if top_k is not None:
         out["top_k"] = max(0, top_k)
-    f.refuse("logit_bias", lambda v: v == {}, "logit_bias is not supported")
     f.refuse("best_of", (1,), "only best_of=1 is supported")
     return out
 
@@ -97,9 +98,9 @@ def _messages(f: Fields, images: list) -> list[dict]:
 
 
 def _request(f: Fields, front, prompt: dict, images: list,
-             default_max_tokens: int | None) -> tuple[GenerationRequest, bool, bool]:
+             default_max_tokens: int | None) -> tuple[GenerationRequest, bool, bool, int]:
     """The request (``prompt``: its messages, prompt or tokens), and what
-    only this face reads: stream, and stream_options.include_usage."""
+    only this face reads: stream, stream_options.include_usage, and n."""
     f.refuse("functions", lambda v: v == [], "functions are not supported by this server")
     f.refuse("audio", lambda v: False, "audio output is not supported")
     f.refuse("modalities", lambda v: v == ["text"], "only text output is supported")
@@ -118,19 +119,19 @@ def _request(f: Fields, front, prompt: dict, images: list,
         stop=f.stops("stop"), seed=f.seed(), sampling=_sampling(f),
         # ignore_eos (run to max_tokens, for benchmarks) as vLLM and llama.cpp's server take it
         ignore_eos=f.boolean("ignore_eos"), speculative=f.choice("speculative", SPEC_MODES))
+    lb = f.body.get("logit_bias")
+    if lb is not None and not isinstance(lb, dict):
+        raise f.bad("logit_bias", "must be an object of token ids to biases from -100 to 100")
+    req.logit_bias = lb or None   # the ids are checked against the model's vocabulary where it runs
+    n = f.integer("n", 1, MAX_CHOICES, 1)
     # What no face supports yet goes into the request, which refuses it by name.
     names = {}
-    body = f.body
     _tools(f, req)
-    req.n = 1 if body.get("n") is None else body["n"]
-    for name, off in (("logprobs", False), ("top_logprobs", 0)):
-        if body.get(name) not in (None, off):
-            req.logprobs, names["logprobs"] = body[name], name
-    req.suffix = None if body.get("suffix") in (None, "") else body["suffix"]
+    req.suffix = None if f.body.get("suffix") in (None, "") else f.body["suffix"]
     if images:
         req.images, names["images"] = [block for _, block in images], images[0][0]
     req.refuse_unsupported(names)
-    return req, stream, include_usage
+    return req, stream, include_usage, n
 
 
 def _tools(f: Fields, req: GenerationRequest) -> None:
@@ -162,46 +163,56 @@ async def chat_completions(front, body: dict, request):
     front.check_model(body.get("model"))
     images: list = []
     messages = _messages(f, images)
-    req, stream, include_usage = _request(f, front, {"messages": messages}, images, None)
+    req, stream, include_usage, n = _request(f, front, {"messages": messages}, images, None)
     req.json_schema = _response_format(f)
-    gen = await Generation.start(front, req, "/v1/chat/completions", body)
-    head = _head("chatcmpl", gen.model)
+    top = f.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if f.boolean("logprobs"):
+        req.logprobs = top or 0
+    elif top:
+        raise f.bad("top_logprobs", "needs logprobs: true")
+    choices = await Choices.start(front, req, "/v1/chat/completions", body, n)
+    head = _head("chatcmpl", choices.model)
     if not stream:
-        reply = await gen.reply(request)
-        st = gen.stats
-        message = {"role": "assistant", "content": reply.content, "refusal": None}
-        if reply.tool_calls:
-            message["content"] = reply.content or None
-            message["tool_calls"] = [c.openai() for c in reply.tool_calls]
-        return JSONResponse({**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": message, "logprobs": None,
-            "finish_reason": FINISH.get(st.finish_reason, "stop")}], "usage": _usage(st)})
+        out = []
+        for i, reply in enumerate(await choices.replies(request)):
+            message = {"role": "assistant", "content": reply.content, "refusal": None}
+            if reply.tool_calls:
+                message["content"] = reply.content or None
+                message["tool_calls"] = [c.openai() for c in reply.tool_calls]
+            out.append({"index": i, "message": message, "finish_reason": FINISH.get(reply.finish_reason, "stop"),
+                        "logprobs": None if req.logprobs is None else {"content": reply.logprobs or [],
+                                                                       "refusal": None}})
+        return JSONResponse({**head, "object": "chat.completion", "choices": out, "usage": _usage(choices.stats)})
 
-    def chunk(delta: dict, finish=None) -> dict:
+    def chunk(i: int, delta: dict, finish=None, logprobs=None) -> dict:
         out = {**head, "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+               "choices": [{"index": i, "delta": delta, "finish_reason": finish,
+                            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}]}
         if include_usage:
             out["usage"] = None
         return out
 
     async def body_iter():
-        yield sse(chunk({"role": "assistant", "content": ""}))
-        async for ev in stream_events(gen, front, "/v1/chat/completions"):
-            if isinstance(ev, bytes):
-                yield ev
-            elif isinstance(ev, DoneEvent):
-                yield sse(chunk({}, FINISH.get(ev.stats.finish_reason, "stop")))
-                if include_usage:
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                               "usage": _usage(ev.stats)})
+        for i in range(n):
+            yield sse(chunk(i, {"role": "assistant", "content": ""}))
+        async for item in stream_events(choices, front, "/v1/chat/completions"):
+            if isinstance(item, bytes):
+                yield item
+                continue
+            i, ev = item
+            if isinstance(ev, DoneEvent):
+                yield sse(chunk(i, {}, FINISH.get(ev.stats.finish_reason, "stop")))
             elif isinstance(ev, ToolCallEvent):
                 if ev.first:
-                    yield sse(chunk({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
-                                                     "function": {"name": ev.name, "arguments": ""}}]}))
+                    yield sse(chunk(i, {"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                                        "function": {"name": ev.name, "arguments": ""}}]}))
                 elif ev.arguments:
-                    yield sse(chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]}))
-            elif ev.text:
-                yield sse(chunk({"content": ev.text}))
+                    yield sse(chunk(i, {"tool_calls": [{"index": ev.index,
+                                                        "function": {"arguments": ev.arguments}}]}))
+            elif ev.text or ev.logprobs:
+                yield sse(chunk(i, {"content": ev.text}, logprobs=ev.logprobs))
+        if include_usage and choices.stats is not None:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(choices.stats)})
         yield sse("[DONE]")
 
     return StreamingResponse(body_iter(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -218,36 +229,81 @@ def _prompt(f: Fields) -> dict:
     raise f.bad("prompt", "must be a string, or a list of token ids (one prompt per request)")
 
 
+def legacy_logprobs(entries: list, offset: int = 0) -> dict:
+    """Log-probability entries in /v1/completions' older shape: parallel
+    lists of tokens, their log-probabilities, the top alternatives as
+    {token: logprob}, and each token's offset in the text."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({a["token"]: a["logprob"] for a in e["top_logprobs"]})
+        out["text_offset"].append(offset)
+        offset += len(bytes(e["bytes"]).decode("utf-8", "ignore"))
+    return out
+
+
+def _echoed(run, entries: list) -> dict:
+    """With echo: the prompt's entries, then the answer's. The first
+    prompt token has no log-probability (nothing came before it); its
+    text is what the other tokens leave of the prompt."""
+    scored = (run.prompt_logprobs or [None])[1:]
+    text = run.prompt_text or ""
+    first = text[:max(0, len(text) - sum(len(bytes(e["bytes"]).decode("utf-8", "ignore")) for e in scored))]
+    out = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    for part in (legacy_logprobs(scored, len(first)), legacy_logprobs(entries, len(text))):
+        for k in out:
+            out[k] += part[k]
+    return out
+
+
 async def completions(front, body: dict, request):
     f = Fields(body)
     front.check_model(body.get("model"))
-    f.refuse("echo", (False,), "echo is not supported")
-    req, stream, include_usage = _request(f, front, _prompt(f), [], COMPLETIONS_DEFAULT_MAX_TOKENS)
-    gen = await Generation.start(front, req, "/v1/completions", body)
-    head = {**_head("cmpl", gen.model), "object": "text_completion"}
+    echo = f.boolean("echo")
+    zero = echo and body.get("max_tokens") == 0   # the prompt scored alone, as evaluation harnesses ask
+    if zero:
+        f = Fields({**body, "max_tokens": None})
+    req, stream, include_usage, n = _request(f, front, _prompt(f), [], COMPLETIONS_DEFAULT_MAX_TOKENS)
+    if zero:
+        req.max_tokens = 0
+    req.echo = echo
+    req.logprobs = f.integer("logprobs", 0, MAX_TOP_LOGPROBS)
+    if echo and stream:
+        raise f.bad("echo", "is only supported without stream")
+    choices = await Choices.start(front, req, "/v1/completions", body, n)
+    head = {**_head("cmpl", choices.model), "object": "text_completion"}
     if not stream:
-        text = await gen.text(request)
-        st = gen.stats
-        return JSONResponse({**head, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                  "finish_reason": FINISH.get(st.finish_reason, "stop")}],
-                             "usage": _usage(st)})
+        out = []
+        for i, reply in enumerate(await choices.replies(request)):
+            gen = choices.gens[i]._run
+            text = (gen.prompt_text or "") + reply.content if echo else reply.content
+            lp = None
+            if req.logprobs is not None:
+                lp = _echoed(gen, reply.logprobs or []) if echo else legacy_logprobs(reply.logprobs or [])
+            out.append({"index": i, "text": text, "logprobs": lp,
+                        "finish_reason": FINISH.get(reply.finish_reason, "stop")})
+        return JSONResponse({**head, "choices": out, "usage": _usage(choices.stats)})
 
-    def chunk(text: str, finish=None) -> dict:
-        out = {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    def chunk(i: int, text: str, finish=None, logprobs=None) -> dict:
+        out = {**head, "choices": [{"index": i, "text": text, "finish_reason": finish,
+                                    "logprobs": None if logprobs is None else legacy_logprobs(logprobs)}]}
         if include_usage:
             out["usage"] = None
         return out
 
     async def body_iter():
-        async for ev in stream_events(gen, front, "/v1/completions"):
-            if isinstance(ev, bytes):
-                yield ev
-            elif isinstance(ev, DoneEvent):
-                yield sse(chunk("", FINISH.get(ev.stats.finish_reason, "stop")))
-                if include_usage:
-                    yield sse({**head, "choices": [], "usage": _usage(ev.stats)})
-            elif ev.text:
-                yield sse(chunk(ev.text))
+        async for item in stream_events(choices, front, "/v1/completions"):
+            if isinstance(item, bytes):
+                yield item
+                continue
+            i, ev = item
+            if isinstance(ev, DoneEvent):
+                yield sse(chunk(i, "", FINISH.get(ev.stats.finish_reason, "stop")))
+            elif ev.text or ev.logprobs:
+                yield sse(chunk(i, ev.text, logprobs=ev.logprobs))
+        if include_usage and choices.stats is not None:
+            yield sse({**head, "choices": [], "usage": _usage(choices.stats)})
         yield sse("[DONE]")
 
     return StreamingResponse(body_iter(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from ..sampling import OPTIONS, check_value
+from ..sampling import MAX_TOP_LOGPROBS, OPTIONS, check_value
 from ..speculative import MODES as SPEC_MODES
 from . import generation
 from .generation import GenerationRequest, RequestError
@@ -222,11 +222,21 @@ def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
         req.tools, req.tool_choice, req.parallel_tool_calls = use.tools, obj.get("tool_choice"), parallel
     elif obj.get("tool_choice") is not None:
         raise bad("tool_choice needs tools")
+    logprobs = obj.get("logprobs")
+    if logprobs is not None:
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}: how many alternatives to give "
+                      "beside each token's log-probability")
+        req.logprobs = logprobs
+    if obj.get("logit_bias") is not None:
+        if not isinstance(obj["logit_bias"], dict):
+            raise bad("logit_bias must be an object of token ids to biases from -100 to 100")
+        req.logit_bias = obj["logit_bias"]   # the ids are checked against the model's vocabulary where it runs
     # Fields the request model has but this server does not honour yet
-    # (logprobs, n, suffix, images) are unknown here, so refused.
+    # (n, suffix, images) are unknown here, so refused.
     known = {"id", "op", "token", "model", "keep_alive", "prompt", "messages", "stream", "max_tokens", "stop",
              "seed", "ignore_eos", "json_schema", "grammar", "speculative", "tools", "tool_choice",
-             "parallel_tool_calls", *OPTIONS}
+             "parallel_tool_calls", "logprobs", "logit_bias", *OPTIONS}
     unknown = sorted(set(obj) - known)
     if unknown:
         raise bad(f"unknown field(s): {', '.join(unknown)[:200]}")
