@@ -280,6 +280,10 @@ BAD_OPENAI = [
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"messages": HELLO, "response_format": {"type": "xml"}}, 400, "response_format"),
     ({"messages": HELLO, "model": "gpt-4o"}, 404, "model"),
+    ({"messages": HELLO, "guided_regex": "a+"}, 400, "guided_regex"),
+    ({"messages": HELLO, "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
+    ({"messages": HELLO, "guided_choice": []}, 400, "guided_choice"),
+    ({"messages": HELLO, "guided_json": {"type": "object"}, "grammar": 'root ::= "x"'}, 400, "grammar"),
 ]
 
 
@@ -503,3 +507,63 @@ def test_speculative_per_request(server):
     assert status == 400 and body["error"]["param"] == "speculative"
     status, body = server.json("POST", "/v1/chat/completions", {"messages": HELLO, "speculative": "draft"})
     assert status == 400 and "draft model" in body["error"]["message"]
+
+
+# -- the fields clients send: logprobs, n, logit_bias, echo, other servers' constraints ------
+def test_logprobs_n_and_logit_bias_through_the_openai_client(server, tiny_model):
+    client = server.openai()
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens == 5
+    assert "".join(e.token for e in entries) == r.choices[0].message.content
+    for e in entries:   # greedy: the token drawn is the likeliest, and the alternatives come in order
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert e.logprob == e.top_logprobs[0].logprob <= 0
+        assert [a.logprob for a in e.top_logprobs] == sorted((a.logprob for a in e.top_logprobs), reverse=True)
+    # Streamed, the same entries come with the chunks.
+    chunks = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, temperature=0, logprobs=True,
+                                            top_logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    # n answers, each with its own seed: usage counts the prompt once.
+    r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, n=3, temperature=1.0, seed=7,
+                                       extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 12
+    assert len({c.message.content for c in r.choices}) > 1
+    # A bias of 100 makes one token the answer.
+    from edgeinfer.engine import Engine
+
+    with Engine(tiny_model, n_ctx=64, threads=1) as e:
+        token = e.tokenize(" the", add_bos=False)[-1]
+        text = e.detokenize([token])
+    biased = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
+                                       logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert biased.choices[0].text == text * 3
+
+
+def test_echo_scores_the_prompt_as_generation_would(server):
+    client = server.openai()
+    answer = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=2, temperature=0, logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    scored = client.completions.create(model=MODEL, prompt="Once upon" + answer.choices[0].text, max_tokens=0,
+                                       echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "Once upon" + answer.choices[0].text
+    assert lp.token_logprobs[0] is None and "".join(lp.tokens) == scored.choices[0].text
+    # The answer's tokens, scored as part of the prompt, have the log-probabilities they were drawn with.
+    got = answer.choices[0].logprobs.token_logprobs
+    assert lp.token_logprobs[-2:] == pytest.approx(got, abs=1e-3)
+
+
+def test_other_servers_constraints_are_kept(server):
+    client = server.openai()
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=1.0, seed=seed,
+                                           extra_body={"guided_choice": ["yes", "no"]})
+        assert r.choices[0].message.content in ("yes", "no")
+        schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+        r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=40, temperature=1.0, seed=seed,
+                                           extra_body={"structured_outputs": {"json": schema}})
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content)["a"], bool)

@@ -11,6 +11,7 @@ newer clients send more than older servers read.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -69,6 +70,56 @@ def _response_format(f: Fields):
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise f.bad("response_format", "json_schema needs an object with the schema under 'schema'")
     return spec.get("schema", {"type": "object"})
+
+
+# Other servers' ways to constrain an answer, as clients written for them
+# send them: read where they mean what ours do, refused by name where not.
+GUIDED_SCHEMA = ("guided_json", "json_schema")   # vLLM's older field, llama.cpp's server's
+REFUSED_GUIDES = {"guided_regex": "regular expressions", "guided_grammar": "vLLM's grammars",
+                  "guided_whitespace_pattern": "whitespace patterns", "guided_decoding_backend": "decoding backends"}
+
+
+def _constrain(f: Fields, req: GenerationRequest, response_format) -> None:
+    """The one constraint on the answer: ``response_format``, vLLM's
+    ``guided_json``/``guided_choice``/``structured_outputs``, or
+    llama.cpp's ``json_schema`` and ``grammar`` (GBNF)."""
+    found = {}
+    if response_format is not None:
+        found["response_format"] = ("schema", response_format)
+    for name in GUIDED_SCHEMA:
+        v = f.body.get(name)
+        if v is not None:
+            if not isinstance(v, (dict, str)):
+                raise f.bad(name, "must be a JSON schema")
+            found[name] = ("schema", v)
+    if f.body.get("guided_choice") is not None:
+        found["guided_choice"] = ("grammar", _choice_grammar(f, "guided_choice", f.body["guided_choice"]))
+    if f.body.get("grammar") is not None:
+        found["grammar"] = ("grammar", f.string("grammar"))
+    so = f.body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict) or len([k for k in so if so[k] is not None]) != 1 or \
+                not ({"json", "choice"} & set(so)):
+            raise f.bad("structured_outputs", 'only {"json": schema} and {"choice": [...]} are supported '
+                                              "(regular expressions and grammars are not)")
+        found["structured_outputs"] = ("schema", so["json"]) if so.get("json") is not None else \
+            ("grammar", _choice_grammar(f, "structured_outputs.choice", so["choice"]))
+    for name, what in REFUSED_GUIDES.items():
+        f.refuse(name, lambda v: False, f"{what} are not supported; use response_format with a JSON schema")
+    if len(found) > 1:
+        raise f.bad(list(found)[1], f"give one constraint, not {' and '.join(found)}")
+    for kind, value in found.values():
+        if kind == "schema":
+            req.json_schema = value
+        else:
+            req.grammar = value
+
+
+def _choice_grammar(f: Fields, name: str, choices) -> str:
+    """GBNF for exactly one of ``choices``, as it is (no JSON quotes)."""
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+        raise f.bad(name, "must be a non-empty list of non-empty strings")
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 def _messages(f: Fields, images: list) -> list[dict]:
@@ -164,7 +215,7 @@ async def chat_completions(front, body: dict, request):
     images: list = []
     messages = _messages(f, images)
     req, stream, include_usage, n = _request(f, front, {"messages": messages}, images, None)
-    req.json_schema = _response_format(f)
+    _constrain(f, req, _response_format(f))
     top = f.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
     if f.boolean("logprobs"):
         req.logprobs = top or 0
@@ -269,6 +320,7 @@ async def completions(front, body: dict, request):
         req.max_tokens = 0
     req.echo = echo
     req.logprobs = f.integer("logprobs", 0, MAX_TOP_LOGPROBS)
+    _constrain(f, req, None)
     if echo and stream:
         raise f.bad("echo", "is only supported without stream")
     choices = await Choices.start(front, req, "/v1/completions", body, n)
