@@ -269,13 +269,17 @@ def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool) -> CallG
                                                               "arguments": fn["parameters"]},
                              "required": ["name", "arguments"]})
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    rules = grammar.schema_rules(schema, "call", ["name", "arguments"], loose=True)
-    repeat = " (ws tool-call)*" if parallel else ""
+    # A lazy grammar must accept whatever whitespace the model wrote before
+    # its trigger; a grammar from the first token on keeps it short, so
+    # that a call costs few tokens.
     lazy = choice.mode == "auto"
+    rules = grammar.schema_rules(schema, "call", ["name", "arguments"], loose=lazy)
+    repeat = " (ws tool-call)*" if parallel else ""
     fenced = f' | "{FENCE}" ws call ws "{FENCE_CLOSE}"' if lazy else ""
+    ws = "[ \\t\\n]{0,20}" if lazy else '"\\n"?'
     gbnf = (f"root ::= tool-call{repeat}\n"
             f'tool-call ::= "{OPEN}" ws call ws "{CLOSE}"{fenced}\n'
-            "ws ::= [ \\t\\n]{0,20}\n"
+            f"ws ::= {ws}\n"
             f"{rules}")
     grammar.check_cost(gbnf, "the tools' grammar")
     if not lazy:
