@@ -37,9 +37,12 @@ def _rebuild_error(reply: dict) -> EdgeinferError:
                "bad_schema": errors.GrammarError, "shutting_down": errors.StoppingError,
                "not_found": ModelNotServedError}.get(reply.get("code"), EngineError)
     try:
-        return cls(message, hint="")   # the message already carries the hint
+        err = cls(message, hint="")   # the message already carries the hint
     except TypeError:
         return EngineError(message, hint="")
+    if param:
+        err.param = param
+    return err
 
 
 class ModelProcess:

@@ -40,7 +40,7 @@ import secrets
 import string
 from dataclasses import dataclass
 
-from .errors import RequestError
+from .errors import GrammarError, RequestError
 
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -264,7 +264,11 @@ def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool) -> CallG
     alternatives = []
     for t in offered:
         fn = t["function"]
-        grammar.check_schema(fn["parameters"], f"the tool {fn['name']}'s parameters")
+        try:
+            grammar.check_schema(fn["parameters"], f"the tool {fn['name']}'s parameters")
+        except GrammarError as e:
+            e.param = "tools"   # the error names the tools, not response_format
+            raise
         alternatives.append({"type": "object", "properties": {"name": {"const": fn["name"]},
                                                               "arguments": fn["parameters"]},
                              "required": ["name", "arguments"]})
@@ -436,13 +440,13 @@ class CallParser:
 
     def finish(self) -> list:
         """What is left at the end: held content. An unfinished call stays
-        unfinished (its events had no ``done``); an unfinished marker
-        that never became a call is content."""
+        unfinished (its events had no ``done``); an unfinished opening
+        that never became a call is content, unless calls came before it."""
         out: list = []
         if not self.open and (self._held.strip() or not self.calls):
             self._say(self._held, out)
-        elif self.open and self._call is None:
-            self._say(self._opening[0] + self._buf, out)
+        elif self.open and self._call is None and not self.calls:
+            self._say(self._opening[0] + self._buf, out)   # after calls, it was another call, cut short
         self._held = ""
         return out
 

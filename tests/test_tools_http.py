@@ -201,8 +201,6 @@ def test_bad_tools_are_a_400_naming_the_param(web, fields, param):
     assert info.value.body["param"] == param and param.split("[")[0] in info.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="a tool schema the grammar cannot enforce is reported with "
-                                       "param 'response_format' (generation.ERRORS maps every GrammarError so)")
 def test_a_tool_schema_the_grammar_cannot_keep_names_the_tool(web):
     with pytest.raises(openai.BadRequestError) as info:
         web.openai().chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, tools=[
@@ -278,8 +276,6 @@ def test_anthropic_tool_result_in_the_next_turn(web):
     assert [b.type for b in text.content] == ["text"] and text.stop_reason in ("end_turn", "max_tokens")
 
 
-@pytest.mark.xfail(strict=True, reason="an answer cut after a call and a bare '<tool_call>' gives that text "
-                                       "as a block before the tool_use blocks unstreamed, after them streamed")
 def test_anthropic_a_cut_answer_has_its_blocks_in_order_streamed_or_not(web):
     client = web.anthropic()
     ask = dict(model=MODEL, max_tokens=300, messages=ASK, tools=A_TOOLS, tool_choice={"type": "any"},
@@ -340,8 +336,6 @@ def test_jsonl_refuses_tools_it_cannot_use(jsonl):
         raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="edgeinfer.Client drops tool_call events (client._event gives None for "
-                                       "them): a program using the Client sees finish_reason tool_calls, no call")
 def test_the_client_hands_back_tool_calls(jsonl):
     from edgeinfer.events import DoneEvent, ToolCallEvent
 

@@ -23,7 +23,7 @@ import socket
 import threading
 
 from ..errors import AuthError, ConnectionLostError, ServerBusyError, ServerError
-from ..events import DoneEvent, Stats, TextEvent
+from ..events import DoneEvent, Stats, TextEvent, ToolCallEvent
 from .jsonl import DEFAULT_PORT
 from .protocol import encode
 
@@ -42,7 +42,10 @@ def _event(reply: dict):
     """A reply to the event a stream yields (None for a reply that is not one)."""
     kind = reply.get("event")
     if kind == "token":
-        return TextEvent(reply.get("text", ""))
+        return TextEvent(reply.get("text", ""), logprobs=reply.get("logprobs"))
+    if kind == "tool_call":
+        return ToolCallEvent(reply["index"], reply["call_id"], reply["name"], reply.get("arguments", ""),
+                             first=bool(reply.get("first")), done=bool(reply.get("done")))
     if kind == "done":
         known = {k: v for k, v in (reply.get("stats") or {}).items() if k in Stats.__dataclass_fields__}
         stats = Stats(**known)
@@ -188,7 +191,13 @@ class Client:
     def generate(self, prompt: str, **options) -> str:
         return "".join(e.text for e in self.stream(prompt, **options))
 
-    def chat(self, messages: list[dict], **options) -> str:
+    def chat(self, messages: list[dict], **options):
+        """The reply's text; with ``tools``, an edgeinfer.tools.Reply (its
+        text, calls and finish reason), as Engine.chat gives."""
+        if options.get("tools"):
+            from ..tools import collect
+
+            return collect(self.stream(messages=messages, **options))
         return "".join(e.text for e in self.stream(messages=messages, **options))
 
     def cancel(self, request_id: str) -> bool:
@@ -327,7 +336,15 @@ class AsyncClient:
     async def generate(self, prompt: str, **options) -> str:
         return "".join([e.text async for e in self.stream(prompt, **options)])
 
-    async def chat(self, messages: list[dict], **options) -> str:
+    async def chat(self, messages: list[dict], **options):
+        """As :meth:`Client.chat`."""
+        if options.get("tools"):
+            from ..tools import Collector
+
+            answer = Collector()
+            async for ev in self.stream(messages=messages, **options):
+                answer.add(ev)
+            return answer.reply()
         return "".join([e.text async for e in self.stream(messages=messages, **options)])
 
     async def cancel(self, request_id: str) -> bool:

@@ -423,7 +423,7 @@ def meaning(e: BaseException) -> Meaning:
     """The row of :data:`ERRORS` for ``e``, with a RequestError's own param."""
     for cls, m in ERRORS:
         if isinstance(e, cls):
-            if isinstance(e, RequestError):
+            if getattr(e, "param", None):   # a RequestError's own; a tool's schema names tools
                 return Meaning(m.code, m.kind, m.api_code, e.param)
             return m
     return Meaning("internal", "server")   # a BaseException that is not an Exception
