@@ -51,7 +51,7 @@ class ChatSession:
         """Add a user turn (None: none, after tool results) and stream the
         reply; the reply joins the history when the stream ends, however
         it ends."""
-        from .tools import Collector
+        from .tool_calls import Collector
 
         if text is not None:
             self.history.append({"role": "user", "content": text})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -448,7 +449,7 @@ class Engine:
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
                  ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                  speculative: str | None = None, logit_bias: dict | None = None,
-                 logprobs: int | None = None) -> Request:
+                 logprobs: int | None = None, show_tokens: tuple[int, ...] = ()) -> Request:
         self._check_open()
         if self.embedding:
             raise embedding_model_error(self.name)
@@ -480,13 +481,15 @@ class Engine:
         spec = None if logprobs is not None else self._spec(speculative)
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
-                       grammar=compiled, spec=spec, logit_bias=bias, logprobs=logprobs)
+                       grammar=compiled, spec=spec, logit_bias=bias, logprobs=logprobs,
+                       shown=frozenset(show_tokens))
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
                       ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                       speculative: str | None = None, logit_bias: dict | None = None,
-                      logprobs: int | None = None, **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      logprobs: int | None = None, show_tokens: tuple[int, ...] = (),
+                      **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
@@ -506,10 +509,12 @@ class Engine:
         ``logit_bias`` ({token id: bias from -100 to 100}) is added to those
         tokens' logits before sampling (-100 bans a token). ``logprobs`` (0
         to 20) gives each TextEvent the log-probability of each of its
-        tokens and of that many most likely alternatives (``.logprobs``)."""
+        tokens and of that many most likely alternatives (``.logprobs``).
+        ``show_tokens``: control tokens whose text the answer shows (a
+        family's tool-call marker), where others show as nothing."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
-                            json_schema, grammar, speculative, logit_bias, logprobs)
+                            json_schema, grammar, speculative, logit_bias, logprobs, show_tokens)
         self._scheduler.submit(req)
         item = None
         try:
@@ -537,6 +542,7 @@ class Engine:
                              cancel: threading.Event | None = None, ignore_eos: bool = False,
                              json_schema=None, grammar: str | None = None, speculative: str | None = None,
                              logit_bias: dict | None = None, logprobs: int | None = None,
+                             show_tokens: tuple[int, ...] = (),
                              **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
@@ -545,7 +551,7 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
         args = (tokens, max_tokens, stop, seed, cancel, sampling,
                 lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
-                json_schema, grammar, speculative, logit_bias, logprobs)
+                json_schema, grammar, speculative, logit_bias, logprobs, show_tokens)
         # A grammar is converted and parsed in a worker thread: a large one
         # must not stall the event loop every other client shares.
         constrained = json_schema is not None or grammar is not None
@@ -645,20 +651,31 @@ class Engine:
         ToolCallEvents too, and ``tool_choice`` ("auto", "none",
         "required" or ``{"type": "function", "function": {"name": ...}}``)
         is kept by grammar (edgeinfer.tools)."""
-        if tools is None:
-            if tool_choice is not None:
-                raise RequestError("tool_choice", "tool_choice needs tools")
-            return self.stream_tokens(self.chat_tokens(messages), **kwargs)
-        from .tools import ToolUse, split_calls
+        tokens, kwargs, parser = self._chat_request(messages, tools, tool_choice, parallel_tool_calls, kwargs)
+        events = self.stream_tokens(tokens, **kwargs)
+        if parser is None:
+            return events
+        from .tool_calls import split_calls
 
-        use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
+        return split_calls(events, parser)
+
+    def _chat_request(self, messages, tools, tool_choice, parallel: bool, kwargs: dict):
+        """(prompt tokens, stream options, a tool-call parser or None)."""
+        if tools is None:
+            if tool_choice not in (None, "auto", "none"):
+                raise RequestError("tool_choice", "tool_choice needs tools")
+            return self.chat_tokens(messages), kwargs, None
+        from .tools import ToolUse
+
+        use = ToolUse.of(tools, tool_choice, parallel, self.chat_template)
         if use.choice.mode != "none" and (kwargs.get("json_schema") is not None or kwargs.get("grammar") is not None):
             raise RequestError("tools", "tools cannot be combined with a JSON schema or grammar")
         tokens = self.chat_tokens(messages, tools=use.offered or None)
         gbnf = use.grammar()
-        events = self.stream_tokens(tokens, grammar=gbnf, **kwargs) if gbnf else self.stream_tokens(tokens, **kwargs)
-        parser = use.parser()
-        return split_calls(events, parser) if parser else events
+        if gbnf is not None:
+            kwargs = {**kwargs, "grammar": gbnf,
+                      "show_tokens": use.shown_tokens(lambda t: self.tokenize(t, add_bos=False, special=True))}
+        return tokens, kwargs, use.parser()
 
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, **kwargs):
         """The assistant's reply to ``messages``: a string, or with
@@ -670,7 +687,7 @@ class Engine:
         """
         if tools is None:
             return "".join(e.text for e in self.stream_chat(messages, **kwargs))
-        from .tools import collect
+        from .tool_calls import collect
 
         return collect(self.stream_chat(messages, tools=tools, **kwargs))
 
@@ -722,10 +739,19 @@ class Engine:
         async for event in self.astream_tokens(self.tokenize(prompt), **kwargs):
             yield event
 
-    async def astream_chat(self, messages: list[dict], **kwargs):
+    async def astream_chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice=None,
+                           parallel_tool_calls: bool = True, **kwargs):
         """Async version of :meth:`stream_chat`."""
-        async for event in self.astream_tokens(self.chat_tokens(messages), **kwargs):
-            yield event
+        tokens, kwargs, parser = await asyncio.to_thread(self._chat_request, messages, tools, tool_choice,
+                                                         parallel_tool_calls, kwargs)
+        events = self.astream_tokens(tokens, **kwargs)
+        if parser is not None:
+            from .tool_calls import asplit_calls
+
+            events = asplit_calls(events, parser)
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                yield event
 
 
 def _ends(item) -> bool:

@@ -77,7 +77,13 @@ def schema_rules(schema: dict, name: str, prop_order: list[str] | None = None, *
     # This converter lets a string hold raw control characters, which JSON
     # forbids (they must be escaped); llama.cpp's own grammar excludes them.
     gbnf = gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)
-    return gbnf.replace(_TIGHT_SPACE, _LOOSE_SPACE) if loose else gbnf
+    if not loose:
+        return gbnf
+    # The converter puts no space after an enum or a constant: allow it
+    # before the comma or bracket that follows, as before any other value's.
+    for mark in ('","', '"}"', '"]"'):
+        gbnf = gbnf.replace(f"{mark} space", f"space {mark} space")
+    return gbnf.replace(_TIGHT_SPACE, _LOOSE_SPACE)
 
 
 _TIGHT_SPACE = 'space ::= " "?'
@@ -242,6 +248,9 @@ class GrammarGate:
         self.grammar, self.vocab = grammar, vocab
         self.waiting = grammar.trigger is not None
         self.tail = b""      # the end of the text so far, where a trigger is looked for
+        self.seen = 0        # bytes of text so far
+        # A trigger anchored at the answer's start can only match while the tail holds the start.
+        self.anchored = self.waiting and grammar.trigger.pattern.startswith(rb"\A")
 
     @staticmethod
     def _array(buf: np.ndarray):
@@ -312,10 +321,12 @@ class GrammarGate:
             tok = int(arr.data[arr.selected].id)
             if is_eog(tok):
                 break
-            text = self.tail + self.vocab.token_bytes(tok, True)
-            m = self.grammar.trigger.search(text)
+            piece = self.vocab.token_bytes(tok, True)
+            text = self.tail + piece
+            m = None if self.anchored and self.seen + len(piece) > TRIGGER_TAIL else self.grammar.trigger.search(text)
             if m is None or self._start(text[m.start():]):
                 self.tail = text[-TRIGGER_TAIL:]
+                self.seen += len(piece)
                 break
             banned.append(tok)
         else:

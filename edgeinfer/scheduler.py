@@ -581,7 +581,7 @@ class Scheduler:
             self._finish(run, "stop")
             return -1
         logprob = None if run.req.logprobs is None else token_logprobs(ctx.logits(idx), tok, run.req.logprobs, vocab)
-        event, reason = run.emit(tok, vocab.token_bytes(tok), logprob=logprob,
+        event, reason = run.emit(tok, vocab.token_bytes(tok, tok in run.req.shown), logprob=logprob,
                                  context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
         if event is not None:
             self._deliver(run.req, event)

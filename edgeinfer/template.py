@@ -74,11 +74,23 @@ def check_messages(messages: list[dict]) -> list[dict]:
         msg = {"role": m["role"], "content": content}
         if calls:
             msg["tool_calls"] = [_check_call(c) for c in calls]
-        for key in ("tool_call_id", "name"):
-            if m["role"] == "tool" and isinstance(m.get(key), str):
-                msg[key] = m[key]
+        if m["role"] == "tool" and m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = _check_id(m["tool_call_id"])
+        if m["role"] == "tool" and isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
         out.append(msg)
     return out
+
+
+# A call's id goes to the template as it is (templates test its length):
+# letters, digits, "_" and "-" alone, so it can never spell a control token.
+CALL_ID = re.compile(r"[A-Za-z0-9_\-]{0,64}")
+
+
+def _check_id(value) -> str:
+    if not isinstance(value, str) or not CALL_ID.fullmatch(value):
+        raise TemplateError(f"bad tool call id {str(value)[:80]!r}: at most 64 letters, digits, '_' or '-'")
+    return value
 
 
 def _check_call(call) -> dict:
@@ -86,7 +98,7 @@ def _check_call(call) -> dict:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), dict):
         raise TemplateError(f"bad tool call {str(call)[:200]}: need function.name and function.arguments "
                             "(an object)")
-    return {"id": str(call.get("id") or ""), "type": "function",
+    return {"id": _check_id(call.get("id") or ""), "type": "function",
             "function": {"name": fn["name"], "arguments": fn["arguments"]}}
 
 
@@ -97,11 +109,14 @@ class _Marks:
     def __init__(self):
         self.key = secrets.token_hex(8)
         self.text: dict[str, str] = {}
+        self.markers: dict[str, str] = {}    # one marker per text, so that equal texts compare equal
         self.pattern = re.compile(f"(\x00{self.key}:\\d+\x00)")   # one group: split() keeps the markers
 
     def mark(self, text: str) -> str:
-        m = f"\x00{self.key}:{len(self.text)}\x00"
-        self.text[m] = text
+        m = self.markers.get(text)
+        if m is None:
+            m = self.markers[text] = f"\x00{self.key}:{len(self.text)}\x00"
+            self.text[m] = text
         return m
 
     def unmark(self, value):
@@ -109,7 +124,7 @@ class _Marks:
         if isinstance(value, str):
             return self.pattern.sub(lambda m: self.text[m.group()], value)
         if isinstance(value, dict):
-            return {k: self.unmark(v) for k, v in value.items()}
+            return {self.unmark(k): self.unmark(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.unmark(v) for v in value]
         return value
@@ -128,6 +143,23 @@ class _Marks:
 _rendering: contextvars.ContextVar[_Marks] = contextvars.ContextVar("rendering")
 
 
+class _MarkedText(str):
+    """Request text a template holds as a marker (its str value) that
+    still answers ``length`` and slicing as the text would: Mistral's
+    template takes ``tojson`` output ``[:-1]`` to add a key."""
+
+    def __new__(cls, text: str, marks: "_Marks"):
+        obj = super().__new__(cls, marks.mark(text))
+        obj.text, obj.marks = text, marks
+        return obj
+
+    def __len__(self):
+        return len(self.text)
+
+    def __getitem__(self, key):
+        return _MarkedText(self.text[key], self.marks)
+
+
 def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
     """``tojson`` as chat templates are written for (Hugging Face's: no
     HTML escaping, Unicode kept). Its output is text from the request, so
@@ -135,30 +167,57 @@ def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=F
     marks = _rendering.get()
     text = json.dumps(marks.unmark(value), indent=indent, ensure_ascii=ensure_ascii, separators=separators,
                       sort_keys=sort_keys)
-    return marks.mark(text)
+    return _MarkedText(text, marks)
 
 
 def _masked_tool(tool: dict, marks: _Marks) -> dict:
-    """A tool whose name and descriptions are marked: templates print
-    them as they are, and they are the request's text."""
+    """A tool whose request text is marked: its name and description, and
+    in its parameters every property name, description, title and enum
+    value (templates print them as they are: Hermes 2 Pro's prints each
+    parameter's). Types and other keywords stay as they are, since
+    templates compare them."""
     fn = tool.get("function", {})
     out = {**fn, "name": marks.mark(fn.get("name", ""))}
     if isinstance(fn.get("description"), str):
         out["description"] = marks.mark(fn["description"])
+    if isinstance(fn.get("parameters"), dict):
+        out["parameters"] = _masked_schema(fn["parameters"], marks)
     return {**tool, "function": out}
+
+
+def _masked_schema(node, marks: _Marks, depth: int = 0):
+    if depth > 64:
+        return node
+    if isinstance(node, list):
+        return [_masked_schema(v, marks, depth + 1) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in ("description", "title") and isinstance(value, str):
+            out[key] = marks.mark(value)
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {marks.mark(k) if isinstance(k, str) else k: _masked_schema(v, marks, depth + 1)
+                        for k, v in value.items()}
+        elif key in ("required", "enum") and isinstance(value, list):
+            out[key] = [marks.mark(v) if isinstance(v, str) else v for v in value]
+        else:
+            out[key] = _masked_schema(value, marks, depth + 1)
+    return out
 
 
 def _masked_message(m: dict, marks: _Marks) -> dict:
     # Empty content stays empty: templates test it ("if message.content").
     out = {"role": m["role"], "content": marks.mark(m["content"]) if m["content"] else ""}
     if m.get("tool_calls"):
-        out["tool_calls"] = [{"id": marks.mark(c["id"]), "type": "function",
+        out["tool_calls"] = [{"id": c["id"], "type": "function",   # ids are checked: plain letters and digits
                               "function": {"name": marks.mark(c["function"]["name"]),
                                            "arguments": marks.leaves(c["function"]["arguments"])}}
                              for c in m["tool_calls"]]
-    for key in ("tool_call_id", "name"):
-        if key in m:
-            out[key] = marks.mark(m[key])
+    if "tool_call_id" in m:
+        out["tool_call_id"] = m["tool_call_id"]
+    if "name" in m:
+        out["name"] = marks.mark(m["name"])
     return out
 
 

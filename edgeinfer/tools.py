@@ -1,16 +1,21 @@
 """Tool calling: the tools a request offers, the promise its
-``tool_choice`` makes, the grammar that keeps that promise, and the calls
-read back out of the model's text.
-
-A call is written in the model family's own format, so that a model
-trained to call tools does what it learned:
+``tool_choice`` makes, and the grammar that keeps that promise, in the
+format the model's family was trained on (edgeinfer.tool_calls reads the
+calls back out of the answer).
 
 - **hermes**: the template mentions ``<tool_call>`` (Qwen2.5, Hermes 2/3
-  and the many models trained on their format). The template renders the
-  tools itself; a call is ``<tool_call>{"name": ..., "arguments":
-  {...}}</tool_call>``.
+  and the many models trained on their format). A call is
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; some of
+  these models (Qwen2.5-Coder) write a fenced ```` ```json ```` block
+  instead, which is read too.
+- **llama3**: Llama 3.1-3.3's templates (``<|python_tag|>``, the
+  ``ipython`` role). A call is the answer itself: ``{"name": ...,
+  "parameters": {...}}``, one per turn.
+- **mistral**: ``[TOOL_CALLS]`` in the template (Mistral 7B v0.3, Nemo,
+  Small). Calls are a JSON array after the ``[TOOL_CALLS]`` token; call
+  ids are nine letters and digits, as its templates insist.
 - **generic**: a template that knows nothing of tools (SmolLM2, Gemma 3).
-  The tools go into a system message that teaches the same call format
+  The tools go into a system message that teaches the hermes format
   (:data:`GENERIC_PROMPT`); earlier calls and their results are written
   into the conversation as text in that format.
 
@@ -22,14 +27,8 @@ Promises are kept by grammar, not hoped for:
 - ``"auto"``: the model writes text or calls; from the moment it opens a
   call, a lazy grammar holds the rest to the schema (it starts where the
   text shows the call's opening: edgeinfer.grammar.GrammarGate);
-- ``"none"``: the tools are not offered and the call marker, where it is
-  one token, is never drawn: no call can come out.
-
-:class:`CallParser` turns the text stream into content and
-:class:`~edgeinfer.events.ToolCallEvent` pieces: a call's id and name once,
-then its arguments' JSON in fragments as they are generated. A call the
-answer did not finish (cut by ``max_tokens``) is never completed: its
-events end without ``done``, and the finish reason says "length".
+- ``"none"``: the tools are not offered, and the answer is not read for
+  calls: no call can come out.
 """
 
 from __future__ import annotations
@@ -47,8 +46,9 @@ NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 CHOICES = ("auto", "none", "required")
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-FENCE, FENCE_CLOSE = "```json", "```"     # a call some models write instead (allowed under "auto" only)
-OPENINGS = ((OPEN, CLOSE), (FENCE, FENCE_CLOSE))
+FENCE, FENCE_CLOSE = "```json", "```"     # a call some hermes models write instead (read under "auto" only)
+PYTHON_TAG = "<|python_tag|>"
+TOOL_CALLS = "[TOOL_CALLS]"
 
 # The generic family's system message: the same format hermes models learn.
 GENERIC_PROMPT = (
@@ -65,17 +65,37 @@ class Family:
     """How a model family writes tool calls."""
 
     name: str
-    native: bool      # the chat template renders tools and calls itself
+    native: bool                                 # the chat template renders tools and calls itself
+    openings: tuple[tuple[str, str], ...]        # (what opens a call, what closes it; "" for the object's end)
+    args_key: str = "arguments"
+    array: bool = False                          # the calls are a JSON array after the opening
+    at_start: bool = False                       # a bare call object may open the answer
+    parallel: bool = True                        # several calls in one answer
+    id_length: int | None = None                 # call ids of exactly this many letters and digits
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """Openings that are no text of their own: control tokens the
+        answer's text must show."""
+        return tuple(o for o, _ in self.openings if o.startswith(("<|", "[")))
 
 
-HERMES = Family("hermes", native=True)
-GENERIC = Family("generic", native=False)
+HERMES = Family("hermes", True, ((OPEN, CLOSE), (FENCE, FENCE_CLOSE)))
+GENERIC = Family("generic", False, ((OPEN, CLOSE), (FENCE, FENCE_CLOSE)))
+LLAMA3 = Family("llama3", True, ((PYTHON_TAG, ""),), args_key="parameters", at_start=True, parallel=False)
+MISTRAL = Family("mistral", True, ((TOOL_CALLS, ""),), array=True, id_length=9)
 
 
 def family_of(template: str | None) -> Family:
     """The tool-call family of a chat template."""
-    if template and OPEN in template and "tools" in template:
+    if not template or "tools" not in template and "tool_calls" not in template:
+        return GENERIC
+    if TOOL_CALLS in template:
+        return MISTRAL
+    if OPEN in template:
         return HERMES
+    if PYTHON_TAG in template or ("ipython" in template and '"parameters"' in template):
+        return LLAMA3
     return GENERIC
 
 
@@ -198,8 +218,13 @@ def openai_calls(calls, param: str) -> list[dict]:
     return out
 
 
-def new_call_id() -> str:
-    return "call_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(24))
+def new_call_id(length: int | None = None) -> str:
+    """A fresh call id: ``call_`` and 24 letters and digits, or exactly
+    ``length`` of them."""
+    alnum = string.ascii_letters + string.digits
+    if length:
+        return "".join(secrets.choice(alnum) for _ in range(length))
+    return "call_" + "".join(secrets.choice(alnum) for _ in range(24))
 
 
 # -- the prompt --------------------------------------------------------------------
@@ -248,19 +273,22 @@ class CallGrammar:
     trigger: bytes | None = None
 
 
-def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool) -> CallGrammar | None:
-    """The grammar that keeps ``choice``'s promise over ``tools``; None
-    for "none".
+def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool,
+                 family: Family | None = None) -> CallGrammar | None:
+    """The grammar that keeps ``choice``'s promise over ``tools``, in
+    ``family``'s format (hermes by default); None for "none".
 
-    Under "auto" it is lazy, and starts at ``<tool_call>``, or at a
-    fenced JSON block that names one of the tools (```` ```json
-    {"name": "get_weather"`` ...), which some models (Qwen2.5-Coder)
-    write instead of the tags."""
+    Under "auto" it is lazy: it starts at the family's opening (for
+    hermes, ``<tool_call>`` or a fenced JSON block that names one of the
+    tools, which Qwen2.5-Coder writes instead of the tags; for llama3, a
+    call object at the very start of the answer)."""
     from . import grammar
 
+    family = family or HERMES
     offered = choice.offered(tools)
     if not offered:
         return None
+    key = family.args_key
     alternatives = []
     for t in offered:
         fn = t["function"]
@@ -269,201 +297,51 @@ def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool) -> CallG
         except GrammarError as e:
             e.param = "tools"   # the error names the tools, not response_format
             raise
-        alternatives.append({"type": "object", "properties": {"name": {"const": fn["name"]},
-                                                              "arguments": fn["parameters"]},
-                             "required": ["name", "arguments"]})
+        alternatives.append({"type": "object", "properties": {"name": {"const": fn["name"]}, key: fn["parameters"]},
+                             "required": ["name", key]})
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
     # A lazy grammar must accept whatever whitespace the model wrote before
     # its trigger; a grammar from the first token on keeps it short, so
     # that a call costs few tokens.
     lazy = choice.mode == "auto"
-    rules = grammar.schema_rules(schema, "call", ["name", "arguments"], loose=lazy)
-    repeat = " (ws tool-call)*" if parallel else ""
-    fenced = f' | "{FENCE}" ws call ws "{FENCE_CLOSE}"' if lazy else ""
+    rules = grammar.schema_rules(schema, "call", ["name", key], loose=lazy)
     ws = "[ \\t\\n]{0,20}" if lazy else '"\\n"?'
-    gbnf = (f"root ::= tool-call{repeat}\n"
-            f'tool-call ::= "{OPEN}" ws call ws "{CLOSE}"{fenced}\n'
-            f"ws ::= {ws}\n"
-            f"{rules}")
-    grammar.check_cost(gbnf, "the tools' grammar")
-    if not lazy:
-        return CallGrammar(gbnf)
+    several = parallel and family.parallel
     names = "|".join(re.escape(t["function"]["name"]) for t in offered)
-    trigger = re.escape(OPEN) + "|" + re.escape(FENCE) + r'\s*\{\s*"name"\s*:\s*"(?:' + names + ')"'
-    return CallGrammar(gbnf, trigger.encode("utf-8"))
-
-
-# -- the calls in the answer -------------------------------------------------------
-# A call's opening up to its arguments, matched once the arguments' "{" is there.
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
-
-
-class _JsonEnd:
-    """Finds where one JSON value ends, fed a character at a time."""
-
-    def __init__(self):
-        self.depth, self.in_string, self.escape, self.started = 0, False, False, False
-
-    def feed(self, ch: str) -> bool:
-        """True once ``ch`` closed the value."""
-        if self.in_string:
-            if self.escape:
-                self.escape = False
-            elif ch == "\\":
-                self.escape = True
-            elif ch == '"':
-                self.in_string = False
-            return False
-        if ch in "{[":
-            self.depth += 1
-            self.started = True
-        elif ch in "}]":
-            self.depth -= 1
-            return self.depth == 0
-        elif ch == '"':
-            self.in_string = True
-            self.started = True
-        return False
-
-
-class CallParser:
-    """Content and tool calls out of a model's text, as it streams.
-
-    :meth:`feed` takes each piece of text and returns what can be said
-    already: strings of content and ToolCallEvents. Text that might be the
-    start of a call marker, and whitespace before one, is held back until
-    the next piece says what it is."""
-
-    def __init__(self, names: list[str]):
-        from .events import ToolCallEvent
-
-        self._event = ToolCallEvent
-        self.names = set(names)
-        self.calls: list[dict] = []     # finished: {"id", "name", "arguments" (JSON text)}
-        self.open = False               # inside a call
-        self._held = ""                 # content not yet given out
-        self._opening = (OPEN, CLOSE)   # how the call under way opened, and how it closes
-        self._buf = ""                  # the call's text so far
-        self._call = None               # (index, id, name) once its header is read
-        self._arg0 = 0                  # where the arguments start in _buf
-        self._sent = 0                  # characters of the arguments given out
-        self._end = None                # a _JsonEnd over the arguments
-        self._args_end = None           # where the arguments end in _buf
-
-    def feed(self, text: str) -> list:
-        out: list = []
-        while text:
-            text = self._feed_call(text, out) if self.open else self._feed_text(text, out)
-        return out
-
-    def _feed_text(self, text: str, out: list) -> str:
-        held = self._held + text
-        found = [(i, o, c) for o, c in OPENINGS if (i := held.find(o)) >= 0]
-        if found:
-            i, opening, closing = min(found)
-            self._say(held[:i].rstrip(), out)
-            self._held, self.open, self._buf, self._opening = "", True, "", (opening, closing)
-            return held[i + len(opening):]
-        # Hold back the start of an opening, and the whitespace before it.
-        n = max((n for o, _ in OPENINGS for n in range(min(len(o) - 1, len(held)), 0, -1)
-                 if held.endswith(o[:n])), default=0)
-        before = held[:len(held) - n]
-        cut = len(before.rstrip())
-        self._say(held[:cut], out)
-        self._held = held[cut:]
-        return ""
-
-    @staticmethod
-    def _say(text: str, out: list) -> None:
-        if text:
-            out.append(text)
-
-    def _feed_call(self, text: str, out: list) -> str:
-        start = len(self._buf)
-        self._buf += text
-        if self._call is None:
-            m = _HEADER.match(self._buf)
-            if m:
-                try:
-                    name = json.loads(f'"{m.group(1)}"')
-                except ValueError:
-                    name = None
-                if name in self.names:
-                    self._call = (len(self.calls), new_call_id(), name)
-                    out.append(self._event(self._call[0], self._call[1], name, "", first=True))
-                    self._arg0, self._end = m.end(), _JsonEnd()
-                    start = m.end()
-        if self._call is not None and self._args_end is None:
-            for j in range(max(start, self._arg0), len(self._buf)):
-                if self._end.feed(self._buf[j]):
-                    self._args_end = j + 1
-                    break
-            upto = self._args_end or len(self._buf)
-            piece = self._buf[self._arg0 + self._sent:upto]
-            if piece:
-                self._sent += len(piece)
-                index, cid, name = self._call
-                out.append(self._event(index, cid, name, piece))
-        closing = self._opening[1]
-        if self._call is not None and self._args_end is None:
-            return ""   # a closing inside the arguments' strings is theirs
-        i = self._buf.find(closing, self._args_end or 0)
-        if i < 0:
-            return ""
-        rest = self._buf[i + len(closing):]
-        self._close(self._buf[:i], out)
-        return rest
-
-    def _close(self, body: str, out: list) -> None:
-        """The call's text is whole: check it, and end it."""
-        call = None
-        try:
-            obj = json.loads(body)
-            if isinstance(obj, dict) and obj.get("name") in self.names and isinstance(obj.get("arguments"), dict):
-                call = obj
-        except ValueError:
-            pass
-        if call is not None and self._call is None:   # a call whose header the stream could not read
-            self._call = (len(self.calls), new_call_id(), call["name"])
-            out.append(self._event(self._call[0], self._call[1], call["name"], "", first=True))
-            out.append(self._event(self._call[0], self._call[1], call["name"],
-                                   json.dumps(call["arguments"], ensure_ascii=False)))
-        if call is not None and self._call[2] == call["name"]:
-            index, cid, name = self._call
-            args = json.dumps(call["arguments"], ensure_ascii=False) if self._args_end is None else \
-                self._buf[self._arg0:self._args_end]
-            self.calls.append({"id": cid, "name": name, "arguments": args})
-            out.append(self._event(index, cid, name, "", done=True))
-        elif self._call is None:   # not a call after all: the text was content
-            self._say("{}{}{}".format(self._opening[0], body, self._opening[1]), out)
-        self.open, self._buf, self._call, self._sent, self._end, self._args_end = False, "", None, 0, None, None
-
-    def finish(self) -> list:
-        """What is left at the end: held content. An unfinished call stays
-        unfinished (its events had no ``done``); an unfinished opening
-        that never became a call is content, unless calls came before it."""
-        out: list = []
-        if not self.open and (self._held.strip() or not self.calls):
-            self._say(self._held, out)
-        elif self.open and self._call is None and not self.calls:
-            self._say(self._opening[0] + self._buf, out)   # after calls, it was another call, cut short
-        self._held = ""
-        return out
+    opens_call = r'\{\s*"name"\s*:\s*"(?:' + names + ')"'
+    if family.array:
+        opening = family.openings[0][0]
+        more = ' (ws "," ws call)*' if several else ""
+        top = f'root ::= "{opening}" ws "[" ws call{more} ws "]"'
+        trigger = re.escape(opening)
+    elif family.at_start:
+        top = f'root ::= ws ("{PYTHON_TAG}" ws)? call'
+        trigger = r"\A\s*(?:" + re.escape(PYTHON_TAG) + r")?\s*" + opens_call
+    else:
+        fenced = f' | "{FENCE}" ws call ws "{FENCE_CLOSE}"' if lazy else ""
+        top = (f"root ::= tool-call{' (ws tool-call)*' if several else ''}\n"
+               f'tool-call ::= "{OPEN}" ws call ws "{CLOSE}"{fenced}')
+        trigger = re.escape(OPEN) + "|" + re.escape(FENCE) + r"\s*" + opens_call
+    gbnf = f"{top}\nws ::= {ws}\n{rules}"
+    grammar.check_cost(gbnf, "the tools' grammar")
+    return CallGrammar(gbnf, trigger.encode("utf-8") if lazy else None)
 
 
 # -- one request's tools -----------------------------------------------------------
 class ToolUse:
-    """One request's tools and choice: the tools its prompt lists, the
-    grammar that keeps the choice's promise, and a parser for the answer."""
+    """One request's tools and choice, for a model's template: the tools
+    its prompt lists, the grammar that keeps the choice's promise, and a
+    parser for the answer."""
 
-    def __init__(self, tools: list[dict], choice: ToolChoice, parallel: bool):
+    def __init__(self, tools: list[dict], choice: ToolChoice, parallel: bool, template: str | None = None):
         self.tools, self.choice, self.parallel = tools, choice, parallel
+        self.family = family_of(template)
 
     @classmethod
-    def of(cls, req_tools, tool_choice=None, parallel: bool = True) -> "ToolUse":
+    def of(cls, req_tools, tool_choice=None, parallel: bool = True, template: str | None = None) -> "ToolUse":
         """From a request's fields in OpenAI's form; RequestError names a bad one."""
         tools = check_tools(req_tools)
-        return cls(tools, check_choice(tool_choice, tools), parallel)
+        return cls(tools, check_choice(tool_choice, tools), parallel, template)
 
     @property
     def offered(self) -> list[dict]:
@@ -472,129 +350,55 @@ class ToolUse:
         return [] if self.choice.mode == "none" else self.tools
 
     def grammar(self) -> CallGrammar | None:
-        return call_grammar(self.tools, self.choice, self.parallel)
+        return call_grammar(self.tools, self.choice, self.parallel, self.family)
 
-    def parser(self) -> CallParser | None:
+    def parser(self):
+        """An edgeinfer.tool_calls.CallParser for the answer, or None when
+        no call can come."""
+        from .tool_calls import CallParser
+
         names = [t["function"]["name"] for t in self.choice.offered(self.tools)]
-        return CallParser(names) if names else None
+        return CallParser(names, self.family) if names else None
+
+    def shown_tokens(self, tokenize) -> tuple[int, ...]:
+        """The ids of the family's markers that are single control
+        tokens, which the answer's text must show for its calls to be
+        read (``tokenize(text)`` with control tokens)."""
+        ids = [tokenize(m) for m in self.family.markers]
+        return tuple(t[0] for t in ids if len(t) == 1)
 
 
 def prompt_messages(messages: list[dict], tools: list[dict] | None, template: str | None):
     """(messages, tools) for ``template``: a template that knows nothing
-    of tools gets them, and earlier calls, written into the messages."""
-    if family_of(template).native:
-        return messages, tools or None
+    of tools gets them, and earlier calls, written into the messages; one
+    that wants short call ids gets them."""
+    family = family_of(template)
+    if family.native:
+        return (_short_ids(messages, family.id_length) if family.id_length else messages), tools or None
     if tools or (isinstance(messages, list) and any(
             isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)):
         return generic_messages(messages, tools), None
     return messages, None
 
 
-class _Split:
-    """A stream's events with tool calls read out of its text."""
+def _short_ids(messages, length: int):
+    """Call ids of exactly ``length`` letters and digits (Mistral's
+    templates refuse others): each id given mapped to one of its own."""
+    import hashlib
 
-    def __init__(self, parser: CallParser):
-        self.parser = parser
-        self.tokens: list[int] = []   # tokens of text held back, given to the next event out
+    def short(cid):
+        if not isinstance(cid, str) or (len(cid) == length and cid.isalnum()):
+            return cid
+        return hashlib.sha256(cid.encode("utf-8")).hexdigest()[:length]
 
-    def events(self, ev) -> list:
-        from .events import DoneEvent, TextEvent
-
-        if isinstance(ev, DoneEvent):
-            out = self._wrap(self.parser.finish(), TextEvent)
-            if self.parser.calls and ev.stats.finish_reason == "stop":
-                ev.stats.finish_reason = "tool_calls"
-            return out + [ev]
-        self.tokens += ev.tokens
-        return self._wrap(self.parser.feed(ev.text), TextEvent)
-
-    def _wrap(self, pieces: list, text_event) -> list:
-        out = [text_event(p) if isinstance(p, str) else p for p in pieces]
-        if out:
-            out[0].tokens, self.tokens = self.tokens, []
-        return out
-
-
-def split_calls(events, parser: CallParser):
-    """``events`` (TextEvents, then a DoneEvent) with the calls read out:
-    content TextEvents, ToolCallEvents, and the DoneEvent, whose
-    finish_reason is "tool_calls" when calls were made."""
-    split = _Split(parser)
-    for ev in events:
-        yield from split.events(ev)
-
-
-async def asplit_calls(events, parser: CallParser):
-    """Async :func:`split_calls`; closing it closes ``events``."""
-    split = _Split(parser)
-    try:
-        async for ev in events:
-            for out in split.events(ev):
-                yield out
-    finally:
-        await events.aclose()
-
-
-# -- a whole answer ----------------------------------------------------------------
-@dataclass
-class ToolCall:
-    """A call the model made: ``arguments`` parsed, valid against the
-    function's schema."""
-
-    id: str
-    name: str
-    arguments: dict
-
-    def openai(self) -> dict:
-        """The call in OpenAI's form (arguments as JSON text)."""
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
-
-
-@dataclass
-class Reply:
-    """An answer to a request with tools: its text, the calls it made
-    (finished ones only) and why it ended ("tool_calls" when it called)."""
-
-    content: str
-    tool_calls: list[ToolCall]
-    finish_reason: str
-    stats: object = None     # the events.Stats of the generation
-    logprobs: list | None = None   # an entry per token, when the request asked
-
-
-class Collector:
-    """Gathers a stream's events into a :class:`Reply`."""
-
-    def __init__(self):
-        self.text: list[str] = []
-        self.args: dict[int, list[str]] = {}
-        self.calls: list[ToolCall] = []
-        self.logprobs: list | None = None
-        self.stats = None
-
-    def add(self, ev) -> None:
-        from .events import DoneEvent, ToolCallEvent
-
-        if isinstance(ev, ToolCallEvent):
-            self.args.setdefault(ev.index, []).append(ev.arguments)
-            if ev.done:
-                self.calls.append(ToolCall(ev.id, ev.name, json.loads("".join(self.args[ev.index]))))
-        elif isinstance(ev, DoneEvent):
-            self.stats = ev.stats
-        else:
-            self.text.append(ev.text)
-            if ev.logprobs is not None:
-                self.logprobs = (self.logprobs or []) + ev.logprobs
-
-    def reply(self) -> Reply:
-        return Reply("".join(self.text), self.calls, self.stats.finish_reason if self.stats else "", self.stats,
-                     self.logprobs)
-
-
-def collect(events) -> Reply:
-    """The :class:`Reply` of a stream of events."""
-    c = Collector()
-    for ev in events:
-        c.add(ev)
-    return c.reply()
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": short(c.get("id"))} if isinstance(c, dict) else c
+                                     for c in m["tool_calls"]]}
+        if isinstance(m, dict) and m.get("tool_call_id") is not None:
+            m = {**m, "tool_call_id": short(m["tool_call_id"])}
+        out.append(m)
+    return out

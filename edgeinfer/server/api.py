@@ -161,7 +161,7 @@ class Generation:
         return await until_hang_up(request, self._collect())
 
     async def _collect(self):
-        from ..tools import Collector
+        from ..tool_calls import Collector
 
         answer = Collector()
         async for ev in self:
@@ -256,7 +256,7 @@ class Choices:
 
     async def replies(self, request: Request) -> list:
         """Each answer as an edgeinfer.tools.Reply, in order."""
-        from ..tools import Collector
+        from ..tool_calls import Collector
 
         async def collect():
             answers = [Collector() for _ in self.gens]

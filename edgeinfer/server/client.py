@@ -195,7 +195,7 @@ class Client:
         """The reply's text; with ``tools``, an edgeinfer.tools.Reply (its
         text, calls and finish reason), as Engine.chat gives."""
         if options.get("tools"):
-            from ..tools import collect
+            from ..tool_calls import collect
 
             return collect(self.stream(messages=messages, **options))
         return "".join(e.text for e in self.stream(messages=messages, **options))
@@ -339,7 +339,7 @@ class AsyncClient:
     async def chat(self, messages: list[dict], **options):
         """As :meth:`Client.chat`."""
         if options.get("tools"):
-            from ..tools import Collector
+            from ..tool_calls import Collector
 
             answer = Collector()
             async for ev in self.stream(messages=messages, **options):

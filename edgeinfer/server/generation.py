@@ -277,7 +277,7 @@ def render(engine, req: GenerationRequest) -> list[int]:
         return list(req.tokens)
     if req.prompt is not None:
         return engine.tokenize(req.prompt)
-    use = tool_use(req)
+    use = tool_use(req, getattr(engine, "chat_template", None))
     tools = use.offered if use is not None else None
     ids = engine.chat_tokens(req.messages, tools=tools) if tools else engine.chat_tokens(req.messages)
     if req.prefill:
@@ -285,8 +285,9 @@ def render(engine, req: GenerationRequest) -> list[int]:
     return ids
 
 
-def tool_use(req: GenerationRequest):
-    """The request's edgeinfer.tools.ToolUse, or None without tools."""
+def tool_use(req: GenerationRequest, template: str | None = None):
+    """The request's edgeinfer.tools.ToolUse for a model's chat
+    ``template``, or None without tools."""
     if not req.tools:
         if req.tool_choice not in (None, "auto", "none"):
             raise RequestError("tool_choice", "tool_choice needs tools")
@@ -295,7 +296,7 @@ def tool_use(req: GenerationRequest):
         raise RequestError("tools", "tools need a chat: send messages, not a prompt")
     from ..tools import ToolUse
 
-    use = ToolUse.of(req.tools, req.tool_choice, req.parallel_tool_calls)
+    use = ToolUse.of(req.tools, req.tool_choice, req.parallel_tool_calls, template)
     if req.logprobs is not None:
         raise RequestError("logprobs", "logprobs cannot be combined with tools")
     if use.choice.mode != "none" and (req.json_schema is not None or req.grammar is not None):
@@ -339,11 +340,14 @@ async def run(engine, req: GenerationRequest) -> Run:
     that does not convert raise here; what the engine refuses (a prompt
     over the context, a full queue) raises at the first event."""
     req.refuse_unsupported()   # a face that forgot to refuse one still never ignores it
-    use = tool_use(req)
+    use = tool_use(req, getattr(engine, "chat_template", None))
     tokens = await asyncio.to_thread(render, engine, req)
     gbnf = None
+    extra = {}
     if use is not None:
         gbnf = await asyncio.to_thread(use.grammar)
+        if gbnf is not None and use.family.markers:
+            extra["show_tokens"] = use.shown_tokens(lambda t: engine.tokenize(t, add_bos=False, special=True))
     elif req.json_schema is not None or req.grammar is not None:
         from .. import grammar  # loads llama.cpp's converter: only when a request needs it
         gbnf = await asyncio.to_thread(grammar.resolve, req.json_schema, req.grammar)  # big schemas take a while
@@ -358,13 +362,13 @@ async def run(engine, req: GenerationRequest) -> Run:
         events = _nothing(len(tokens))
         return Run(tokens, 0, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
     max_tokens = fitted_max_tokens(engine, req, len(tokens))
-    extra = {k: v for k, v in (("logit_bias", req.logit_bias), ("logprobs", req.logprobs)) if v is not None}
+    extra.update({k: v for k, v in (("logit_bias", req.logit_bias), ("logprobs", req.logprobs)) if v is not None})
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
                                    **extra, **req.sampling)
     parser = use.parser() if use is not None else None
     if parser is not None:
-        from ..tools import asplit_calls
+        from ..tool_calls import asplit_calls
 
         events = asplit_calls(events, parser)
     return Run(tokens, max_tokens, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
