@@ -56,9 +56,14 @@ class ChatSession:
         if text is not None:
             self.history.append({"role": "user", "content": text})
         answer = Collector()
-        extra = {"tools": self.tools} if self.tools else {}
+        opts = {**self.options, **options}
+        if self.tools:
+            opts["tools"] = self.tools
+        else:   # set for tools no longer offered
+            opts.pop("tool_choice", None)
+            opts.pop("parallel_tool_calls", None)
         try:
-            for event in self.engine.stream_chat(self.messages, **extra, **{**self.options, **options}):
+            for event in self.engine.stream_chat(self.messages, **opts):
                 answer.add(event)
                 if isinstance(event, DoneEvent):
                     self.last_stats = event.stats

@@ -725,3 +725,46 @@ def test_reset_keeps_the_system_prompt_prefix_warm(tiny_model):
         system_part = len(engine.chat_tokens([{"role": "system", "content": system}], add_generation_prompt=False))
     # after /reset the new prompt reuses at least the system prompt's tokens
     assert system_part - 2 <= cached < prompt
+
+
+# -- tools ------------------------------------------------------------------------------
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}]
+
+
+def test_a_tool_call_is_shown_and_its_result_answered(tiny_model, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(WEATHER))
+    script = (f"/tools {tools}\n/set temperature 0\n/set max_tokens 200\n/set tool_choice required\n"
+              "/set parallel_tool_calls off\n"
+              "Weather in Paris?\n/set tool_choice none\n/set max_tokens 6\n/result 21 C\n/tools\n/result x\n")
+    r = invoke(["chat", tiny_model], input=script)
+    assert r.exit_code == 0, r.output
+    out = r.output
+    call = re.search(r"\[call get_weather\((.*?)\)\]", out, re.S)
+    assert call and isinstance(json.loads(call.group(1))["city"], str), out
+    assert "(answer the call with /result TEXT)" in out and "No tool call is waiting for a result." in out
+    assert "Offering 1 tool(s): get_weather" in out and "Tools: get_weather" in out
+    # The same turns through the library: the call, then the answer to its result.
+    def answer_result(session):
+        session.tool_result(session.last_calls[0].id, "21 C")
+        answers.append(session.send(None, tool_choice="none", max_tokens=6))
+
+    answers: list[str] = []
+    replayed, session = replay(tiny_model, ["Weather in Paris?", answer_result], tools=WEATHER, temperature=0,
+                               max_tokens=200, tool_choice="required", parallel_tool_calls=False)
+    assert session.history[1]["tool_calls"][0]["function"]["arguments"] == json.loads(call.group(1))
+    assert session.history[2]["role"] == "tool" and answers[0] in out
+
+
+def test_a_conversation_with_calls_saves_and_loads(tiny_model, tmp_path):
+    with edgeinfer.load(tiny_model) as engine:
+        session = ChatSession(engine, tools=WEATHER, temperature=0, max_tokens=200, parallel_tool_calls=False)
+        session.send("Weather in Paris?", tool_choice="required")
+        (call,) = session.last_calls
+        session.tool_result(call.id, "21 C")
+        session.save(tmp_path / "talk.json")
+        again = ChatSession(engine, tools=WEATHER)
+        again.load(tmp_path / "talk.json")
+        assert again.history == session.history
+        assert again.history[1]["tool_calls"][0]["id"] == call.id

@@ -28,7 +28,8 @@ Commands:
   /set NAME VALUE    sampling: temperature, top_k, top_p, min_p,
                      repeat_penalty, repeat_last_n, frequency_penalty,
                      presence_penalty, dry_multiplier, dry_base,
-                     dry_allowed_length, dry_last_n, max_tokens, seed
+                     dry_allowed_length, dry_last_n, max_tokens, seed,
+                     tool_choice (auto, none, required), parallel_tool_calls
   /stats             figures for the last answer
   /tools FILE        offer the tools in FILE (a JSON list, OpenAI's form);
                      /tools off stops offering them
@@ -39,11 +40,25 @@ Commands:
 Write several lines between \"\"\" and \"\"\". Ctrl-C stops an answer."""
 
 
+def _tool_choice(value: str) -> str:
+    if value not in ("auto", "none", "required"):
+        raise ValueError(value)
+    return value
+
+
+def _yes_no(value: str) -> bool:
+    answers = {"true": True, "on": True, "yes": True, "false": False, "off": False, "no": False}
+    if value.lower() not in answers:
+        raise ValueError(value)
+    return answers[value.lower()]
+
+
 def settable() -> dict:
     """What /set can change, and the type of each value."""
     from ..sampling import OPTIONS
 
-    return {**{k: kind for k, (kind, _) in OPTIONS.items()}, "max_tokens": int, "seed": int}
+    return {**{k: kind for k, (kind, _) in OPTIONS.items()}, "max_tokens": int, "seed": int,
+            "tool_choice": _tool_choice, "parallel_tool_calls": _yes_no}
 
 
 @contextlib.contextmanager
@@ -204,8 +219,8 @@ class Repl:
             try:
                 s.options[key] = kinds[key](value.strip())
             except ValueError:
-                self.say(f"'{value.strip()}' is not a valid {key} - try e.g. /set {key} "
-                         f"{'0.7' if kinds[key] is float else '40'}")
+                example = {float: "0.7", int: "40", _yes_no: "off"}.get(kinds[key], "auto")
+                self.say(f"'{value.strip()}' is not a valid {key} - try e.g. /set {key} {example}")
                 return None
             self.say(f"{key} = {s.options[key]}")
         elif name == "/stats":
