@@ -95,9 +95,16 @@ def _check_id(value) -> str:
 
 def _check_call(call) -> dict:
     fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), dict):
+    args = fn.get("arguments") if isinstance(fn, dict) else None
+    if isinstance(args, str):   # OpenAI's form: the object as JSON text
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            args = None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(args, dict):
         raise TemplateError(f"bad tool call {str(call)[:200]}: need function.name and function.arguments "
-                            "(an object)")
+                            "(an object, or its JSON text)")
+    fn = {**fn, "arguments": args}
     return {"id": _check_id(call.get("id") or ""), "type": "function",
             "function": {"name": fn["name"], "arguments": fn["arguments"]}}
 
