@@ -675,7 +675,9 @@ class Engine:
         if gbnf is not None:
             kwargs = {**kwargs, "grammar": gbnf,
                       "show_tokens": use.shown_tokens(lambda t: self.tokenize(t, add_bos=False, special=True))}
-        return tokens, kwargs, use.parser()
+        from .tool_calls import CallParser
+
+        return tokens, kwargs, CallParser.of(use)
 
     def chat(self, messages: list[dict], *, tools: list[dict] | None = None, **kwargs):
         """The assistant's reply to ``messages``: a string, or with

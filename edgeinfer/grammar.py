@@ -196,7 +196,7 @@ def resolve(json_schema=None, grammar: str | None = None) -> str | None:
     What the grammar will cost is checked here, before anything builds it."""
     if json_schema is not None and grammar is not None:
         raise GrammarError("give json_schema or grammar, not both")
-    if grammar is not None and not isinstance(grammar, str):   # a tools.CallGrammar, checked as it was built
+    if hasattr(grammar, "gbnf"):   # a tools.CallGrammar, checked as it was built
         return grammar
     if grammar is not None:
         _check_text(grammar)

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .events import DoneEvent, TextEvent, ToolCallEvent
-from .tools import FENCE, Family, new_call_id
+from .tools import FENCE, HERMES, Family, new_call_id
 
 _HEADERS: dict[str, re.Pattern] = {}
 
@@ -66,10 +66,13 @@ class CallParser:
     start of a call's opening, and whitespace before one, is held back
     until the next piece says what it is."""
 
-    def __init__(self, names: list[str], family: Family | None = None):
-        from .tools import HERMES
+    @classmethod
+    def of(cls, use) -> "CallParser | None":
+        """The parser for an edgeinfer.tools.ToolUse, or None when no call can come."""
+        return cls(use.callable, use.family) if use.callable else None
 
-        self.family = family or HERMES
+    def __init__(self, names: list[str], family: Family = HERMES):
+        self.family = family
         self.names = set(names)
         self.header = _header(self.family.args_key)
         self.calls: list[dict] = []     # finished: {"id", "name", "arguments" (JSON text)}

@@ -330,8 +330,9 @@ def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool,
 # -- one request's tools -----------------------------------------------------------
 class ToolUse:
     """One request's tools and choice, for a model's template: the tools
-    its prompt lists, the grammar that keeps the choice's promise, and a
-    parser for the answer."""
+    its prompt lists, the grammar that keeps the choice's promise, and
+    what edgeinfer.tool_calls.CallParser reads the answer for (the
+    ``callable`` names, in the ``family``'s format)."""
 
     def __init__(self, tools: list[dict], choice: ToolChoice, parallel: bool, template: str | None = None):
         self.tools, self.choice, self.parallel = tools, choice, parallel
@@ -352,13 +353,10 @@ class ToolUse:
     def grammar(self) -> CallGrammar | None:
         return call_grammar(self.tools, self.choice, self.parallel, self.family)
 
-    def parser(self):
-        """An edgeinfer.tool_calls.CallParser for the answer, or None when
-        no call can come."""
-        from .tool_calls import CallParser
-
-        names = [t["function"]["name"] for t in self.choice.offered(self.tools)]
-        return CallParser(names, self.family) if names else None
+    @property
+    def callable(self) -> list[str]:
+        """The names a call in the answer may have (none under "none")."""
+        return [t["function"]["name"] for t in self.choice.offered(self.tools)]
 
     def shown_tokens(self, tokenize) -> tuple[int, ...]:
         """The ids of the family's markers that are single control

@@ -366,11 +366,10 @@ async def run(engine, req: GenerationRequest) -> Run:
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
                                    **extra, **req.sampling)
-    parser = use.parser() if use is not None else None
-    if parser is not None:
-        from ..tool_calls import asplit_calls
+    if use is not None and use.callable:
+        from ..tool_calls import CallParser, asplit_calls
 
-        events = asplit_calls(events, parser)
+        events = asplit_calls(events, CallParser.of(use))
     return Run(tokens, max_tokens, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
 
 
