@@ -212,6 +212,7 @@ def resolve(json_schema=None, grammar: str | None = None) -> str | None:
 
 
 MAX_REDRAWS = 8        # tokens refused in a row before a lazy grammar gives up on a step
+GREEDY_TRIES = 64      # next-likeliest tokens checked before the whole vocabulary is masked
 TRIGGER_TAIL = 256     # bytes of text kept to find a trigger in (longer than any trigger)
 
 
@@ -224,15 +225,17 @@ class GrammarGate:
     llama.cpp's own common sampler does, the token is drawn from the
     plain chain first and only that one token is checked; when the
     grammar refuses it, the whole vocabulary is masked and the token is
-    drawn again. A token is kept with probability p(t), or drawn again
+    drawn again (greedy: the next likeliest tokens are checked one by
+    one first, which gives the same token for far less). A token is kept with probability p(t), or drawn again
     from the masked distribution, so each allowed token ends up with
     p(t) / P(allowed): the constrained distribution, exactly. At
     temperature 0 the answer is the masked argmax either way."""
 
     check_first = True   # False masks at every token (the tests compare both)
 
-    def __init__(self, grammar: CompiledGrammar, n_vocab: int, vocab=None):
+    def __init__(self, grammar: CompiledGrammar, n_vocab: int, vocab=None, greedy: bool = False):
         self.sampler = grammar.take()
+        self.greedy = greedy   # the chain takes the likeliest token: refusals can be skipped one by one
         if not self.sampler:
             raise GrammarError("this grammar was used by another request already", hint="")
         self.n_vocab = n_vocab
@@ -285,7 +288,11 @@ class GrammarGate:
         one = self.one_arr
         one.size, one.selected, one.sorted = 1, -1, False
         lc.llama_sampler_apply(self.sampler, ctypes.byref(one))
-        if not (self.check_first and np.isfinite(self.one["logit"][0])):
+        allowed = self.check_first and bool(np.isfinite(self.one["logit"][0]))
+        if not allowed and self.check_first and self.greedy:
+            nxt = self._next_allowed(int(tok))
+            allowed, tok = nxt is not None, tok if nxt is None else nxt
+        if not allowed:
             self.masked += 1
             arr = self._fill(ctx, idx)
             lc.llama_sampler_apply(self.sampler, ctypes.byref(arr))
@@ -297,6 +304,23 @@ class GrammarGate:
             lc.llama_sampler_accept(self.sampler, tok)
         lc.llama_sampler_accept(chain, tok)
         return int(tok)
+
+    def _next_allowed(self, refused: int) -> int | None:
+        """Greedy: the likeliest token the grammar allows among the
+        GREEDY_TRIES likeliest, from the logits the chain just saw (bias
+        and all), each checked alone: a few microseconds each, where the
+        whole vocabulary through the grammar costs ~5 ms with 49k tokens.
+        None when none of them is allowed."""
+        logits = self.cand["logit"]
+        k = min(GREEDY_TRIES, len(logits) - 1)
+        top = np.argpartition(-logits, k)[:k]
+        for i in top[np.argsort(-logits[top], kind="stable")]:
+            if not np.isfinite(logits[i]):
+                return None
+            tok = int(self.cand["id"][i])
+            if tok != refused and self._allows(tok):
+                return tok
+        return None
 
     def _allows(self, tok: int) -> bool:
         """Whether the grammar, as it stands, allows ``tok`` next."""

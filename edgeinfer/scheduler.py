@@ -347,7 +347,8 @@ class Scheduler:
         run.penalties = penalties(ctx.n_ctx, **r.options)
         if r.grammar is not None:
             try:
-                run.gate = GrammarGate(r.grammar, ctx.n_vocab, vocab)
+                run.gate = GrammarGate(r.grammar, ctx.n_vocab, vocab,
+                                       greedy=(r.options.get("temperature") or 0) <= 0)
             except BaseException:
                 free_chain(chain)
                 raise
