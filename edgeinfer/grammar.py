@@ -225,11 +225,12 @@ class GrammarGate:
     llama.cpp's own common sampler does, the token is drawn from the
     plain chain first and only that one token is checked; when the
     grammar refuses it, the whole vocabulary is masked and the token is
-    drawn again (greedy: the next likeliest tokens are checked one by
-    one first, which gives the same token for far less). A token is kept with probability p(t), or drawn again
+    drawn again. A token is kept with probability p(t), or drawn again
     from the masked distribution, so each allowed token ends up with
     p(t) / P(allowed): the constrained distribution, exactly. At
-    temperature 0 the answer is the masked argmax either way."""
+    temperature 0 the answer is the masked argmax either way, and the
+    next likeliest tokens are checked one by one before masking, which
+    finds that argmax for far less."""
 
     check_first = True   # False masks at every token (the tests compare both)
 
