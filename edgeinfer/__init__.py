@@ -33,6 +33,7 @@ from .errors import (
     EdgeinferError,
     EngineBusyError,
     EngineError,
+    FimUnsupportedError,
     GGUFError,
     GrammarError,
     InvalidNameError,
@@ -51,7 +52,7 @@ from .errors import (
     TemplateError,
     VocabularyMismatchError,
 )
-from .events import DoneEvent, Stats, TextEvent
+from .events import DoneEvent, Stats, TextEvent, ToolCallEvent
 from .gguf_file import GGUFInfo, read_gguf
 from .pull import import_file, pull
 from .server.client import AsyncClient, Client
@@ -65,12 +66,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "default_model", "pull", "import_file", "read_gguf", "default_entry", "load_catalog",
-    "Engine", "ChatSession", "TextEvent", "DoneEvent", "Stats", "ModelStore", "Manifest",
+    "Engine", "ChatSession", "TextEvent", "DoneEvent", "ToolCallEvent", "Stats", "ModelStore", "Manifest",
     "CatalogEntry", "GGUFInfo", "Client", "AsyncClient", "share_cores", "CoreShare",
     "EdgeinferError", "InvalidNameError", "ModelNotFoundError", "CatalogError", "GGUFError",
     "StoreError", "DiskSpaceError", "MemoryFitError", "DownloadError", "ChecksumError",
     "AllSourcesFailedError", "EngineError", "ContextOverflowError", "EngineBusyError", "NativeSettingError",
-    "TemplateError", "GrammarError", "VocabularyMismatchError", "SpeculativeError", "QuantizeError", "ConvertError",
+    "TemplateError", "GrammarError", "FimUnsupportedError", "VocabularyMismatchError", "SpeculativeError",
+    "QuantizeError", "ConvertError",
     "CompareError",
     "ServerConfigError", "ServerError", "RequestError", "ModelNotServedError", "StoppingError",
     "ServerBusyError", "AuthError", "ConnectionLostError",

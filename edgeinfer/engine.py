@@ -449,7 +449,8 @@ class Engine:
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
                  ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                  speculative: str | None = None, logit_bias: dict | None = None,
-                 logprobs: int | None = None, show_tokens: tuple[int, ...] = ()) -> Request:
+                 logprobs: int | None = None, show_tokens: tuple[int, ...] = (),
+                 reuse_moved: bool = False) -> Request:
         self._check_open()
         if self.embedding:
             raise embedding_model_error(self.name)
@@ -482,14 +483,14 @@ class Engine:
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
                        grammar=compiled, spec=spec, logit_bias=bias, logprobs=logprobs,
-                       shown=frozenset(show_tokens))
+                       shown=frozenset(show_tokens), reuse_moved=reuse_moved)
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
                       ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                       speculative: str | None = None, logit_bias: dict | None = None,
                       logprobs: int | None = None, show_tokens: tuple[int, ...] = (),
-                      **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      reuse_moved: bool = False, **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
@@ -511,10 +512,12 @@ class Engine:
         to 20) gives each TextEvent the log-probability of each of its
         tokens and of that many most likely alternatives (``.logprobs``).
         ``show_tokens``: control tokens whose text the answer shows (a
-        family's tool-call marker), where others show as nothing."""
+        family's tool-call marker), where others show as nothing.
+        ``reuse_moved``: KV the context holds further on may be moved into
+        place (edgeinfer.kv; fill-in-the-middle asks for it)."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
-                            json_schema, grammar, speculative, logit_bias, logprobs, show_tokens)
+                            json_schema, grammar, speculative, logit_bias, logprobs, show_tokens, reuse_moved)
         self._scheduler.submit(req)
         item = None
         try:
@@ -542,7 +545,7 @@ class Engine:
                              cancel: threading.Event | None = None, ignore_eos: bool = False,
                              json_schema=None, grammar: str | None = None, speculative: str | None = None,
                              logit_bias: dict | None = None, logprobs: int | None = None,
-                             show_tokens: tuple[int, ...] = (),
+                             show_tokens: tuple[int, ...] = (), reuse_moved: bool = False,
                              **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
@@ -551,7 +554,7 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
         args = (tokens, max_tokens, stop, seed, cancel, sampling,
                 lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
-                json_schema, grammar, speculative, logit_bias, logprobs, show_tokens)
+                json_schema, grammar, speculative, logit_bias, logprobs, show_tokens, reuse_moved)
         # A grammar is converted and parsed in a worker thread: a large one
         # must not stall the event loop every other client shares.
         constrained = json_schema is not None or grammar is not None
@@ -693,6 +696,46 @@ class Engine:
 
         return collect(self.stream_chat(messages, tools=tools, **kwargs))
 
+    # -- code completion ---------------------------------------------------
+    def infill_tokens(self, prefix: str, suffix: str = "", *, extra=(), middle: str = "",
+                      max_tokens: int = 256) -> list[int]:
+        """The fill-in-the-middle prompt for a cursor between ``prefix``
+        and ``suffix`` (edgeinfer.fim): ``extra`` other files' chunks as
+        (name, text), ``middle`` text the answer starts with. It fits the
+        context with ``max_tokens`` to spare. FimUnsupportedError for a
+        model without FIM tokens."""
+        from .fim import FimTokens, fim_prompt
+
+        self._check_open()
+        vocab = self.vocab
+        return fim_prompt(lambda text: vocab.tokenize(text, add_bos=False), FimTokens.of(vocab.handle), prefix,
+                          suffix, extra=extra, middle=middle, budget=self.n_ctx - max(1, max_tokens),
+                          add_bos=vocab.bos if vocab.add_bos else None, model=self.name)
+
+    def stream_infill(self, prefix: str, suffix: str = "", *, extra=(), middle: str = "", max_tokens: int = 256,
+                      max_lines: int | None = None, dedent: bool = False, **kwargs) -> Iterator:
+        """Stream the code that goes between ``prefix`` and ``suffix``:
+        TextEvents, then a DoneEvent. The answer ends at ``max_lines``
+        lines, at a line below the cursor's indentation (``dedent``), or
+        at a line the suffix has already; a tail the suffix starts with is
+        left out. Editing at the cursor and asking again reuses the KV of
+        the file on both sides of the edit."""
+        from .fim import EditorFit, fitted
+
+        tokens = self.infill_tokens(prefix, suffix, extra=extra, middle=middle, max_tokens=max_tokens)
+        stop = kwargs.pop("cancel", None) or threading.Event()
+        fit = EditorFit(prefix + middle, suffix, max_lines=max_lines, dedent=dedent)
+        return fitted(self.stream_tokens(tokens, max_tokens=max_tokens, cancel=stop, reuse_moved=True, **kwargs),
+                      fit, stop)
+
+    def infill(self, prefix: str, suffix: str = "", **kwargs) -> str:
+        """The code between ``prefix`` and ``suffix`` (see :meth:`stream_infill`).
+
+        >>> engine.infill("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n")  # doctest: +SKIP
+        'a + b'
+        """
+        return "".join(e.text for e in self.stream_infill(prefix, suffix, **kwargs))
+
     # -- embeddings --------------------------------------------------------
     def embed(self, texts: str | Iterable[str], *, normalize: bool = True, truncate: bool = True) -> np.ndarray:
         """One vector per text, as a float32 array of shape (n, dim),
@@ -744,8 +787,7 @@ class Engine:
     async def astream_chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice=None,
                            parallel_tool_calls: bool = True, **kwargs):
         """Async version of :meth:`stream_chat`."""
-        tokens, kwargs, parser = await asyncio.to_thread(self._chat_request, messages, tools, tool_choice,
-                                                         parallel_tool_calls, kwargs)
+        tokens, kwargs, parser = self._chat_request(messages, tools, tool_choice, parallel_tool_calls, kwargs)
         events = self.astream_tokens(tokens, **kwargs)
         if parser is not None:
             from .tool_calls import asplit_calls

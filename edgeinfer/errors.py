@@ -31,6 +31,9 @@
     ├── GrammarError (ValueError)     a JSON schema or grammar that cannot
     │                                 constrain generation
     ├── SpeculativeError (ValueError) a speculative setting that cannot work
+    ├── FimUnsupportedError (ValueError)
+    │                                 code completion asked of a model with
+    │                                 no fill-in-the-middle tokens
     ├── ServerConfigError (ValueError)
     │                                 a server that must not start as asked
     ├── RequestError (ValueError)     a served request's field that is missing,
@@ -193,6 +196,13 @@ class GrammarError(EdgeinferError, ValueError):
     grammar llama.cpp cannot parse; the message says which part."""
 
     hint = "simplify the schema (docs/python-api.md lists what converts), or pass grammar= in GBNF"
+
+
+class FimUnsupportedError(EdgeinferError, ValueError):
+    """Fill-in-the-middle (a suffix, /infill, Engine.infill) asked of a
+    model whose vocabulary has no FIM tokens."""
+
+    hint = "use a coder model: edgeinfer pull qwen2.5-coder-1.5b-instruct"
 
 
 class ServerConfigError(EdgeinferError, ValueError):

@@ -34,6 +34,9 @@ N_LAYER = 2
 N_CTX_TRAIN = 8192
 VOCAB_SIZE = 640
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Fill-in-the-middle tokens, as Qwen2.5-Coder names them (build(fim=True)).
+FIM_TOKENS = {"pre": "<|fim_prefix|>", "suf": "<|fim_suffix|>", "mid": "<|fim_middle|>", "pad": "<|fim_pad|>",
+              "rep": "<|repo_name|>", "sep": "<|file_sep|>"}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -144,11 +147,12 @@ def train_bpe(text: str, n_tokens: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def _add_vocab(writer: gguf.GGUFWriter) -> None:
-    tokens, merges = train_bpe(CORPUS, VOCAB_SIZE - len(SPECIAL_TOKENS))
+def _add_vocab(writer: gguf.GGUFWriter, fim: bool = False) -> None:
+    specials = SPECIAL_TOKENS + (tuple(FIM_TOKENS.values()) if fim else ())
+    tokens, merges = train_bpe(CORPUS, VOCAB_SIZE - len(specials))
     types = [gguf.TokenType.NORMAL] * len(tokens)
     ids = {}
-    for text in SPECIAL_TOKENS:
+    for text in specials:
         ids[text] = len(tokens)
         tokens.append(text)
         types.append(gguf.TokenType.CONTROL)
@@ -164,6 +168,9 @@ def _add_vocab(writer: gguf.GGUFWriter) -> None:
     writer.add_pad_token_id(ids["<|endoftext|>"])
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if fim:
+        for role, text in FIM_TOKENS.items():
+            writer.add_uint32(getattr(gguf.Keys.Tokenizer, f"FIM_{role.upper()}_ID"), ids[text])
 
 
 def _add_tensors(writer: gguf.GGUFWriter, seed: int) -> None:
@@ -200,8 +207,10 @@ def _add_tensors(writer: gguf.GGUFWriter, seed: int) -> None:
     writer.add_tensor(name(t.OUTPUT), matrix(VOCAB_SIZE, N_EMBD))
 
 
-def build(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
-    """Write the tiny model to `path` and return it as a Path.
+def build(path: str | os.PathLike[str], *, seed: int = 0, fim: bool = False) -> pathlib.Path:
+    """Write the tiny model to `path` and return it as a Path; `fim`: with
+    Qwen2.5-Coder's fill-in-the-middle tokens (another vocabulary, so
+    other output than the default model's).
 
     The file is written beside `path` under a temporary name and renamed into
     place, so a reader never sees a half-written model.
@@ -225,7 +234,7 @@ def build(path: str | os.PathLike[str], *, seed: int = 0) -> pathlib.Path:
         writer.add_rope_dimension_count(HEAD_DIM)
         writer.add_rope_freq_base(10000.0)
         writer.add_layer_norm_rms_eps(1e-5)
-        _add_vocab(writer)
+        _add_vocab(writer, fim)
         _add_tensors(writer, seed)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -243,8 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="where to write the .gguf file")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--fim", action="store_true", help="with fill-in-the-middle tokens")
     args = parser.parse_args(argv)
-    out = build(args.out, seed=args.seed)
+    out = build(args.out, seed=args.seed, fim=args.fim)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 

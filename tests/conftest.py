@@ -96,6 +96,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fim_model(tmp_path_factory) -> Path:
+    """The tiny model with Qwen2.5-Coder's fill-in-the-middle tokens."""
+    builder = load_script("build_tiny_model")
+    return builder.build(tmp_path_factory.mktemp("tiny-fim") / "tiny-fim.gguf", fim=True)
+
+
+@pytest.fixture(scope="session")
 def real_store(tmp_path_factory):
     """A store holding SmolLM2 135M Instruct (the catalog's floor model),
     pulled by name through pull().

@@ -1,0 +1,237 @@
+"""Fill-in-the-middle: code completion between the text before the cursor
+and the text after it, as code editors ask.
+
+The prompt is written in the model's own FIM tokens, prefix-suffix-middle
+order, with other files' chunks first where the model knows repository
+tokens (Qwen2.5-Coder's ``<|repo_name|>`` and ``<|file_sep|>``)::
+
+    <|repo_name|>project\\n<|file_sep|>a.py\\n...<|file_sep|>file\\n
+    <|fim_prefix|>PREFIX<|fim_suffix|>SUFFIX<|fim_middle|>MIDDLE
+
+``MIDDLE`` is text the answer starts with (llama-server's ``prompt``: the
+cursor's line as typed so far, so that typing changes only the end of the
+prompt). A model without the three FIM tokens is refused with
+:class:`~edgeinfer.errors.FimUnsupportedError`.
+
+:class:`EditorFit` shapes an answer for an editor as it streams: at most
+``max_lines`` lines, no line that drops below the cursor's indentation
+(the block ended), never a line the suffix already has, and no tail the
+suffix starts with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import FimUnsupportedError
+
+REPO_NAME = "project"      # the repository name a repo-level prompt gives
+FILE_NAME = "file"         # the current file's name, when the request gives none
+SUFFIX_SHARE = 4           # the suffix gets at most 1/SUFFIX_SHARE of the prompt's budget
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """A vocabulary's fill-in-the-middle tokens (-1 where it has none)."""
+
+    pre: int
+    suf: int
+    mid: int
+    pad: int = -1
+    rep: int = -1
+    sep: int = -1
+
+    @classmethod
+    def of(cls, vocab_handle) -> "FimTokens":
+        import llama_cpp as lc
+
+        return cls(lc.llama_vocab_fim_pre(vocab_handle), lc.llama_vocab_fim_suf(vocab_handle),
+                   lc.llama_vocab_fim_mid(vocab_handle), lc.llama_vocab_fim_pad(vocab_handle),
+                   lc.llama_vocab_fim_rep(vocab_handle), lc.llama_vocab_fim_sep(vocab_handle))
+
+    @property
+    def usable(self) -> bool:
+        return min(self.pre, self.suf, self.mid) >= 0
+
+    @property
+    def repo_level(self) -> bool:
+        return self.rep >= 0 and self.sep >= 0
+
+
+def check_extra(extra, param: str = "input_extra") -> list[tuple[str, str]]:
+    """Other files' chunks as (file name, text): a list of ``{"filename",
+    "text"}`` objects (llama-server's ``input_extra``)."""
+    from .errors import RequestError
+
+    if extra is None:
+        return []
+    if not isinstance(extra, list):
+        raise RequestError(param, f'{param} must be a list of {{"filename": ..., "text": ...}} objects')
+    out = []
+    for i, chunk in enumerate(extra):
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("text"), str) or \
+                not isinstance(chunk.get("filename", ""), str):
+            raise RequestError(f"{param}[{i}]", f'{param}[{i}] must be {{"filename": ..., "text": ...}}')
+        out.append((chunk.get("filename", ""), chunk["text"]))
+    return out
+
+
+def fim_prompt(tokenize, fim: FimTokens, prefix: str, suffix: str, *, extra=(), middle: str = "",
+               budget: int, add_bos: int | None = None, model: str = "this model") -> list[int]:
+    """The prompt's token ids. ``tokenize(text)`` gives the ids of plain
+    text; ``budget`` caps the prompt's tokens: the suffix keeps its start
+    (at most a quarter of the budget), the prefix its end, and other
+    files' chunks fill what is left, the last given first (editors send
+    the least relevant first)."""
+    if not fim.usable:
+        raise FimUnsupportedError(
+            f"{model} has no fill-in-the-middle tokens",
+            hint="use a coder model that has them: edgeinfer pull qwen2.5-coder-1.5b-instruct")
+    head = [add_bos] if add_bos is not None and add_bos >= 0 else []
+    mid = tokenize(middle) if middle else []
+    pre, suf = tokenize(prefix) if prefix else [], tokenize(suffix) if suffix else []
+    room = max(0, budget - len(head) - len(mid) - 3)
+    suf = suf[:min(len(suf), room // SUFFIX_SHARE)]
+    pre = pre[max(0, len(pre) - (room - len(suf))):]
+    left = room - len(suf) - len(pre)
+    context: list[int] = []
+    chunks = list(extra)
+    if chunks and fim.repo_level:
+        opening = [fim.rep, *tokenize(f"{REPO_NAME}\n")]
+        closing = [fim.sep, *tokenize(f"{FILE_NAME}\n")]
+        if left >= len(opening) + len(closing):
+            left -= len(opening) + len(closing)
+            kept = []
+            for name, text in reversed(chunks):
+                ids = [fim.sep, *tokenize(f"{name}\n{text}")]
+                if len(ids) > left:
+                    break
+                kept.insert(0, ids)
+                left -= len(ids)
+            context = opening + [t for ids in kept for t in ids] + closing
+    elif chunks:   # no repository tokens: the chunks' text before the prefix
+        kept = []
+        for name, text in reversed(chunks):
+            ids = tokenize(text if text.endswith("\n") else text + "\n")
+            if len(ids) > left:
+                break
+            kept.insert(0, ids)
+            left -= len(ids)
+        context = [t for ids in kept for t in ids]
+    return head + context + [fim.pre, *pre, fim.suf, *suf, fim.mid, *mid]
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+class EditorFit:
+    """Shapes a completion for an editor as it streams.
+
+    :meth:`feed` takes each piece of text and returns (text to give out,
+    whether the answer should end here). The line being written is held
+    back until it is whole, since a rule may drop it. :meth:`finish`
+    gives what is left, less a tail the suffix starts with."""
+
+    def __init__(self, prefix: str, suffix: str, *, max_lines: int | None = None, dedent: bool = False):
+        self.max_lines = max_lines
+        cursor_line = prefix.rsplit("\n", 1)[-1]
+        # A completion that starts a new block (after "def f():") is indented
+        # deeper than the cursor's line; a line below the cursor's own
+        # indentation has left the block.
+        self.base = _indent(cursor_line) if cursor_line.strip() else len(cursor_line)
+        self.dedent = dedent
+        self.suffix = suffix
+        self.suffix_line = next((line.strip() for line in suffix.split("\n") if line.strip()), "")
+        self.pending = ""        # the line being written
+        self.lines = 0           # whole lines given out (the cursor's own counts as the first)
+        self.out = ""            # everything given out
+        self.stopped = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.pending += text
+        given = []
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            if self._ends_before(line):
+                self.stopped, self.pending = True, ""
+                break
+            given.append(line + "\n")
+            self.lines += 1
+            if self.max_lines is not None and self.lines >= self.max_lines:
+                self.stopped, self.pending = True, ""
+                given[-1] = given[-1][:-1]   # the last line needs no new line after it
+                break
+        out = "".join(given)
+        self.out += out
+        return out, self.stopped
+
+    def _ends_before(self, line: str) -> bool:
+        """Whether ``line`` (a whole line after the first) is not part of
+        the completion: it leaves the block, or the suffix has it."""
+        if self.lines == 0:
+            return False   # the cursor's own line: it continues what is there
+        stripped = line.strip()
+        if not stripped:
+            return False
+        if self.suffix_line and stripped == self.suffix_line:
+            return True
+        return self.dedent and _indent(line) < self.base
+
+    def finish(self) -> str:
+        """What is left: the line being written, unless the suffix already
+        starts with its end (a closing bracket the suffix has)."""
+        tail, self.pending = ("" if self.stopped else self.pending), ""
+        whole = self.out + tail
+        cut = _overlap(whole, self.suffix)
+        if cut:
+            keep = len(whole) - cut - len(self.out)
+            tail = tail[:max(0, keep)]
+        self.out += tail
+        return tail
+
+
+def _overlap(text: str, suffix: str) -> int:
+    """The length of the longest end of ``text`` that ``suffix`` starts
+    with, counted only when it is no word (brackets, quotes, punctuation)
+    or four characters or more: "1" at the end of "x = 1" is no overlap
+    with a suffix "1 + y"."""
+    for n in range(min(len(text), len(suffix)), 0, -1):
+        end = text[-n:]
+        if suffix.startswith(end) and end.strip():
+            if n >= 4 or not any(c.isalnum() or c == "_" for c in end):
+                return n
+    return 0
+
+
+def _shaped(fit: EditorFit, ev, stop) -> list:
+    from .events import DoneEvent, TextEvent
+
+    if isinstance(ev, DoneEvent):
+        tail = fit.finish()
+        if fit.stopped and ev.stats.finish_reason == "cancelled":
+            ev.stats.finish_reason = "stop"   # ended by the editor's rules, not by a caller
+        return ([TextEvent(tail)] if tail else []) + [ev]
+    text, ended = fit.feed(ev.text)
+    if ended:
+        stop.set()
+    return [TextEvent(text, ev.tokens, logprobs=ev.logprobs)] if text or ev.tokens else []
+
+
+def fitted(events, fit: EditorFit, stop):
+    """``events`` shaped by ``fit``; ``stop`` (the stream's cancel Event)
+    is set when the answer should end, and the stream ends as stopped."""
+    for ev in events:
+        yield from _shaped(fit, ev, stop)
+
+
+async def afitted(events, fit: EditorFit, stop):
+    """Async :func:`fitted`; closing it closes ``events``."""
+    try:
+        async for ev in events:
+            for out in _shaped(fit, ev, stop):
+                yield out
+    finally:
+        await events.aclose()
