@@ -449,8 +449,7 @@ class Engine:
     def _request(self, tokens: list[int], max_tokens: int, stop, seed, cancel, sampling, sink,
                  ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                  speculative: str | None = None, logit_bias: dict | None = None,
-                 logprobs: int | None = None, show_tokens: tuple[int, ...] = (),
-                 reuse_moved: bool = False) -> Request:
+                 logprobs: int | None = None, show_tokens: tuple[int, ...] = ()) -> Request:
         self._check_open()
         if self.embedding:
             raise embedding_model_error(self.name)
@@ -483,14 +482,14 @@ class Engine:
         return Request(list(tokens), int(max_tokens), stops, new_seed(seed, self.seed), opts, sink,
                        cancel_event=cancel, admit_timeout=self.lock_timeout, ignore_eos=bool(ignore_eos),
                        grammar=compiled, spec=spec, logit_bias=bias, logprobs=logprobs,
-                       shown=frozenset(show_tokens), reuse_moved=reuse_moved)
+                       shown=frozenset(show_tokens))
 
     def stream_tokens(self, tokens: list[int], *, max_tokens: int = 256, stop: Iterable[str] | str = (),
                       seed: int | None = None, cancel: threading.Event | None = None,
                       ignore_eos: bool = False, json_schema=None, grammar: str | None = None,
                       speculative: str | None = None, logit_bias: dict | None = None,
                       logprobs: int | None = None, show_tokens: tuple[int, ...] = (),
-                      reuse_moved: bool = False, **sampling) -> Iterator[TextEvent | DoneEvent]:
+                      **sampling) -> Iterator[TextEvent | DoneEvent]:
         """Generate from prompt token ids; yields TextEvents, then a DoneEvent.
 
         ``cancel``, an Event of the caller's, stops this request alone
@@ -512,12 +511,10 @@ class Engine:
         to 20) gives each TextEvent the log-probability of each of its
         tokens and of that many most likely alternatives (``.logprobs``).
         ``show_tokens``: control tokens whose text the answer shows (a
-        family's tool-call marker), where others show as nothing.
-        ``reuse_moved``: KV the context holds further on may be moved into
-        place (edgeinfer.kv; fill-in-the-middle asks for it)."""
+        family's tool-call marker), where others show as nothing."""
         events: queue.SimpleQueue = queue.SimpleQueue()
         req = self._request(tokens, max_tokens, stop, seed, cancel, sampling, events.put, ignore_eos,
-                            json_schema, grammar, speculative, logit_bias, logprobs, show_tokens, reuse_moved)
+                            json_schema, grammar, speculative, logit_bias, logprobs, show_tokens)
         self._scheduler.submit(req)
         item = None
         try:
@@ -545,7 +542,7 @@ class Engine:
                              cancel: threading.Event | None = None, ignore_eos: bool = False,
                              json_schema=None, grammar: str | None = None, speculative: str | None = None,
                              logit_bias: dict | None = None, logprobs: int | None = None,
-                             show_tokens: tuple[int, ...] = (), reuse_moved: bool = False,
+                             show_tokens: tuple[int, ...] = (),
                              **sampling):
         """Async :meth:`stream_tokens`: events arrive on the running event
         loop straight from the scheduler thread. Cancelling the task, or
@@ -554,7 +551,7 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
         args = (tokens, max_tokens, stop, seed, cancel, sampling,
                 lambda item: loop.call_soon_threadsafe(events.put_nowait, item), ignore_eos,
-                json_schema, grammar, speculative, logit_bias, logprobs, show_tokens, reuse_moved)
+                json_schema, grammar, speculative, logit_bias, logprobs, show_tokens)
         # A grammar is converted and parsed in a worker thread: a large one
         # must not stall the event loop every other client shares.
         constrained = json_schema is not None or grammar is not None
@@ -718,15 +715,14 @@ class Engine:
         TextEvents, then a DoneEvent. The answer ends at ``max_lines``
         lines, at a line below the cursor's indentation (``dedent``), or
         at a line the suffix has already; a tail the suffix starts with is
-        left out. Editing at the cursor and asking again reuses the KV of
-        the file on both sides of the edit."""
+        left out. The cursor's line goes after the middle token, so that
+        typing in it and asking again reads only what was typed."""
         from .fim import EditorFit, fitted
 
         tokens = self.infill_tokens(prefix, suffix, extra=extra, middle=middle, max_tokens=max_tokens)
         stop = kwargs.pop("cancel", None) or threading.Event()
         fit = EditorFit(prefix + middle, suffix, max_lines=max_lines, dedent=dedent)
-        return fitted(self.stream_tokens(tokens, max_tokens=max_tokens, cancel=stop, reuse_moved=True, **kwargs),
-                      fit, stop)
+        return fitted(self.stream_tokens(tokens, max_tokens=max_tokens, cancel=stop, **kwargs), fit, stop)
 
     def infill(self, prefix: str, suffix: str = "", **kwargs) -> str:
         """The code between ``prefix`` and ``suffix`` (see :meth:`stream_infill`).

@@ -17,10 +17,6 @@ from __future__ import annotations
 from .llama import DECODE_OK
 from .prompt_cache import common_prefix
 
-MOVED_MIN = 16     # tokens a moved run must have to be worth moving
-MOVED_KEY = 8      # tokens that find a run
-MOVED_GAP = 1024   # how far past the shared prefix a moved run may start (what is evaluated before it)
-
 
 class KVLedger:
     """The tokens each sequence of ``ctx`` holds, and the operations on them."""
@@ -135,7 +131,7 @@ class KVLedger:
         return max(free, key=lambda s: (common_prefix(self._tokens[s], tokens) if self.reuse else 0,
                                         not self._tokens[s], -idle_since.get(s, 0.0)))
 
-    def reuse_prefix(self, tokens: list[int], seq: int, idle: tuple[int, ...] = (), moved: bool = False) -> int:
+    def reuse_prefix(self, tokens: list[int], seq: int, idle: tuple[int, ...] = ()) -> int:
         """Make ``seq`` hold the longest reusable prefix of ``tokens``: its
         own KV, another sequence's (copied by llama_memory_seq_cp, which
         shares the cells), or the prompt cache's memory and disk tiers.
@@ -149,12 +145,7 @@ class KVLedger:
         matter. ``idle``: sequences that hold nothing anyone is using; they
         are cleared before a prompt-cache entry is restored, so on an
         otherwise empty cache it lands on cell 0 as a cold prefill does
-        (where a sequence starts changes the order of its attention sums).
-
-        ``moved``: past the shared prefix, a long run of tokens ``seq``
-        already holds further on may be moved into place (see
-        :meth:`reuse_moved`). The answer then differs from a cold one in
-        the last bits, so only fill-in-the-middle asks for it."""
+        (where a sequence starts changes the order of its attention sums)."""
         if not self.reuse:
             self.clear(seq)
             return 0
@@ -185,67 +176,7 @@ class KVLedger:
                     else:
                         self.prompt_cache.forget(entry.tokens)
                         n = 0
-        if moved:
-            k = self.reuse_moved(tokens, seq, n, cap, scratch=next((s for s in idle if s != seq), -1))
-            if k:
-                return k
         return self.truncate(seq, n)
-
-    def reuse_moved(self, tokens: list[int], seq: int, n: int, cap: int, scratch: int = -1) -> int:
-        """Past the ``n`` tokens ``seq`` shares with ``tokens``, find the
-        run of at least MOVED_MIN tokens that ``seq`` holds further on, at
-        another position, that spares the most evaluation, and move it
-        into place (an edit at a code
-        editor's cursor: the file's suffix comes back, moved by what was
-        typed). The tokens before it are evaluated; the run is not.
-        Returns how many tokens of ``tokens`` ``seq`` then holds, or 0
-        (nothing changed) when there is no such run.
-
-        llama.cpp takes a sequence's new tokens only at the positions right
-        after its last, so the run waits in ``scratch``, an idle sequence:
-        it is copied there (the cells are shared), cut from ``seq``, the
-        tokens before it are evaluated in ``seq``, then the run is shifted
-        in ``scratch`` and copied back."""
-        held = self._tokens[seq]
-        if scratch < 0 or len(held) - n < MOVED_MIN or cap - n < MOVED_MIN:
-            return 0
-        where: dict[tuple[int, ...], int] = {}
-        for i in range(n, len(held) - MOVED_KEY + 1):
-            where.setdefault(tuple(held[i:i + MOVED_KEY]), i)
-        best, j = None, n    # (tokens saved, i, j, m)
-        while j < min(cap, n + MOVED_GAP) - MOVED_KEY + 1:
-            i = where.get(tuple(tokens[j:j + MOVED_KEY]))
-            if i is None or i == j:
-                j += 1
-                continue
-            m = MOVED_KEY
-            while i + m < len(held) and j + m < cap and held[i + m] == tokens[j + m]:
-                m += 1
-            saved = m - (j - n)   # what it spares, less what must be evaluated before it
-            if m >= MOVED_MIN and saved > 0 and (best is None or saved > best[0]):
-                best = (saved, i, j, m)
-            j += m
-        return 0 if best is None else self._move(tokens, seq, scratch, n, *best[1:])
-
-    def _move(self, tokens: list[int], seq: int, scratch: int, n: int, i: int, j: int, m: int) -> int:
-        ctx = self.ctx
-        self.clear(scratch)
-        ctx.seq_cp(seq, scratch, i, i + m)
-        try:
-            if not ctx.seq_rm(seq, n, -1):
-                self.clear(seq)
-                return 0
-            del self._tokens[seq][n:]
-            if j > n and self.evaluate(seq, tokens[n:j], logits_last=False) != DECODE_OK:
-                self.clear(seq)
-                return 0
-            if not ctx.seq_shift(scratch, i, i + m, j - i):
-                return len(self._tokens[seq])   # the tokens before the run stay; the rest is evaluated
-            ctx.seq_cp(scratch, seq, j, j + m)
-            self._tokens[seq][:] = tokens[:j + m]
-            return j + m
-        finally:
-            ctx.seq_rm(scratch)
 
     def sync_to(self, seq: int, history: list[int]) -> int:
         """Keep the part of ``seq`` that ``history`` starts with, all but its

@@ -302,15 +302,6 @@ class Context:
         llama.cpp could not cut the sequence there."""
         return bool(lc.llama_memory_seq_rm(self._mem, seq, p0, p1))
 
-    def seq_shift(self, seq: int, p0: int, p1: int, delta: int) -> bool:
-        """Move positions [p0, p1) of ``seq`` by ``delta`` (their keys are
-        rotated to the new positions at the next decode); False where
-        llama.cpp cannot shift this model's memory."""
-        if not lc.llama_memory_can_shift(self._mem):
-            return False
-        lc.llama_memory_seq_add(self._mem, seq, p0, p1, delta)
-        return True
-
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         """Let ``dst`` share the cells of positions [p0, p1) of ``src``."""
         lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)

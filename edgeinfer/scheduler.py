@@ -326,7 +326,7 @@ class Scheduler:
         free = [s for s in range(self.n_seq) if s not in self._running]
         seq = ledger.choose_slot(r.tokens, free, self._idle_since)
         t0 = time.perf_counter()
-        n = ledger.reuse_prefix(r.tokens, seq, idle=tuple(free), moved=r.reuse_moved)
+        n = ledger.reuse_prefix(r.tokens, seq, idle=tuple(free))
         # What finished sequences left in the cache would widen every step's
         # attention (it spans all used cells), so only the KV of running
         # sequences stays; the prompt cache keeps what is worth keeping.

@@ -57,7 +57,6 @@ class Request:
     logit_bias: dict[int, float] | None = None    # added to those tokens' logits
     logprobs: int | None = None                   # None: none; N: each token's and the N likeliest
     shown: frozenset = frozenset()                # control tokens whose text the answer shows
-    reuse_moved: bool = False                     # reuse KV further on, moved into place (edgeinfer.kv)
     id: int = field(default_factory=lambda: next(_ids))
     consumed: int = 0                             # events the reader has taken
     # set by the scheduler

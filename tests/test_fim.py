@@ -1,0 +1,95 @@
+"""Fill-in-the-middle in the engine, on the tiny model built with
+Qwen2.5-Coder's FIM tokens: the prompt's layout in the model's own tokens,
+a model without them refused, the rules that shape an answer for an
+editor, and typing at the cursor re-reading only what was typed."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeinfer.engine import Engine
+from edgeinfer.errors import FimUnsupportedError, RequestError
+from edgeinfer.fim import EditorFit, check_extra
+
+PREFIX = "def add(a, b):\n    total = a"
+SUFFIX = "\n    return total\n\n\nprint(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_fim_model):
+    with Engine(tiny_fim_model, n_ctx=2048, threads=1) as e:
+        yield e
+
+
+def special(engine, text: str) -> int:
+    (tok,) = engine.tokenize(text, add_bos=False, special=True)
+    return tok
+
+
+def test_the_prompt_is_prefix_suffix_middle_in_the_models_tokens(engine):
+    ids = engine.infill_tokens(PREFIX, SUFFIX)
+    pre, suf, mid = (special(engine, t) for t in ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+    assert ids.count(pre) == ids.count(suf) == ids.count(mid) == 1
+    assert ids[0] == pre and ids.index(pre) < ids.index(suf) < ids.index(mid)
+    text = engine.detokenize(ids, special=True)
+    # The cursor's line goes after the middle token: typing in it changes only the end.
+    assert text == ("<|fim_prefix|>def add(a, b):\n<|fim_suffix|>" + SUFFIX + "<|fim_middle|>    total = a")
+
+
+def test_other_files_come_first_in_the_repository_format(engine):
+    extra = check_extra([{"filename": "util.py", "text": "def sub(a, b):\n    return a - b\n"},
+                         {"filename": "b.py", "text": "X = 1\n"}])
+    text = engine.detokenize(engine.infill_tokens(PREFIX, SUFFIX, extra=extra), special=True)
+    assert text.startswith("<|repo_name|>project\n<|file_sep|>util.py\ndef sub(a, b):\n    return a - b\n"
+                           "<|file_sep|>b.py\nX = 1\n<|file_sep|>file\n<|fim_prefix|>")
+    # A small budget drops the earliest chunks first, then cuts the prefix's start and the suffix's end.
+    short = engine.detokenize(engine.infill_tokens(PREFIX * 50, SUFFIX * 50, extra=extra, max_tokens=1900),
+                              special=True)
+    assert "util.py" not in short and short.count("<|fim_prefix|>") == 1
+    assert len(engine.infill_tokens(PREFIX * 50, SUFFIX * 50, extra=extra, max_tokens=1900)) <= 2048 - 1900
+
+
+def test_input_extra_is_checked_by_name():
+    with pytest.raises(RequestError) as info:
+        check_extra([{"filename": "a.py"}])
+    assert info.value.param == "input_extra[0]"
+
+
+def test_a_model_without_fim_tokens_is_refused_with_what_to_use(tiny_model):
+    with Engine(tiny_model, n_ctx=256, threads=1) as e, pytest.raises(FimUnsupportedError) as info:
+        e.infill("def f():\n    ", "\n")
+    assert "qwen2.5-coder" in info.value.hint
+
+
+@pytest.mark.parametrize("pieces, kw, out", [
+    (["    x = 1\n", "    y = 2\n", "    z = 3\n"], {"max_lines": 2}, "    x = 1\n    y = 2"),
+    (["1\n    y = 2\n", "print(y)\n"], {"dedent": True}, "1\n    y = 2\n"),          # a line left the block
+    (["1\n    s = a + b\n", "    return total\n"], {}, "1\n    s = a + b\n"),        # the suffix has that line
+    (["1 + b"], {}, "1 + b"),
+])
+def test_an_answer_is_shaped_for_an_editor(pieces, kw, out):
+    fit = EditorFit("def f(a, b):\n    total = ", SUFFIX, **kw)
+    given = ""
+    for p in pieces:
+        text, stopped = fit.feed(p)
+        given += text
+        if stopped:
+            break
+    assert given + fit.finish() == out
+
+
+def test_a_tail_the_suffix_starts_with_is_left_out():
+    fit = EditorFit("print(add(1, 2", ")\n", max_lines=1)
+    text, _ = fit.feed("))")
+    assert text + fit.finish() == ")"          # the suffix has the second ")" already
+    fit = EditorFit("x = ", "1 + y\n")
+    assert fit.feed("1")[0] + fit.finish() == "1"   # a single word character is no overlap
+
+
+def test_typing_at_the_cursor_reads_only_what_was_typed(engine):
+    first = list(engine.stream_infill(PREFIX, SUFFIX, temperature=0, max_tokens=8))
+    assert first[-1].stats.finish_reason in ("stop", "length")
+    typed = list(engine.stream_infill(PREFIX + " +", SUFFIX, temperature=0, max_tokens=8))
+    st = typed[-1].stats
+    assert st.prompt_tokens - st.cached_tokens <= 3, st    # the typed token, and the two always evaluated
+    assert all(not e.text.count("\n") > 1 for e in typed[:-1])
