@@ -93,3 +93,26 @@ def test_typing_at_the_cursor_reads_only_what_was_typed(engine):
     st = typed[-1].stats
     assert st.prompt_tokens - st.cached_tokens <= 3, st    # the typed token, and the two always evaluated
     assert all(not e.text.count("\n") > 1 for e in typed[:-1])
+
+
+def test_a_suffix_on_completions_through_the_openai_client(tiny_fim_model, tiny_model, tmp_path):
+    import openai
+    from served import start_http
+
+    env = {"EDGEINFER_HOME": str(tmp_path), "EDGEINFER_TOKEN": ""}
+    s = start_http(tiny_fim_model, "--n-ctx", "1024", "--model", str(tiny_model), env=env)
+    try:
+        client = s.openai()
+        r = client.completions.create(model="tiny-fim.gguf", prompt=PREFIX, suffix=SUFFIX, max_tokens=12,
+                                      temperature=0)
+        with Engine(tiny_fim_model, n_ctx=1024, threads=1) as e:
+            assert r.choices[0].text == e.infill(PREFIX, SUFFIX, max_tokens=12, temperature=0)
+        with pytest.raises(openai.BadRequestError) as info:   # a model without FIM tokens says so
+            client.completions.create(model="tiny.gguf", prompt=PREFIX, suffix=SUFFIX, max_tokens=4)
+        assert info.value.body["param"] == "suffix" and "fill-in-the-middle" in info.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as info:   # a chat has no suffix
+            client.chat.completions.create(model="tiny-fim.gguf", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=4, extra_body={"suffix": "}"})
+        assert info.value.body["param"] == "suffix"
+    finally:
+        assert s.stop() == 0

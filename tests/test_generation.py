@@ -112,8 +112,7 @@ def test_a_request_has_one_prompt_and_refuses_what_is_not_supported():
     with pytest.raises(TypeError):
         GenerationRequest(prompt="x", tokens=[1])
     GenerationRequest(prompt="x").refuse_unsupported()
-    for name, value in (("n", 2),
-                        ("suffix", "}"), ("images", [{"type": "image"}])):
+    for name, value in (("n", 2), ("images", [{"type": "image"}])):
         req = GenerationRequest(prompt="x", **{name: value})
         with pytest.raises(RequestError) as info:
             req.refuse_unsupported({"images": "messages[0].content"})

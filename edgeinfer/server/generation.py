@@ -6,7 +6,7 @@ and format the events that come back. What the faces share is written
 here once:
 
 - the request itself, with a place for the fields no face honours yet
-  (several answers, a suffix, images): a face
+  (several answers, images): a face
   that reads one puts it in the request, and
   :meth:`GenerationRequest.refuse_unsupported` refuses it by name, so
   nothing is silently ignored;
@@ -42,6 +42,7 @@ from ..errors import (
     EdgeinferError,
     EngineBusyError,
     EngineError,
+    FimUnsupportedError,
     GrammarError,
     ModelNotServedError,
     RequestError,
@@ -132,7 +133,6 @@ def json_shape(bare: bytes) -> tuple[int, int, int]:
 # means: run() uses it, and its line goes.
 UNSUPPORTED: dict[str, str] = {
     "n": "only n=1 is supported: send several requests for several answers",
-    "suffix": "suffix (fill-in-the-middle) is not supported",
     "images": "images are not supported; this server reads text only",
 }
 
@@ -164,9 +164,9 @@ class GenerationRequest:
     logprobs: int | None = None                       # log-probabilities per token, with the top N alternatives
     logit_bias: dict | None = None                    # {token id: bias from -100 to 100}
     echo: bool = False                                # the prompt's text (and its logprobs) before the answer
+    suffix: str | None = None                         # fill-in-the-middle: the text after the answer
     # Not supported yet (UNSUPPORTED): a face that reads one sets it here.
     n: int = 1                                        # answers per request
-    suffix: str | None = None                         # fill-in-the-middle: text after the answer
     images: list | None = None
 
     def __post_init__(self):
@@ -275,6 +275,16 @@ def render(engine, req: GenerationRequest) -> list[int]:
         if not all(0 <= t < engine.n_vocab for t in req.tokens):
             raise RequestError("prompt", f"prompt: token ids must be from 0 to {engine.n_vocab - 1}")
         return list(req.tokens)
+    if req.suffix is not None:   # fill-in-the-middle: the prompt is the text before the cursor
+        if req.prompt is None:
+            raise RequestError("suffix", "suffix needs a text prompt (the code before the cursor)")
+        try:
+            if not hasattr(engine, "infill_tokens"):
+                raise FimUnsupportedError(f"{engine.name} cannot fill in the middle")
+            return engine.infill_tokens(req.prompt, req.suffix, max_tokens=req.max_tokens or 256)
+        except FimUnsupportedError as e:
+            e.param = "suffix"
+            raise
     if req.prompt is not None:
         return engine.tokenize(req.prompt)
     use = tool_use(req, getattr(engine, "chat_template", None))
@@ -363,6 +373,11 @@ async def run(engine, req: GenerationRequest) -> Run:
         return Run(tokens, 0, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
     max_tokens = fitted_max_tokens(engine, req, len(tokens))
     extra.update({k: v for k, v in (("logit_bias", req.logit_bias), ("logprobs", req.logprobs)) if v is not None})
+    stop = None
+    if req.suffix is not None:   # an answer shaped for an editor, which ends it through this event
+        import threading
+
+        stop = extra["cancel"] = threading.Event()
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
                                    **extra, **req.sampling)
@@ -370,6 +385,10 @@ async def run(engine, req: GenerationRequest) -> Run:
         from ..tool_calls import CallParser, asplit_calls
 
         events = asplit_calls(events, CallParser.of(use))
+    if stop is not None:
+        from ..fim import EditorFit, afitted
+
+        events = afitted(events, EditorFit(req.prompt, req.suffix), stop)
     return Run(tokens, max_tokens, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
 
 

@@ -3,9 +3,10 @@
 Requests are read as the OpenAI API documents them into a
 :class:`~.generation.GenerationRequest`: tools and tool calls
 (edgeinfer.tools), log-probabilities (and ``echo`` on completions), a
-logit bias, and ``n`` answers (api.Choices). A parameter this server
-cannot honour (``suffix``, images, audio, ``best_of``) is a 400 that
-names it, never silently ignored. Fields it does not know are ignored, as
+logit bias, ``n`` answers (api.Choices), and a ``suffix`` on completions
+(fill-in-the-middle, edgeinfer.fim). A parameter this server cannot
+honour (images, audio, ``best_of``) is a 400 that names it, never
+silently ignored. Fields it does not know are ignored, as
 newer clients send more than older servers read.
 """
 
@@ -178,7 +179,7 @@ def _request(f: Fields, front, prompt: dict, images: list,
     # What no face supports yet goes into the request, which refuses it by name.
     names = {}
     _tools(f, req)
-    req.suffix = None if f.body.get("suffix") in (None, "") else f.body["suffix"]
+    req.suffix = f.string("suffix")   # fill-in-the-middle (completions): the text after the cursor
     if images:
         req.images, names["images"] = [block for _, block in images], images[0][0]
     req.refuse_unsupported(names)
