@@ -284,14 +284,10 @@ class GrammarGate:
             return self._sample_waiting(chain, ctx, idx, is_eog)
         arr = self._fill(ctx, idx)
         lc.llama_sampler_apply(chain, ctypes.byref(arr))
-        tok = arr.data[arr.selected].id
-        self.one[0] = (tok, 1.0, 0.0)
-        one = self.one_arr
-        one.size, one.selected, one.sorted = 1, -1, False
-        lc.llama_sampler_apply(self.sampler, ctypes.byref(one))
-        allowed = self.check_first and bool(np.isfinite(self.one["logit"][0]))
+        tok = int(arr.data[arr.selected].id)
+        allowed = self.check_first and self._allows(tok)
         if not allowed and self.check_first and self.greedy:
-            nxt = self._next_allowed(int(tok))
+            nxt = self._next_allowed(tok)
             allowed, tok = nxt is not None, tok if nxt is None else nxt
         if not allowed:
             self.masked += 1

@@ -19,27 +19,15 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 TYPED = "    if not"       # ten keystrokes, one request after each
 CHARS = 6000                # ~1,500 tokens of Python
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def source() -> tuple[str, str]:
@@ -128,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-server", help="a llama-server binary to compare with (same model file)")
     ap.add_argument("--port", type=int, default=18099)
     args = ap.parse_args(argv)
+    from edgeinfer.hardware import cpu_model
     from edgeinfer.store import resolve_model
 
     path, _ = resolve_model(args.model)
     results = [edgeinfer_side(str(path), args.threads)]   # by path: the side runs on an empty home
     if args.llama_server:
         results.append(llama_server_side(args.llama_server, str(path), args.threads, args.port))
-    print(f"# {cpu_name()} ({os.cpu_count()} CPUs), {args.threads} threads, {results[0]['model']}, "
+    print(f"# {cpu_model()} ({os.cpu_count()} CPUs), {args.threads} threads, {results[0]['model']}, "
           f"a {results[0]['prompt_tokens']:,}-token prompt, {len(TYPED)} keystrokes, temperature 0")
     print("| side | cold TTFT, ms | edits: median | p95 | range | median / cold | after a new line |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -34,6 +34,7 @@ import asyncio
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass, field, fields
 from typing import AsyncIterator, Mapping
 
@@ -375,8 +376,6 @@ async def run(engine, req: GenerationRequest) -> Run:
     extra.update({k: v for k, v in (("logit_bias", req.logit_bias), ("logprobs", req.logprobs)) if v is not None})
     stop = None
     if req.suffix is not None:   # an answer shaped for an editor, which ends it through this event
-        import threading
-
         stop = extra["cancel"] = threading.Event()
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
