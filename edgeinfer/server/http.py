@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import anthropic_api, generation, openai_api, responses_api
+from . import anthropic_api, generation, infill_api, ollama_api, openai_api, responses_api
 from .api import RETRY_AFTER_S, ApiError, api_error_from, error_response, read_json
 from .defaults import DEFAULT_HTTP_PORT, DEFAULT_MAX_BODY
 from .jsonl import is_loopback
@@ -201,6 +201,8 @@ class HttpFront:
             Route("/v1/responses", self._wrap(responses_api.responses), methods=["POST"]),
             Route("/v1/messages", self._wrap(anthropic_api.messages), methods=["POST"]),
             Route("/v1/messages/count_tokens", self._wrap(anthropic_api.count_tokens), methods=["POST"]),
+            Route("/infill", self._wrap(infill_api.infill), methods=["POST"]),
+            *ollama_api.routes(self),
         ]
         middleware = [Middleware(Guard, front=self)]
         if self.opts.cors:
@@ -350,4 +352,4 @@ class HttpFront:
 
 
 ROUTE_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-               "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+               "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/infill", *ollama_api.PATHS)
