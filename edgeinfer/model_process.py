@@ -187,8 +187,13 @@ class ModelProcess:
         except BaseException:
             writer.close()
             raise
+        def wind_down():   # the request's end between steps, in the process (protocol: cancel gently)
+            if not writer.is_closing():
+                writer.write(encode({"id": f"{rid}-end", "op": "cancel", "target": rid, "gently": True}))
+
         return generation.Run(reply["tokens"], reply["max_tokens"], self._events(reader, writer),
-                              prompt_text=reply.get("prompt_text"), prompt_logprobs=reply.get("prompt_logprobs"))
+                              prompt_text=reply.get("prompt_text"), prompt_logprobs=reply.get("prompt_logprobs"),
+                              wind_down=wind_down if req.suffix is not None else None)
 
     async def _reply(self, reader) -> dict:
         line = await reader.readline()

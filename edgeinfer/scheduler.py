@@ -357,7 +357,7 @@ class Scheduler:
     # -- one step ---------------------------------------------------------
     def _step(self) -> None:
         for run in list(self._running.values()):
-            if run.req.cancelled():
+            if run.req.stops_now(run.state is State.PREFILLING):
                 self._finish(run, "cancelled")
         decoding = [run for run in self._running.values() if run.state is State.DECODING and
                     run.req.delivered - run.req.consumed < STALL_EVENTS]
@@ -407,7 +407,7 @@ class Scheduler:
                 return
         if rc == DECODE_ABORTED:   # cancelled: the step is rolled back for everyone in it
             for run, toks, _ in plan:
-                if run.req.cancelled():
+                if run.req.stops_now(run.state is State.PREFILLING):
                     self._finish(run, "cancelled")
             return
         if rc != DECODE_OK:

@@ -34,6 +34,14 @@ from .speculative import Estimate, NgramIndex, SpecConfig
 _ids = itertools.count(1)
 
 
+class BetweenSteps(threading.Event):
+    """A cancel Event that ends its request between steps, never inside
+    one: a prompt being read is read to the end first (its KV stays in the
+    slot and the prompt cache, for the next request that shares it), and
+    no step is aborted, so nobody else's prompt chunk is rolled back.
+    Editors use it: a completion the user typed past ends this way."""
+
+
 @dataclass(eq=False)
 class Request:
     """One generation: prompt tokens in, events out through ``sink``.
@@ -74,9 +82,16 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled.is_set() or (self.cancel_event is not None and self.cancel_event.is_set())
 
+    def stops_now(self, prefilling: bool) -> bool:
+        """Whether to end it at the start of a step: a BetweenSteps cancel
+        lets a prompt being read finish first."""
+        e = self.cancel_event
+        return self._cancelled.is_set() or (
+            e is not None and e.is_set() and not (prefilling and isinstance(e, BetweenSteps)))
+
     def abort_events(self) -> list[threading.Event]:
         """The events whose setting should stop this request mid-decode."""
-        return [e for e in (self._cancelled, self.cancel_event) if e is not None]
+        return [e for e in (self._cancelled, self.cancel_event) if e is not None and not isinstance(e, BetweenSteps)]
 
 
 class State(enum.Enum):

@@ -137,6 +137,7 @@ class _Connection:
         self.server, self.reader, self.writer = server, reader, writer
         self.pool = server.pool
         self.inflight: dict = {}           # request id → task
+        self.wind_downs: dict = {}         # request id → how to end it gently (a fill-in-the-middle run's)
         self._write_lock = asyncio.Lock()
         self.closed = False
 
@@ -234,7 +235,10 @@ class _Connection:
             return
         if call.op == "cancel":
             task = self.inflight.get(call.target)
-            if task is not None:
+            gently = self.wind_downs.get(call.target) if call.gently else None
+            if gently is not None:
+                gently()
+            elif task is not None:
                 task.cancel()
             await self.send({"id": call.id, "event": "result", "cancelled": task is not None})
         elif call.op == "health":
@@ -284,6 +288,7 @@ class _Connection:
     def _done(self, rid, task: asyncio.Task) -> None:
         if self.inflight.get(rid) is task:
             del self.inflight[rid]
+            self.wind_downs.pop(rid, None)
         self.server._requests.discard(task)
 
     async def embed(self, call: Call) -> None:
@@ -303,6 +308,8 @@ class _Connection:
         rid = call.id
         try:
             run = await self.pool.run(call.model, call.request, keep_alive=call.keep_alive)
+            if run.wind_down is not None:
+                self.wind_downs[rid] = run.wind_down
             internal = call.op == "run"
             if internal:   # the server that started this process answers with the prompt's size first
                 await self.send({"id": rid, "event": "started", "tokens": run.tokens, "max_tokens": run.max_tokens,

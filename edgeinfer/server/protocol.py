@@ -78,6 +78,7 @@ class Call:
     op: str
     token: str | None = None
     target: str | int | None = None
+    gently: bool = False                          # cancel: end it between steps, its prompt read to the end
     model: str | None = None
     stream: bool = True
     request: GenerationRequest | None = None      # generate, chat and run
@@ -146,6 +147,7 @@ def parse(line: bytes, *, n_ctx: int, internal: bool = False) -> Call:
         if isinstance(target, bool) or not isinstance(target, (str, int)):
             raise bad("cancel needs target: the id of a request on this connection")
         call.target = target
+        call.gently = obj.get("gently") is True
         return call
     if op == "threads":
         n = obj.get("threads")
