@@ -27,6 +27,7 @@ OPTIONS: dict[str, tuple[type, float | int]] = {
     "dry_base": (float, 1.75),
     "dry_allowed_length": (int, 2),     # a repeat this long is free
     "dry_last_n": (int, -1),            # tokens DRY looks back over; -1 = the whole context
+    "infill": (int, 0),                 # 1 = llama.cpp's fill-in-the-middle sampler (needs an end-of-text token)
 }
 DEFAULTS = {k: v for k, (_, v) in OPTIONS.items()}
 # The range each option must fall in when a request over the network sets
@@ -45,6 +46,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "dry_base": (1.0, 10.0),
     "dry_allowed_length": (0, 1_000_000),
     "dry_last_n": (-1, 1_000_000),
+    "infill": (0, 1),
 }
 MAX_TOP_LOGPROBS = 20     # alternatives per token (OpenAI's limit)
 MAX_LOGIT_BIAS = 1024      # tokens one request may bias
@@ -157,7 +159,7 @@ def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
     """llama.cpp's native sampler chain; greedy when temperature <= 0.
 
     Order as in llama.cpp's own: (penalties: :func:`penalties`, applied to
-    the logits before the chain runs), DRY, top-k, top-p, min-p,
+    the logits before the chain runs), DRY, top-k, top-p, min-p, infill,
     temperature, then the draw. ``banned`` tokens are never drawn, and
     ``bias`` is added to its tokens' logits (a logit bias, first in the
     chain). A grammar is not part of the
@@ -186,6 +188,12 @@ def sampler_chain(seed: int, *, n_vocab: int = 0, vocab=None, n_ctx: int = 4096,
         add(lc.llama_sampler_init_top_p(float(o["top_p"]), 1))
     if o["min_p"] and o["min_p"] > 0:
         add(lc.llama_sampler_init_min_p(float(o["min_p"]), 1))
+    if o["infill"] and vocab is not None and lc.llama_vocab_eot(vocab) >= 0:
+        # Ends the answer where ending is likelier than all else together,
+        # and merges candidates that are prefixes of one another. Where
+        # nothing else is left it draws the end-of-text token, so a
+        # vocabulary without one does not get it.
+        add(lc.llama_sampler_init_infill(vocab))
     add(lc.llama_sampler_init_temp(float(temperature)))
     # 0xFFFFFFFF is LLAMA_DEFAULT_SEED ("pick one at random"): fold every
     # seed below it so that each one reproduces.
