@@ -27,6 +27,7 @@ suffix starts with.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .errors import FimUnsupportedError
@@ -35,6 +36,7 @@ REPO_NAME = "project"      # the repository name a repo-level prompt gives
 FILE_NAME = "file"         # the current file's name, when the request gives none
 LINE_IN_MIDDLE = True      # the cursor's line after the middle token (typing re-reads only it)
 SUFFIX_SHARE = 4           # the suffix gets at most 1/SUFFIX_SHARE of the prompt's budget
+MIDDLE_ROOM = 128          # tokens of a long file's budget kept for the cursor's line
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,10 @@ def fim_prompt(tokenize, fim: FimTokens, prefix: str, suffix: str, *, extra=(), 
     head = [add_bos] if add_bos is not None and add_bos >= 0 else []
     mid = tokenize(middle) if middle else []
     pre, suf = tokenize(prefix) if prefix else [], tokenize(suffix) if suffix else []
-    room = max(0, budget - len(head) - len(mid) - 3)
+    # What the middle may take is set aside whole, so that typing in it
+    # does not move where a long file's prefix is cut (which would change
+    # the prompt from its start, and nothing cached would match).
+    room = max(0, budget - len(head) - max(len(mid), MIDDLE_ROOM) - 3)
     suf = suf[:min(len(suf), room // SUFFIX_SHARE)]
     pre = pre[max(0, len(pre) - (room - len(suf))):]
     left = room - len(suf) - len(pre)
@@ -143,14 +148,21 @@ class EditorFit:
     back until it is whole, since a rule may drop it. :meth:`finish`
     gives what is left, less a tail the suffix starts with."""
 
-    def __init__(self, prefix: str, suffix: str, *, max_lines: int | None = None, dedent: bool = False):
+    def __init__(self, prefix: str, suffix: str, *, max_lines: int | None = None, dedent: bool = False,
+                 indent: int | None = None, time_limit: float | None = None, clock=time.monotonic):
+        """``indent``: a line after the first indented by fewer characters
+        ends the answer (llama-server's ``n_indent``); ``dedent`` does so
+        below the cursor's own indentation. ``time_limit``: seconds from the
+        first text; once they pass, the answer ends with the line being
+        written (llama-server's ``t_max_predict_ms``)."""
         self.max_lines = max_lines
         cursor_line = prefix.rsplit("\n", 1)[-1]
         # A completion that starts a new block (after "def f():") is indented
         # deeper than the cursor's line; a line below the cursor's own
         # indentation has left the block.
-        self.base = _indent(cursor_line) if cursor_line.strip() else len(cursor_line)
-        self.dedent = dedent
+        base = _indent(cursor_line) if cursor_line.strip() else len(cursor_line)
+        self.min_indent = indent if indent is not None else base if dedent else None
+        self.time_limit, self.clock, self.started = time_limit, clock, None
         self.suffix = suffix
         self.suffix_line = next((line.strip() for line in suffix.split("\n") if line.strip()), "")
         self.pending = ""        # the line being written
@@ -161,6 +173,8 @@ class EditorFit:
     def feed(self, text: str) -> tuple[str, bool]:
         if self.stopped:
             return "", True
+        if self.started is None:
+            self.started = self.clock()
         self.pending += text
         given = []
         while "\n" in self.pending:
@@ -170,7 +184,8 @@ class EditorFit:
                 break
             given.append(line + "\n")
             self.lines += 1
-            if self.max_lines is not None and self.lines >= self.max_lines:
+            if (self.max_lines is not None and self.lines >= self.max_lines) or \
+                    (self.time_limit is not None and self.clock() - self.started >= self.time_limit):
                 self.stopped, self.pending = True, ""
                 given[-1] = given[-1][:-1]   # the last line needs no new line after it
                 break
@@ -188,7 +203,7 @@ class EditorFit:
             return False
         if self.suffix_line and stripped == self.suffix_line:
             return True
-        return self.dedent and _indent(line) < self.base
+        return self.min_indent is not None and _indent(line) < self.min_indent
 
     def finish(self) -> str:
         """What is left: the line being written, unless the suffix already

@@ -34,9 +34,8 @@ import asyncio
 import json
 import math
 import re
-import threading
 from dataclasses import dataclass, field, fields
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator, Callable, Mapping
 
 from ..errors import (
     ContextOverflowError,
@@ -165,7 +164,10 @@ class GenerationRequest:
     logprobs: int | None = None                       # log-probabilities per token, with the top N alternatives
     logit_bias: dict | None = None                    # {token id: bias from -100 to 100}
     echo: bool = False                                # the prompt's text (and its logprobs) before the answer
-    suffix: str | None = None                         # fill-in-the-middle: the text after the answer
+    suffix: str | None = None                         # fill-in-the-middle: the text after the cursor
+    fim_extra: list = field(default_factory=list)     # fill-in-the-middle: other files' [name, text] chunks
+    fim_middle: str = ""                              # fill-in-the-middle: text at the cursor the answer continues
+    fit: dict = field(default_factory=dict)           # fill-in-the-middle: edgeinfer.fim.EditorFit's rules
     # Not supported yet (UNSUPPORTED): a face that reads one sets it here.
     n: int = 1                                        # answers per request
     images: list | None = None
@@ -282,7 +284,8 @@ def render(engine, req: GenerationRequest) -> list[int]:
         try:
             if not hasattr(engine, "infill_tokens"):
                 raise FimUnsupportedError(f"{engine.name} cannot fill in the middle")
-            return engine.infill_tokens(req.prompt, req.suffix, max_tokens=req.max_tokens or 256)
+            return engine.infill_tokens(req.prompt, req.suffix, extra=req.fim_extra, middle=req.fim_middle,
+                                        max_tokens=req.max_tokens or 256)
         except FimUnsupportedError as e:
             e.param = "suffix"
             raise
@@ -336,6 +339,7 @@ class Run:
     max_tokens: int
     events: AsyncIterator
     model: object = None     # what ran it (edgeinfer.pool sets it): .name, .native, .n_ctx
+    wind_down: Callable[[], None] | None = None   # ends it between steps (fill-in-the-middle: sequence.BetweenSteps)
     prompt_text: str | None = None            # with echo: the prompt as text
     prompt_logprobs: list | None = None       # with echo and logprobs: an entry per prompt token (None first)
 
@@ -367,6 +371,9 @@ async def run(engine, req: GenerationRequest) -> Run:
         prompt_text = req.prompt if req.prompt is not None else await asyncio.to_thread(engine.detokenize, tokens)
         if req.logprobs is not None:
             prompt_lp = await asyncio.to_thread(engine.prompt_logprobs, tokens, req.logprobs)
+    if req.max_tokens == 0 and req.suffix is not None:   # an editor warming the cache: read the prompt only
+        events = engine.astream_tokens(tokens, max_tokens=0)
+        return Run(tokens, 0, events)
     if req.max_tokens == 0:   # the prompt alone: echo scores a text without generating
         if not req.echo:
             raise RequestError("max_tokens", "max_tokens must be at least 1 (0 only with echo)")
@@ -376,7 +383,9 @@ async def run(engine, req: GenerationRequest) -> Run:
     extra.update({k: v for k, v in (("logit_bias", req.logit_bias), ("logprobs", req.logprobs)) if v is not None})
     stop = None
     if req.suffix is not None:   # an answer shaped for an editor, which ends it through this event
-        stop = extra["cancel"] = threading.Event()
+        from ..sequence import BetweenSteps
+
+        stop = extra["cancel"] = BetweenSteps()
     events = engine.astream_tokens(tokens, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
                                    ignore_eos=req.ignore_eos, grammar=gbnf, speculative=req.speculative,
                                    **extra, **req.sampling)
@@ -387,8 +396,9 @@ async def run(engine, req: GenerationRequest) -> Run:
     if stop is not None:
         from ..fim import EditorFit, afitted
 
-        events = afitted(events, EditorFit(req.prompt, req.suffix), stop)
-    return Run(tokens, max_tokens, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp)
+        events = afitted(events, EditorFit(req.prompt + req.fim_middle, req.suffix, **req.fit), stop)
+    return Run(tokens, max_tokens, events, prompt_text=prompt_text, prompt_logprobs=prompt_lp,
+               wind_down=stop.set if stop is not None else None)
 
 
 async def _nothing(n_prompt: int):

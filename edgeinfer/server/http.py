@@ -168,6 +168,7 @@ class HttpFront:
         self.engine = engine
         self.opts = opts
         self.metrics = Metrics(lambda: self.pool)
+        self.editors = infill_api.Editors()   # fill-in-the-middle: a newer request ends the editor's last
         self.stopping = False
         self._server = None
         self._tick = None

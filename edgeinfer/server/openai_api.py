@@ -324,7 +324,16 @@ async def completions(front, body: dict, request):
     _constrain(f, req, None)
     if echo and stream:
         raise f.bad("echo", "is only supported without stream")
-    choices = await Choices.start(front, req, "/v1/completions", body, n)
+    if req.suffix is not None and n == 1:   # code completion: a newer request from the editor ends this one
+        from .infill_api import editor_key
+
+        gen = await front.editors.start(front, req, body, editor_key("/v1/completions", request, body),
+                                        "/v1/completions")
+        if gen is None:   # typed past before it started: nothing to say
+            return _superseded(body, stream)
+        choices = Choices([gen])
+    else:
+        choices = await Choices.start(front, req, "/v1/completions", body, n)
     head = {**_head("cmpl", choices.model), "object": "text_completion"}
     if not stream:
         out = []
@@ -360,6 +369,17 @@ async def completions(front, body: dict, request):
         yield sse("[DONE]")
 
     return StreamingResponse(body_iter(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _superseded(body: dict, stream: bool):
+    """An empty completion, for a request a newer one ended before it began."""
+    out = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+           "model": body.get("model") or "", "choices": [{"index": 0, "text": "", "finish_reason": "length",
+                                                          "logprobs": None}],
+           "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    if not stream:
+        return JSONResponse(out)
+    return StreamingResponse(iter([sse(out), sse("[DONE]")]), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def embeddings(front, body: dict, request):
