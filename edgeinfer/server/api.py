@@ -66,8 +66,20 @@ def is_anthropic(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
+def is_ollama(path: str) -> bool:
+    return path == "/api" or path.startswith("/api/")
+
+
 def error_response(e: ApiError, path: str) -> JSONResponse:
-    body = e.anthropic_body() if is_anthropic(path) else e.openai_body()
+    """``e`` in the shape of the API ``path`` belongs to: Anthropic's,
+    Ollama's (``{"error": "..."}``, which its clients show as it is) or
+    OpenAI's."""
+    if is_anthropic(path):
+        body = e.anthropic_body()
+    elif is_ollama(path):
+        body = {"error": str(e)}
+    else:
+        body = e.openai_body()
     return JSONResponse(body, status_code=e.status, headers=e.headers())
 
 
@@ -77,12 +89,27 @@ def sse(data, event: str | None = None) -> bytes:
     return (f"event: {event}\n" if event else "").encode() + f"data: {text}\n\n".encode("utf-8")
 
 
+# What a body may be labelled when the request cannot come from a web page:
+# curl's -d says form-urlencoded, and some clients send no label at all.
+NON_BROWSER_TYPES = ("application/json", "", "application/x-www-form-urlencoded")
+
+
 async def read_json(request: Request, limit: int) -> dict:
     """The request's JSON object; ApiError for a body too large, not JSON
-    or not an object."""
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype not in ("application/json", ""):
-        raise ApiError("media_type", f"send the body as application/json, not {ctype[:60]} "
+    or not an object.
+
+    A web page can post a form, or text, to any address without asking
+    first; only a JSON body needs the browser to ask (a CORS preflight).
+    So a request from a page (it has an ``Origin`` header: browsers send
+    one on every cross-site POST, and the guard has already refused
+    origins not allowed by --cors) must say application/json. One with no
+    Origin comes from a program (curl, a client library), and may leave
+    the type out or say form-urlencoded, as curl's ``-d`` does: the body
+    is read as JSON all the same."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    allowed = ("application/json",) if "origin" in request.headers else NON_BROWSER_TYPES
+    if ctype not in allowed:
+        raise ApiError("media_type", f"send the body as application/json, not {ctype[:60] or 'unlabelled'} "
                                      "(curl: -H 'Content-Type: application/json')")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -279,7 +306,9 @@ def summed(stats: list):
 
 async def stream_events(gen: Generation, front, endpoint: str, error_event=None):
     """The stream's events; a failure after the headers went out becomes
-    one error event (the OpenAI client raises it) instead of a cut stream.
+    one error event (the OpenAI client raises it) instead of a cut stream:
+    OpenAI's by default, Anthropic's with ``error_event`` true, or what
+    ``error_event(ApiError)`` makes of it (bytes) when it is callable.
     Counts the request once it ends."""
     status = 200
     t0 = time.perf_counter()
@@ -291,7 +320,10 @@ async def stream_events(gen: Generation, front, endpoint: str, error_event=None)
         status = err.status
         if status >= 500:
             log.error("%s failed mid-stream: %s", endpoint, err, exc_info=not isinstance(e, ApiError))
-        yield sse(err.anthropic_body(), "error") if error_event else sse(err.openai_body())
+        if callable(error_event):
+            yield error_event(err)
+        else:
+            yield sse(err.anthropic_body(), "error") if error_event else sse(err.openai_body())
     finally:
         front.metrics.count(endpoint, status)
         st = gen.stats
