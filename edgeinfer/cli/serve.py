@@ -112,6 +112,31 @@ def _quote(arg: str) -> str:
     return arg if arg.startswith("${") else shlex.quote(arg)
 
 
+OLLAMA_PORT = 11434   # Ollama's own, where its clients look by default
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ServerConfigError when ``port`` is taken: most likely by an Ollama
+    (its service starts at boot on many machines), which this server
+    would otherwise only find after loading its models."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server's own socket: only a listener counts
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            raise ServerConfigError(
+                f"port {port} on {host} is taken, probably by Ollama itself (its API's port)",
+                hint="stop it first (e.g. 'sudo systemctl stop ollama', or quit the Ollama app), or serve "
+                     "on another port with --http PORT and point the client at it (OLLAMA_HOST=127.0.0.1:PORT)"
+            ) from None
+
+
 def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
     """``--alias NAME=MODEL`` options as a dict."""
     out = {}
@@ -147,6 +172,9 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
 @click.option("--http", "http_port", type=click.IntRange(0, 65535), metavar="PORT",
               help=f"Also serve OpenAI- and Anthropic-compatible HTTP and /metrics on PORT "
                    f"(e.g. {DEFAULT_HTTP_PORT}).")
+@click.option("--ollama", is_flag=True,
+              help=f"Serve HTTP on Ollama's port, {OLLAMA_PORT}, so Ollama's clients find this server with no "
+                   "setting changed (docs/ollama.md); the same as --http 11434.")
 @click.option("--cors", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the HTTP API; repeatable.")
 @click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, type=click.IntRange(1024, 1 << 30),
@@ -177,7 +205,7 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
               help="With --print-systemd-unit: the service's EDGEINFER_HOME.")
 @click.option("--memory-max", help="With --print-systemd-unit: MemoryMax= (default: 3/4 of RAM).")
 @click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
-def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, port, jsonl, http_port, cors,
+def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, port, jsonl, http_port, ollama, cors,
               max_body, unix, parallel, queue_limit, n_ctx, threads, prefill_chunk, token, token_file, max_line,
               idle_timeout, speculative, draft, yes, print_systemd_unit, unit_user, unit_home, memory_max, cpu_quota):
     """Serve models to other programs: JSON lines (docs/protocol.md) and,
@@ -193,12 +221,18 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, 
       edgeinfer serve                               (JSON lines on 127.0.0.1:8765)
       edgeinfer serve smollm2-135m-instruct --model qwen2.5-coder-0.5b-instruct
       edgeinfer serve --http 8080                   (and http://127.0.0.1:8080/v1)
+      edgeinfer serve --ollama                      (and Ollama's API on http://127.0.0.1:11434)
       edgeinfer serve --http 8080 --no-jsonl --host 0.0.0.0 --token-file ~/.edgeinfer-token
       edgeinfer serve --print-systemd-unit > edgeinfer.service
     """
     from ..server.jsonl import Options, check_exposure
 
     host = host or None
+    if ollama:
+        if http_port is not None and http_port != OLLAMA_PORT:
+            raise click.UsageError(f"--ollama serves HTTP on {OLLAMA_PORT}; leave out --http {http_port}, or "
+                                   "--ollama to keep that port (Ollama's API is on every HTTP port, under /api)")
+        http_port = OLLAMA_PORT
     if not jsonl and http_port is None:
         raise click.UsageError("--no-jsonl leaves nothing to serve: add --http PORT")
     if http_port is not None and not host:
@@ -235,6 +269,8 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, 
     secret = read_token(token, token_file)
     opts = Options(host=host, port=port, unix=unix, token=secret, max_line=max_line, idle_timeout=idle_timeout)
     check_exposure(opts)  # before a model is pulled or loaded
+    if ollama:
+        check_port_free(host, OLLAMA_PORT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     quiet = not sys.stderr.isatty()
     from ..errors import RequestError
