@@ -306,6 +306,15 @@ class ModelPool:
         finally:
             await self._release(slot, keep_alive)
 
+    async def load(self, name, keep_alive=None):
+        """Load the model ``name`` means, if it is not loaded, and start its
+        keep-alive as a request that generates nothing would (Ollama's
+        clients preload a model so, with ``keep_alive`` -1 for good).
+        Returns the model."""
+        slot, model = await self._acquire(name)
+        await self._release(slot, keep_alive)
+        return model
+
     async def model_for(self, name):
         """The loaded model ``name`` means (loading it), for a face that
         needs its facts without generating (count_tokens)."""
