@@ -302,6 +302,49 @@ def test_pull_from_the_catalog_copy_and_delete(client, loopback, pullable):
     assert e.value.status_code == 404
 
 
+# -- the ollama npm client ---------------------------------------------------------
+CHAT_STREAM_JS = """
+import { Ollama } from 'ollama'
+const client = new Ollama({ host: process.argv[2] })
+const stream = await client.chat({ model: 'tiny-chat', stream: true, messages: JSON.parse(process.argv[3]),
+                                   options: { temperature: 0, num_predict: 12 } })
+const parts = []
+let last
+for await (const part of stream) { parts.push(part.message.content); last = part }
+console.log(JSON.stringify({ content: parts.join(''), chunks: parts.length, done: last.done,
+                             done_reason: last.done_reason, eval_count: last.eval_count }))
+"""
+
+
+@pytest.fixture(scope="module")
+def npm_ollama(request) -> str:
+    """A folder with the `ollama` npm package installed (once, in pytest's
+    cache), holding the script that drives it; the registry is npm's own
+    setting."""
+    import shutil
+
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("npm and node are not installed: the ollama npm client cannot be tested")
+    where = request.config.cache.mkdir("npm-ollama")
+    if not (where / "node_modules" / "ollama" / "package.json").exists():
+        r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(where),
+                            "ollama@0.6"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"npm install ollama failed: {r.stderr[-2000:]}"
+    (where / "chat_stream.mjs").write_text(CHAT_STREAM_JS)
+    return str(where)
+
+
+def test_npm_client_streams_a_chat(npm_ollama, server, client):
+    want = client.chat(model="tiny-chat", messages=ASK, options={"temperature": 0, "num_predict": 12})
+    r = subprocess.run(["node", os.path.join(npm_ollama, "chat_stream.mjs"), server.base, json.dumps(ASK)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    assert got["done"] and got["done_reason"] == "length" and got["eval_count"] == 12 and got["chunks"] > 2
+    assert got["content"] == want.message.content
+
+
 # -- refusals, in Ollama's error shape ----------------------------------------------------
 @pytest.mark.parametrize("path,body,status,words", [
     ("/api/chat", {"model": "nothing-here", "messages": ASK}, 404, "nothing-here"),
