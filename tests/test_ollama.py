@@ -154,6 +154,10 @@ def test_chat_whole_and_streamed(client):
     r = client.chat(model="tiny-chat", messages=history, think=False,
                     options={"num_predict": 4, "mirostat": 2, "num_ctx": 8192, "typical_p": 0.5})
     assert r.done and r.eval_count <= 4 and r.prompt_eval_count > whole.prompt_eval_count
+    # A last answer of the assistant's is continued, not closed as a turn of its own.
+    go_on = client.chat(model="tiny-chat", messages=[*ASK, {"role": "assistant", "content": "It is"}],
+                        options={"num_predict": 2})
+    assert 0 < go_on.prompt_eval_count - whole.prompt_eval_count <= 3
 
 
 def test_generate_templated_raw_and_options(client):

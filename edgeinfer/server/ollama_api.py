@@ -70,7 +70,7 @@ def apply_options(f: Fields, req: GenerationRequest, model: str) -> None:
         return
     if not isinstance(opts, dict):
         raise f.bad("options", 'must be an object such as {"temperature": 0.2, "num_predict": 64}')
-    ignored = []
+    ignored, unknown = [], []
     for name, value in opts.items():
         where = f"options.{name}"
         if value is None:
@@ -90,11 +90,15 @@ def apply_options(f: Fields, req: GenerationRequest, model: str) -> None:
         elif name == "num_ctx":
             Fields({where: value}).integer(where, 1, 1 << 24)
             ignored.append(name)
-        else:
+        elif name in IGNORED_OPTIONS:
             ignored.append(name)
+        else:
+            unknown.append(name[:40])
     if ignored:
-        log.info("%s: options ignored: %s (the context and threads are set when the server starts; "
-                 "see docs/ollama.md)", model, ", ".join(sorted(ignored)[:20]))
+        log.info("%s: Ollama options with no use here, ignored: %s (a model's context, threads and batch "
+                 "are set when it loads; docs/ollama.md)", model, ", ".join(sorted(ignored)))
+    if unknown:
+        log.info("%s: unknown options ignored, as Ollama ignores them: %s", model, ", ".join(sorted(unknown)[:20]))
 
 
 def _format(f: Fields):
@@ -206,7 +210,10 @@ def _chat_request(f: Fields) -> tuple[GenerationRequest | None, str]:
         if tools:
             raise f.bad("messages", "are needed with tools")
         return None, "images"
-    req = GenerationRequest(messages=messages)
+    prefill = None
+    if messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls") and len(messages) > 1:
+        prefill = messages.pop()["content"]   # a last answer of the assistant's: the model continues it
+    req = GenerationRequest(messages=messages, prefill=prefill or None)
     if tools not in (None, []):
         req.tools = check_tools(tools)
     if images:
@@ -238,7 +245,7 @@ def _tool_call(index: int, call_id: str, name: str, arguments: dict) -> dict:
 async def _answer(front, req: GenerationRequest, body: dict, stream: bool, request: Request, t0: float,
                   images_param: str = "images") -> Response:
     """Run ``req`` and answer as Ollama does: NDJSON chunks, or one object."""
-    name, path = body["model"], request.url.path
+    name, path = model_field(Fields(body)), request.url.path
     chat = path == "/api/chat"
     req.refuse_unsupported({"images": images_param})
     gen = await Generation.start(front, req, path, {"model": our_name(name), "keep_alive": body.get("keep_alive")})
@@ -352,8 +359,7 @@ async def embed(front, body: dict, request: Request) -> Response:
         raise f.bad("dimensions", f"{model.name} gives vectors of {width} dimensions only; leave dimensions "
                                   "out or set it to that")
     total = int((time.perf_counter() - t0) * 1e9)
-    return JSONResponse({"model": body["model"] if isinstance(body.get("model"), str) else model.name,
-                         "embeddings": out.vectors.tolist(), "total_duration": total, "load_duration": 0,
+    return JSONResponse({"model": model_field(f), "embeddings": out.vectors.tolist(), "total_duration": total,
                          "prompt_eval_count": sum(out.n_tokens)})
 
 
