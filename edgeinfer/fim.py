@@ -145,7 +145,8 @@ class EditorFit:
 
     :meth:`feed` takes each piece of text and returns (text to give out,
     whether the answer should end here). The line being written is held
-    back until it is whole, since a rule may drop it. :meth:`finish`
+    back until it is whole, since a rule may drop it, and blank lines
+    until a line with code follows them. :meth:`finish`
     gives what is left, less a tail the suffix starts with."""
 
     def __init__(self, prefix: str, suffix: str, *, max_lines: int | None = None, dedent: bool = False,
@@ -156,16 +157,21 @@ class EditorFit:
         first text; once they pass, the answer ends with the line being
         written (llama-server's ``t_max_predict_ms``)."""
         self.max_lines = max_lines
-        cursor_line = prefix.rsplit("\n", 1)[-1]
-        # A completion that starts a new block (after "def f():") is indented
-        # deeper than the cursor's line; a line below the cursor's own
-        # indentation has left the block.
-        base = _indent(cursor_line) if cursor_line.strip() else len(cursor_line)
+        # A line indented less than the cursor's own has left the block. On
+        # a line with nothing typed yet, the line above tells: as deep as
+        # it, or deeper if it opens a block ("def f():" wants a body).
+        lines = prefix.split("\n")
+        cursor_line = lines[-1]
+        base = _indent(cursor_line)
+        if not cursor_line.strip():
+            above = next((line for line in reversed(lines[:-1]) if line.strip()), "")
+            base = max(len(cursor_line), _indent(above) + (1 if above.rstrip().endswith((":", "{", "(", "[")) else 0))
         self.min_indent = indent if indent is not None else base if dedent else None
         self.time_limit, self.clock, self.started = time_limit, clock, None
         self.suffix = suffix
         self.suffix_line = next((line.strip() for line in suffix.split("\n") if line.strip()), "")
         self.pending = ""        # the line being written
+        self.blanks = ""         # blank lines written after the last line given out
         self.lines = 0           # whole lines given out (the cursor's own counts as the first)
         self.out = ""            # everything given out
         self.stopped = False
@@ -182,12 +188,17 @@ class EditorFit:
             if self._ends_before(line):
                 self.stopped, self.pending = True, ""
                 break
-            given.append(line + "\n")
-            self.lines += 1
+            if self.lines and not line.strip():   # held until a line with code follows: the end may come first
+                self.blanks += "\n"
+                continue
+            # A line's new line goes out with the next line: the last one's
+            # would add a line the suffix already has.
+            given.append(("\n" if self.lines else "") + self.blanks + line)
+            self.lines += 1 + self.blanks.count("\n")
+            self.blanks = ""
             if (self.max_lines is not None and self.lines >= self.max_lines) or \
                     (self.time_limit is not None and self.clock() - self.started >= self.time_limit):
                 self.stopped, self.pending = True, ""
-                given[-1] = given[-1][:-1]   # the last line needs no new line after it
                 break
         out = "".join(given)
         self.out += out
@@ -206,9 +217,14 @@ class EditorFit:
         return self.min_indent is not None and _indent(line) < self.min_indent
 
     def finish(self) -> str:
-        """What is left: the line being written, unless the suffix already
-        starts with its end (a closing bracket the suffix has)."""
-        tail, self.pending = ("" if self.stopped else self.pending), ""
+        """What is left: the line being written (less an end the suffix
+        already starts with, such as a closing bracket), or the last
+        line's new line where the suffix does not start with one."""
+        if self.pending and not self.stopped:
+            tail = ("\n" if self.lines else "") + self.blanks + self.pending
+        else:
+            tail = "\n" if self.lines and not self.suffix.startswith("\n") else ""
+        self.pending = self.blanks = ""
         whole = self.out + tail
         cut = _overlap(whole, self.suffix)
         if cut:

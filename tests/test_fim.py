@@ -63,8 +63,9 @@ def test_a_model_without_fim_tokens_is_refused_with_what_to_use(tiny_model):
 
 @pytest.mark.parametrize("pieces, kw, out", [
     (["    x = 1\n", "    y = 2\n", "    z = 3\n"], {"max_lines": 2}, "    x = 1\n    y = 2"),
-    (["1\n    y = 2\n", "print(y)\n"], {"dedent": True}, "1\n    y = 2\n"),          # a line left the block
-    (["1\n    s = a + b\n", "    return total\n"], {}, "1\n    s = a + b\n"),        # the suffix has that line
+    (["1\n    y = 2\n", "print(y)\n"], {"dedent": True}, "1\n    y = 2"),          # a line left the block
+    (["1\n    s = a + b\n", "    return total\n"], {}, "1\n    s = a + b"),        # the suffix has that line
+    (["1\n\n    s = 2\n\n", "\n"], {}, "1\n\n    s = 2"),   # no blank line the suffix's new line repeats
     (["1 + b"], {}, "1 + b"),
 ])
 def test_an_answer_is_shaped_for_an_editor(pieces, kw, out):

@@ -164,10 +164,11 @@ def test_n_indent_and_a_time_limit_end_the_answer_at_a_line():
     assert given + fit.finish() == "        a = 1\n        b = 2\n"
     now = [0.0]
     fit = EditorFit("", "", time_limit=0.5, clock=lambda: now[0])
-    assert fit.feed("a = 1\nb = ") == ("a = 1\n", False)   # within the time: on
+    assert fit.feed("a = 1\nb = ") == ("a = 1", False)     # within the time: on
     now[0] = 1.0
     assert fit.feed("2") == ("", False)                     # the line is not whole yet
-    assert fit.feed("\nc = 3\n") == ("b = 2", True)          # ended with the line being written
+    assert fit.feed("\nc = 3\n") == ("\nb = 2", True)       # ended with the line being written
+    assert fit.finish() == "\n"                              # the suffix has no new line of its own
 
 
 def test_a_cancel_between_steps_lets_the_prompt_be_read_and_kept(tiny_model):
