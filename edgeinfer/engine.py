@@ -101,6 +101,7 @@ class Engine:
         self.sha256 = sha256
         self._model = self._ctx = self._scheduler = self.draft = None
         self._cancel = threading.Event()       # engine.cancel() during a whole-context call
+        self._fim_splits = None                # fim.Splits: where recent code completions' middles began
         # Everything the load uses, resolved before llama.cpp allocates anything.
         self.settings = s = settings.for_load(
             self.info.context_length, sha256, n_ctx=n_ctx, threads=threads, threads_batch=threads_batch,
@@ -701,13 +702,16 @@ class Engine:
         (name, text), ``middle`` text the answer starts with. It fits the
         context with ``max_tokens`` to spare. FimUnsupportedError for a
         model without FIM tokens."""
-        from .fim import FimTokens, fim_prompt
+        from .fim import FimTokens, Splits, fim_prompt
 
         self._check_open()
         vocab = self.vocab
+        if self._fim_splits is None:
+            self._fim_splits = Splits()
+        split = self._fim_splits.choose(prefix, suffix)
         return fim_prompt(lambda text: vocab.tokenize(text, add_bos=False), FimTokens.of(vocab.handle), prefix,
                           suffix, extra=extra, middle=middle, budget=self.n_ctx - max(1, max_tokens),
-                          add_bos=vocab.bos if vocab.add_bos else None, model=self.name)
+                          add_bos=vocab.bos if vocab.add_bos else None, model=self.name, split=split)
 
     def stream_infill(self, prefix: str, suffix: str = "", *, extra=(), middle: str = "", max_tokens: int = 256,
                       max_lines: int | None = None, dedent: bool = False, **kwargs) -> Iterator:

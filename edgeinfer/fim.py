@@ -12,7 +12,8 @@ tokens (Qwen2.5-Coder's ``<|repo_name|>`` and ``<|file_sep|>``)::
 far, taken off the prefix (and llama-server's ``prompt``, which is the
 same thing). Typing in that line then changes only the end of the prompt,
 and asking again reads only what was typed: the file on both sides stays
-in the KV cache as it was. (Moving the suffix's KV into place after an
+in the KV cache as it was. After a new line the middle keeps beginning
+where it began (:class:`Splits`), for the same reason. (Moving the suffix's KV into place after an
 edit in the prefix would spare more, but the suffix's KV was computed
 without the edit, and the answer then changes: Qwen2.5-Coder 1.5B
 completing ``retu`` gave "rn" with p 0.98 cold and not among its three
@@ -34,7 +35,7 @@ from .errors import FimUnsupportedError
 
 REPO_NAME = "project"      # the repository name a repo-level prompt gives
 FILE_NAME = "file"         # the current file's name, when the request gives none
-LINE_IN_MIDDLE = True      # the cursor's line after the middle token (typing re-reads only it)
+STICKY_LINES = 16          # lines below where a recent middle began that may join it (Splits)
 SUFFIX_SHARE = 4           # the suffix gets at most 1/SUFFIX_SHARE of the prompt's budget
 MIDDLE_ROOM = 128          # tokens of a long file's budget kept for the cursor's line
 
@@ -86,15 +87,16 @@ def check_extra(extra, param: str = "input_extra") -> list[tuple[str, str]]:
 
 
 def fim_prompt(tokenize, fim: FimTokens, prefix: str, suffix: str, *, extra=(), middle: str = "",
-               budget: int, add_bos: int | None = None, model: str = "this model") -> list[int]:
+               budget: int, add_bos: int | None = None, model: str = "this model",
+               split: int | None = None) -> list[int]:
     """The prompt's token ids. ``tokenize(text)`` gives the ids of plain
     text; ``budget`` caps the prompt's tokens: the suffix keeps its start
     (at most a quarter of the budget), the prefix its end, and other
     files' chunks fill what is left, the last given first (editors send
-    the least relevant first)."""
-    if LINE_IN_MIDDLE:   # the cursor's line goes after the middle token
-        line = prefix.rfind("\n") + 1
-        prefix, middle = prefix[:line], prefix[line:] + middle
+    the least relevant first). The prefix from ``split`` on (by default
+    the cursor's line) goes after the middle token, before ``middle``."""
+    cut = prefix.rfind("\n") + 1 if split is None else split   # the middle begins at the cursor's line
+    prefix, middle = prefix[:cut], prefix[cut:] + middle
     if not fim.usable:
         raise FimUnsupportedError(
             f"{model} has no fill-in-the-middle tokens",
@@ -134,6 +136,32 @@ def fim_prompt(tokenize, fim: FimTokens, prefix: str, suffix: str, *, extra=(), 
             left -= len(ids)
         context = [t for ids in kept for t in ids]
     return head + context + [fim.pre, *pre, fim.suf, *suf, fim.mid, *mid]
+
+
+class Splits:
+    """Where recent prompts' middles began, per file. A prompt whose
+    prefix still starts with one of them, cursor at most STICKY_LINES
+    lines below and the suffix unchanged, begins its middle there too: a
+    new line typed then re-reads only the lines since, where a middle
+    begun at the cursor's new line would move the suffix and have it all
+    read again (seconds for a long file on a CPU)."""
+
+    def __init__(self, size: int = 8):
+        self._recent: list[tuple[str, str]] = []   # (prefix up to the split, suffix), the latest last
+        self.size = size
+
+    def choose(self, prefix: str, suffix: str) -> int:
+        """Where this prompt's middle begins in ``prefix``; remembered."""
+        line = prefix.rfind("\n") + 1
+        split = line
+        for head, suf in reversed(self._recent):
+            if len(head) <= line and suf == suffix and prefix.startswith(head) and \
+                    prefix.count("\n", len(head)) <= STICKY_LINES:
+                split = len(head)
+                break
+        entry = (prefix[:split], suffix)
+        self._recent = [e for e in self._recent if e != entry][-(self.size - 1):] + [entry]
+        return split
 
 
 def _indent(line: str) -> int:

@@ -96,6 +96,20 @@ def test_typing_at_the_cursor_reads_only_what_was_typed(engine):
     assert all(not e.text.count("\n") > 1 for e in typed[:-1])
 
 
+def test_a_new_line_keeps_the_middle_where_it_began_and_rereads_only_the_new_lines(engine):
+    list(engine.stream_infill(PREFIX, SUFFIX, temperature=0, max_tokens=4))
+    new = " + b\n    total += 1\n    "
+    st = list(engine.stream_infill(PREFIX + new, SUFFIX, temperature=0, max_tokens=4))[-1].stats
+    # The new lines (and the two always read again), not the suffix after them.
+    assert st.prompt_tokens - st.cached_tokens <= len(engine.tokenize(new, add_bos=False)) + 3, st
+    typed = PREFIX + new
+    text = engine.detokenize(engine.infill_tokens(typed, SUFFIX), special=True)
+    assert text.endswith("<|fim_middle|>    total = a + b\n    total += 1\n    ")
+    # Another file (another suffix) starts its middle at its own cursor's line.
+    other = engine.detokenize(engine.infill_tokens(typed, "\nprint(1)\n"), special=True)
+    assert other.endswith("<|fim_middle|>    ")
+
+
 def test_a_suffix_on_completions_through_the_openai_client(tiny_fim_model, tiny_model, tmp_path):
     import openai
     from served import start_http
