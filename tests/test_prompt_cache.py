@@ -292,8 +292,8 @@ def test_the_disk_budget_evicts_the_least_recently_used_files(tmp_path):
 def test_disk_entries_and_clear_disk(tmp_path):
     tmp_path = tmp_path / "prompt"
     cache = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
-    for k in (10, 20):
-        cache.put(list(range(k)), state_for(list(range(k)), 1000))
+    for k in (10, 20):   # two prompts that share nothing (one extending the other would replace it)
+        cache.put(list(range(100 * k, 100 * k + k)), state_for(list(range(100 * k, 100 * k + k)), 1000))
     cache.flush()
     (tmp_path / "ns" / "junk.kv").write_bytes(b"junk")   # listed nowhere, cleared all the same
 
@@ -586,6 +586,7 @@ def test_cache_list_and_clear(cached, prompts, edgeinfer_home):
     assert empty.exit_code == 0 and "The prompt cache is empty." in empty.stdout
 
     run(cached, prompts[0])
+    cached.prompt_cache.flush()   # else the second, sharing 90 % of it, would be written in its place
     run(cached, prompts[1])
     cached.prompt_cache.flush()
     namespace = cached.prompt_cache.namespace
