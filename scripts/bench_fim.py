@@ -54,16 +54,20 @@ def edgeinfer_side(model: str, threads: int) -> dict:
         with engine:
             n_prompt = len(engine.infill_tokens(prefix, suffix, max_tokens=16))
 
+            read = []   # prompt tokens each request read (the rest came from the cache)
+
             def ttft(pre: str) -> float:
                 events = list(engine.stream_infill(pre, suffix, temperature=0, max_tokens=16, max_lines=1))
-                return events[-1].stats.ttft_s
+                st = events[-1].stats
+                read.append(st.prompt_tokens - st.cached_tokens)
+                return st.ttft_s
 
             cold = ttft(prefix)
             edits = [ttft(prefix + TYPED[:k]) for k in range(1, len(TYPED) + 1)]
             newline = ttft(prefix + TYPED + "\n")
             name = engine.name
     return {"side": "edgeinfer", "model": name, "prompt_tokens": n_prompt, "cold": cold, "edits": edits,
-            "newline": newline}
+            "newline": newline, "read": read}
 
 
 def llama_server_side(binary: str, model_path: str, threads: int, port: int) -> dict:
@@ -129,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         report(r)
+    for r in results:
+        if "read" in r:
+            print(f"\n{r['side']}, per request (cold, keystrokes, new line): ms (prompt tokens read)")
+            times = [r["cold"], *r["edits"], r["newline"]]
+            print(", ".join(f"{t * 1000:,.0f} ({n})" for t, n in zip(times, r["read"])))
     return 0
 
 

@@ -243,6 +243,8 @@ def test_suffix_fills_in_the_middle(client):
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="tiny-chat", prompt="def add(a, b):", suffix="\n", options={"num_predict": 4})
     assert e.value.status_code == 400 and "fill-in-the-middle" in e.value.error and "edgeinfer pull" in e.value.error
+    # An empty suffix is no suffix, as Ollama reads it: any model completes the prompt.
+    assert client.generate(model="tiny-chat", prompt="def add(a, b):", suffix="", options={"num_predict": 2}).done
 
 
 # -- embeddings -----------------------------------------------------------------

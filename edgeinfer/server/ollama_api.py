@@ -149,6 +149,8 @@ def _generate_request(f: Fields, name: str) -> GenerationRequest | None:
     images = f.body.get("images")
     if images is not None and not isinstance(images, list):
         raise f.bad("images", "must be a list of base64-encoded images")
+    if suffix == "":   # as Ollama reads it: no suffix, a plain completion
+        suffix = None
     if not prompt and suffix is None:
         return None
     if suffix is not None:
@@ -248,9 +250,18 @@ async def _answer(front, req: GenerationRequest, body: dict, stream: bool, reque
     name, path = model_field(Fields(body)), request.url.path
     chat = path == "/api/chat"
     req.refuse_unsupported({"images": images_param})
-    gen = await Generation.start(front, req, path, {"model": our_name(name), "keep_alive": body.get("keep_alive")})
-    started = time.perf_counter()
+    target = {"model": our_name(name), "keep_alive": body.get("keep_alive")}
     head = {"model": name}
+    if req.suffix is not None:   # code completion: a newer request from the editor ends this one
+        from .infill_api import editor_key
+
+        gen = await front.editors.start(front, req, target, editor_key(path, request, body), path)
+        if gen is None:   # typed past before it started: an empty answer
+            done = {**head, "created_at": now(), "response": "", "done": True, "done_reason": "stop"}
+            return JSONResponse(done) if not stream else StreamingResponse(iter([ndjson(done)]), media_type=NDJSON)
+    else:
+        gen = await Generation.start(front, req, path, target)
+    started = time.perf_counter()
 
     def piece(text: str, calls=None, logprobs=None) -> dict:
         out = {**head, "created_at": now()}
