@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import re
 
 import llama_cpp as lc
@@ -45,16 +46,102 @@ def schema_grammar(schema) -> str:
     return schema_rules(schema, "")
 
 
-def check_schema(schema, where: str = "the schema") -> None:
+def check_schema(schema, where: str = "the schema", *, strict: bool = True) -> None:
     """GrammarError for a schema the grammar cannot hold an answer to:
-    not an object, too large, a reference outside it, or a keyword in
-    UNENFORCED."""
+    not an object, too large, a reference outside it, or (``strict``) a
+    keyword in UNENFORCED, bar an integer's bounds, which it keeps."""
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema is an object, not {type(schema).__name__}")
     size = len(json.dumps(schema))
     if size > MAX_SCHEMA_BYTES:
         raise GrammarError(f"{where} is {size:,} bytes of JSON schema; at most {MAX_SCHEMA_BYTES:,} are accepted")
-    _check_schema(schema, where)
+    _check_schema(schema, where, strict=strict)
+
+
+INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+MAX_INT_DIGITS = 16        # as llama.cpp's integer rule: an unbounded side has at most this many digits
+
+
+def int_bounds(node: dict) -> tuple[int | None, int | None]:
+    """The smallest and largest integer an integer schema allows (None:
+    no bound on that side)."""
+    lo = hi = None
+    for key, value in node.items():
+        if key not in INT_BOUNDS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if key == "minimum":
+            v = math.ceil(value)
+        elif key == "exclusiveMinimum":
+            v = math.floor(value) + 1
+        elif key == "maximum":
+            v = math.floor(value)
+        else:
+            v = math.ceil(value) - 1
+        if key.endswith("inimum"):
+            lo = v if lo is None else max(lo, v)
+        else:
+            hi = v if hi is None else min(hi, v)
+    return lo, hi
+
+
+def _digits_between(lo: str, hi: str) -> str:
+    """GBNF for the digit strings from ``lo`` to ``hi``, both of one length."""
+    if lo == hi:
+        return f'"{lo}"'
+    if len(lo) == 1:
+        return f"[{lo}-{hi}]"
+    rest = len(lo) - 1
+    if lo[0] == hi[0]:
+        return f'"{lo[0]}" ({_digits_between(lo[1:], hi[1:])})'
+    parts = []
+    low_start, high_start = lo[0], hi[0]
+    if lo[1:] != "0" * rest:    # the first digit's numbers from lo up
+        parts.append(f'"{lo[0]}" ({_digits_between(lo[1:], "9" * rest)})')
+        low_start = str(int(lo[0]) + 1)
+    if hi[1:] != "9" * rest:    # the last digit's numbers up to hi
+        parts.append(f'"{hi[0]}" ({_digits_between("0" * rest, hi[1:])})')
+        high_start = str(int(hi[0]) - 1)
+    if low_start <= high_start:   # whole runs of first digits in between
+        parts.insert(1 if lo[1:] != "0" * rest else 0, f"[{low_start}-{high_start}] [0-9]{{{rest}}}")
+    return " | ".join(parts)
+
+
+def _naturals(lo: int, hi: int | None) -> list[str]:
+    """GBNF alternatives for the whole numbers from ``lo`` (>= 0) to ``hi``
+    (None: as many digits as MAX_INT_DIGITS)."""
+    out = []
+    top = MAX_INT_DIGITS if hi is None else len(str(hi))
+    for n in range(len(str(lo)), top + 1):
+        first = 0 if n == 1 else 10 ** (n - 1)
+        a, b = max(lo, first), 10 ** n - 1 if hi is None else min(hi, 10 ** n - 1)
+        if a <= b:
+            out.append(_digits_between(str(a), str(b)))
+    return out
+
+
+def int_range(lo: int | None, hi: int | None) -> str:
+    """GBNF for the JSON integers from ``lo`` to ``hi`` (None: unbounded),
+    written as JSON writes them (no leading zeros, no "-0")."""
+    if lo is not None and hi is not None and lo > hi:
+        raise GrammarError(f"no integer is at least {lo} and at most {hi}")
+    alts = []
+    if lo is None or lo < 0:   # the negative ones, as "-" and their magnitude
+        smallest = 1 if hi is None or hi >= 0 else -hi
+        alts += [f'"-" ({a})' for a in _naturals(smallest, None if lo is None else -lo)]
+    if hi is None or hi >= 0:
+        alts += [f"({a})" for a in _naturals(max(0, lo or 0), hi)]
+    return " | ".join(alts)
+
+
+class _Converter(llama_grammar.SchemaConverter):
+    """llama.cpp's converter, which reads past an integer's bounds; here
+    they are kept (minimum, maximum and their exclusive forms)."""
+
+    def visit(self, schema, name):
+        if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in INT_BOUNDS):
+            rule_name = name + "-" if name in llama_grammar.RESERVED_NAMES else name or "root"
+            return self._add_rule(rule_name, f"({int_range(*int_bounds(schema))}) space")
+        return super().visit(schema, name)
 
 
 def schema_rules(schema: dict, name: str, prop_order: list[str] | None = None, *, loose: bool = False) -> str:
@@ -64,8 +151,8 @@ def schema_rules(schema: dict, name: str, prop_order: list[str] | None = None, *
     JSON may have a new line and indentation too, as models write JSON
     they were not held to (a lazy grammar must accept what came before
     its trigger)."""
-    converter = llama_grammar.SchemaConverter(prop_order={p: i for i, p in enumerate(prop_order or [])},
-                                              allow_fetch=False, dotall=False, raw_pattern=False)
+    converter = _Converter(prop_order={p: i for i, p in enumerate(prop_order or [])},
+                           allow_fetch=False, dotall=False, raw_pattern=False)
     try:
         converter.visit(converter.resolve_refs(schema, "request"), name)
         gbnf = converter.format_grammar()
@@ -103,7 +190,7 @@ _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
 
-def _check_schema(node, where: str = "the schema", depth: int = 0) -> None:
+def _check_schema(node, where: str = "the schema", depth: int = 0, *, strict: bool = True) -> None:
     """Refuse what would be followed badly: a reference that is not local
     (a server must never fetch a URL because a request's schema names one),
     and the keywords in UNENFORCED."""
@@ -116,21 +203,23 @@ def _check_schema(node, where: str = "the schema", depth: int = 0) -> None:
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         raise GrammarError(f"$ref {str(ref)[:80]!r} at {where} is not local; only references inside the "
                            'schema ("#/$defs/...") are followed')
-    for key in UNENFORCED:
-        if key in node:
+    if node.get("type") == "integer":
+        int_bounds(node)
+    for key in UNENFORCED if strict else ():
+        if key in node and not (key in INT_BOUNDS and node.get("type") == "integer"):
             raise GrammarError(f"'{key}' at {where} cannot be enforced by the grammar, so the answer could "
                                f"break it", hint=f"drop '{key}' from the schema and check that part yourself")
     for key in _SUBSCHEMA_MAPS:
         if isinstance(node.get(key), dict):
             for name, sub in node[key].items():
-                _check_schema(sub, f"{where}.{key}.{name}"[:200], depth + 1)
+                _check_schema(sub, f"{where}.{key}.{name}"[:200], depth + 1, strict=strict)
     for key in _SUBSCHEMA_LISTS:
         if isinstance(node.get(key), list):
             for i, sub in enumerate(node[key]):
-                _check_schema(sub, f"{where}.{key}[{i}]"[:200], depth + 1)
+                _check_schema(sub, f"{where}.{key}[{i}]"[:200], depth + 1, strict=strict)
     for key in ("items", "additionalProperties"):
         if isinstance(node.get(key), dict):
-            _check_schema(node[key], f"{where}.{key}"[:200], depth + 1)
+            _check_schema(node[key], f"{where}.{key}"[:200], depth + 1, strict=strict)
 
 
 def check_cost(gbnf: str, what: str = "the grammar") -> None:

@@ -136,7 +136,7 @@ def check_tools(tools, param: str = "tools") -> list[dict]:
                                f"{where}.function.parameters must be a JSON schema of an object")
         clean = {"name": name, **({"description": description} if description else {}), "parameters": params}
         if "strict" in fn:
-            clean["strict"] = fn["strict"]   # every call is held to the schema anyway
+            clean["strict"] = fn["strict"]   # true: a keyword the grammar cannot keep is refused
         out.append({"type": "function", "function": clean})
     return out
 
@@ -293,7 +293,11 @@ def call_grammar(tools: list[dict], choice: ToolChoice, parallel: bool,
     for t in offered:
         fn = t["function"]
         try:
-            grammar.check_schema(fn["parameters"], f"the tool {fn['name']}'s parameters")
+            # A tool that is not strict may carry keywords the grammar cannot
+            # keep (a number's bounds): shown to the model, checked by the
+            # caller, as OpenAI's non-strict tools. Integer bounds are kept.
+            grammar.check_schema(fn["parameters"], f"the tool {fn['name']}'s parameters",
+                                 strict=fn.get("strict") is True)
         except GrammarError as e:
             e.param = "tools"   # the error names the tools, not response_format
             raise

@@ -123,6 +123,29 @@ def test_constrained_and_plain_streams_share_steps(engine):
     assert results["plain"][0][:20] == plain_alone[:20]
 
 
+def test_an_integers_bounds_are_kept(engine):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": -12, "exclusiveMaximum": 31},
+                                               "m": {"type": "integer", "minimum": 100}},
+              "required": ["n", "m"]}
+    for seed in range(8):
+        text, _ = answer(engine, json_schema=schema, seed=seed, max_tokens=40, **WILD)
+        jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 100), (-5, 5), (-100, -3), (15, 1234), (None, 10), (-20, None),
+                                    (1, 65535), (7, 7)])
+def test_integer_ranges_are_written_exactly(lo, hi):
+    import re
+
+    from edgeinfer.grammar import int_range
+
+    # The rule's few constructs ("x", [a-b], [0-9]{n}, |, parentheses) read as a regular expression.
+    pattern = re.compile("(?:" + int_range(lo, hi).replace('"', "").replace(" ", "") + ")$")
+    for n in range(-3000 if lo is None else lo - 40, (3000 if hi is None else hi + 40) + 1):
+        assert bool(pattern.match(str(n))) == ((lo is None or n >= lo) and (hi is None or n <= hi)), n
+    assert not any(pattern.match(t) for t in ("-0", "007", "01", ""))
+
+
 def test_max_tokens_still_applies(engine):
     text, stats = answer(engine, json_schema={"type": "array", "items": {"type": "integer"}}, seed=3,
                          max_tokens=5, **WILD)
@@ -135,8 +158,8 @@ def test_max_tokens_still_applies(engine):
     ({"$ref": "https://example.invalid/s.json"}, "not local"),
     ('{"type": ', "not JSON"),
     ([1, 2], "is an object"),
-    # The converter reads past numeric bounds without enforcing them.
-    ({"type": "object", "properties": {"age": {"type": "integer", "maximum": 150}}},
+    # The converter reads past a number's bounds (an integer's are kept).
+    ({"type": "object", "properties": {"age": {"type": "number", "maximum": 150}}},
      "'maximum' at the schema.properties.age"),
     ({"type": "array", "items": {"not": {"type": "string"}}}, "'not' at the schema.items"),
 ])
