@@ -122,15 +122,42 @@ def build_features() -> dict[str, bool]:
 
 
 @functools.cache
+def loaded_library(stem: str) -> Path | None:
+    """The file of ``stem`` (``libggml``, ``libggml-base``) that libllama
+    itself loaded. A wheel keeps ``libggml.so``, ``libggml.so.0`` ... as
+    separate copies (it holds no symlinks), and opening another copy
+    than libllama's gives another device registry."""
+    import re
+
+    init_backend()
+    soname = re.compile(re.escape(stem) + r"\.so\.\d+$")   # what libllama links by
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if soname.match(Path(path).name):
+                    return Path(path)
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def libggml():
+    """ggml as libllama uses it (ctypes), for its device registry."""
+    from llama_cpp import _ggml
+
+    path = loaded_library("libggml")
+    return ctypes.CDLL(str(path)) if path is not None else _ggml.libggml
+
+
 def extra_buffer_types() -> dict[str, int]:
     """The CPU backend's extra buffer types, name to ggml handle, in the
     order llama.cpp tries them (AMX before CPU_REPACK); found through ggml's
     device registry, the way llama.cpp itself finds them."""
     init_backend()
     try:
-        from llama_cpp import _ggml
-
-        g = _ggml.libggml
+        g = libggml()
         for fn, res, args in (("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
                               ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
                               ("ggml_backend_reg_get_proc_address", ctypes.c_void_p,
@@ -246,14 +273,22 @@ class ModelParams:
     """llama_model_params for a setting, with the memory they point to."""
 
     def __init__(self, setting: str, info=None, *, mmap: bool = True, mlock: bool = False,
-                 vocab_only: bool = False, repack: list[str] | None = None):
+                 vocab_only: bool = False, repack: list[str] | None = None, offload: bool = False):
         """``info`` (a GGUFInfo) or ``repack`` (its repack_tensors()) says
-        which weights no_amx points at CPU_REPACK."""
+        which weights no_amx points at CPU_REPACK. ``offload``: every layer
+        to the devices registered (RPC workers: edgeinfer.rpc), split by
+        their free memory."""
         if setting not in SETTINGS:
             raise ValueError(f"unknown native setting {setting!r}")
         init_backend()
         p = lc.llama_model_default_params()
-        p.n_gpu_layers = 0
+        p.n_gpu_layers = -1 if offload else 0   # -1: all of them
+        if not offload:
+            # No devices at all, not merely no layers on them: RPC workers
+            # registered in this process for another model must not be
+            # connected to (llama.cpp aborts when one is gone).
+            self._no_devices = (ctypes.c_void_p * 1)(None)
+            p.devices = ctypes.cast(self._no_devices, ctypes.c_void_p)
         p.vocab_only = vocab_only
         p.load_mode = (lc.LLAMA_LOAD_MODE_MMAP_MLOCK if mlock else lc.LLAMA_LOAD_MODE_MMAP) \
             if mmap else (lc.LLAMA_LOAD_MODE_MLOCK if mlock else lc.LLAMA_LOAD_MODE_NONE)
