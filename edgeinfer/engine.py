@@ -83,7 +83,8 @@ class Engine:
                  sampling: dict | None = None, native: str | None = None,
                  stop_on_repeat: bool = True, queue_limit: int = DEFAULT_QUEUE,
                  prefill_chunk: int | None = None, kv_type: str | None = None,
-                 speculative: "str | SpecConfig | None" = None, draft: str | os.PathLike | None = None):
+                 speculative: "str | SpecConfig | None" = None, draft: str | os.PathLike | None = None,
+                 rpc: list[str] | None = None):
         self.path = Path(model_path)
         self.info: GGUFInfo = read_gguf(self.path)  # bounds-checked before llama.cpp sees it
         self.name = name or self.path.name
@@ -111,20 +112,31 @@ class Engine:
         self.threads, self.threads_batch, self.threads_source = s.threads, s.threads_batch, s.threads_source
         self.n_batch, self.n_seq_max, self.flash_attn, self.speculative = s.n_batch, s.n_seq_max, s.flash_attn, \
             s.speculative
-        if check_memory:
+        self.rpc = list(rpc or [])
+        if check_memory and not self.rpc:   # over RPC the weights live on the workers
             err = refusal(self.name, self.info, self.n_ctx)
             if err is not None:
                 raise err
         self.seed = seed
         self.lock_timeout = lock_timeout
-        # Native code is tried in a child process before this one trusts it
-        # (selftest.py): the first load of a file on a machine costs a test
-        # run, later loads read the record.
-        self.native: selftest.Verdict = selftest.ensure(
-            self.path, self.info, sha256=sha256, name=self.name, forced=_native.forced_setting(native),
-            threads=self.threads, threads_batch=self.threads_batch, mmap=mmap)
+        if self.rpc:
+            # The layers run on the workers, each in llama.cpp's RPC server;
+            # this process's own CPU code is the plainest, and a test load of
+            # a model that does not fit here would only fail.
+            from . import rpc as _rpc
+
+            _rpc.connect(self.rpc)
+            self.native = selftest.Verdict("plain", "rpc")
+        else:
+            # Native code is tried in a child process before this one trusts it
+            # (selftest.py): the first load of a file on a machine costs a test
+            # run, later loads read the record.
+            self.native = selftest.ensure(
+                self.path, self.info, sha256=sha256, name=self.name, forced=_native.forced_setting(native),
+                threads=self.threads, threads_batch=self.threads_batch, mmap=mmap)
         _native.init_backend()
-        self._mparams = _native.ModelParams(self.native.setting, self.info, mmap=mmap, mlock=mlock)
+        self._mparams = _native.ModelParams(self.native.setting, self.info, mmap=mmap, mlock=mlock,
+                                            offload=bool(self.rpc))
         self._model = llama.Model(self.path, self._mparams)
         self.vocab = self._model.vocab
         self.n_vocab = self.vocab.n_tokens

@@ -21,8 +21,10 @@
     │   │                             the request in time
     │   ├── NativeSettingError (ValueError)
     │   │                             an unknown native setting was forced
-    │   └── VocabularyMismatchError (ValueError)
+    │   ├── VocabularyMismatchError (ValueError)
     │                                 a draft model whose tokens differ
+    │   └── RpcError                  an RPC worker that cannot be reached or
+    │                                 used, or an RPC backend that cannot be built
     ├── QuantizeError                 quantize/convert refused or failed
     │   └── ConvertError (ValueError) a Hugging Face folder the converter
     │                                 cannot turn into GGUF
@@ -154,6 +156,14 @@ class VocabularyMismatchError(EngineError, ValueError):
     text than the target's."""
 
     hint = "pick a draft from the target's family, e.g. qwen2.5-coder-0.5b-instruct for the 1.5B"
+
+
+class RpcError(EngineError):
+    """llama.cpp's RPC backend cannot be used: a worker that does not
+    answer, answers another protocol or is busy with another client, or a
+    backend library that cannot be built here."""
+
+    hint = "start the worker with 'edgeinfer rpc-worker' on the other box (docs/fleet.md)"
 
 
 class SpeculativeError(EdgeinferError, ValueError):

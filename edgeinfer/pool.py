@@ -97,6 +97,7 @@ class PoolOptions:
 
     keep_alive: float | None = DEFAULT_KEEP_ALIVE   # None: forever
     load: dict = field(default_factory=dict)          # edgeinfer.load() options for every model
+    per_model: dict = field(default_factory=dict)     # model -> edgeinfer.load() options for it alone
     aliases: dict = field(default_factory=dict)       # name a request may use → model
     any_name: bool = False   # with exactly one model pinned: any other name is answered by it
     cores: int | None = None  # the cores shared between busy models (default: hardware.default_threads())
@@ -251,6 +252,8 @@ class ModelPool:
             # can only name it by its file name (the model's name), never
             # load a file of its choosing.
             ref = name if os.path.isfile(name) else await self.aresolve(name)
+            if name in self.opts.per_model:   # its own options, given under the name it was started with
+                self.opts.per_model[ref] = self.opts.per_model[name]
             slot = self.slots.setdefault(ref, Slot(ref))
             slot.pinned = True
             await self._ensure_loaded(slot)
@@ -412,7 +415,8 @@ class ModelPool:
                 # The fit was checked here, against the memory of every
                 # model's process; the new process, its interpreter loaded
                 # already, would count itself twice.
-                model = await ModelProcess.spawn(slot.ref, path, {**self.opts.load, "check_memory": False})
+                model = await ModelProcess.spawn(slot.ref, path, {**self.opts.load, **self.opts.per_model.get(
+                    slot.ref, {}), "check_memory": False})
             except EdgeinferError as e:
                 slot.last_error = e.one_line()
                 raise

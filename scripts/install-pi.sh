@@ -110,6 +110,7 @@ as_service_user() { run runuser -u "$USER_NAME" -- env EDGEINFER_HOME="$HOME_DIR
 MODEL=${EDGEINFER_MODEL:-}
 if [ -n "$MODEL" ]; then as_service_user pull "$MODEL"; else as_service_user run --yes "Say hello." >/dev/null; fi
 as_service_user doctor --selftest
+as_service_user rpc-worker --build-only   # llama.cpp's RPC backend, for 'edgeinfer rpc-worker' and 'serve --rpc'
 as_service_user tune ${MODEL:+"$MODEL"}
 
 serve_opts=(--http 8080)   # JSON lines on 8765, the OpenAI / Anthropic APIs and /metrics on 8080

@@ -31,7 +31,8 @@ def test_dry_run_prints_every_step_for_the_board(tmp_path, board, flags):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for step in ("apt-get install", "python3 -m venv", f"CMAKE_ARGS=-DGGML_NATIVE=OFF -D{flags}"
-                 if "GGML" in flags else flags, "doctor --selftest", " tune", "--print-systemd-unit",
+                 if "GGML" in flags else flags, "doctor --selftest", "rpc-worker --build-only", " tune",
+                 "--print-systemd-unit",
                  "systemctl enable --now edgeinfer.service"):
         assert step in text, (step, text)
     assert not (tmp_path / "opt").exists()  # nothing was done

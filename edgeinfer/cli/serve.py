@@ -198,6 +198,8 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
 @click.option("--speculative", type=click.Choice(MODES), default=None,
               help="Speculative decoding for requests that do not choose (default auto, or draft with --draft).")
 @click.option("--draft", metavar="MODEL", help="A smaller model with the same vocabulary that drafts.")
+@click.option("--rpc", "rpc_workers", metavar="HOST:PORT[,HOST:PORT]",
+              help="Split MODEL's layers over these 'edgeinfer rpc-worker's, by their free memory (docs/fleet.md).")
 @click.option("-y", "--yes", is_flag=True, help="Pull the model without asking if it is missing.")
 @click.option("--print-systemd-unit", is_flag=True, help="Print a systemd unit for these options and exit.")
 @click.option("--unit-user", default="edgeinfer", show_default=True, help="With --print-systemd-unit: the "
@@ -208,7 +210,8 @@ def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
 @click.option("--cpu-quota", help="With --print-systemd-unit: CPUQuota=, e.g. 300%.")
 def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, port, jsonl, http_port, ollama, cors,
               max_body, unix, parallel, queue_limit, n_ctx, threads, prefill_chunk, token, token_file, max_line,
-              idle_timeout, speculative, draft, yes, print_systemd_unit, unit_user, unit_home, memory_max, cpu_quota):
+              idle_timeout, speculative, draft, rpc_workers, yes, print_systemd_unit, unit_user, unit_home, memory_max,
+              cpu_quota):
     """Serve models to other programs: JSON lines (docs/protocol.md) and,
     with --http, the OpenAI and Anthropic HTTP APIs (docs/http.md).
 
@@ -261,7 +264,7 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, 
                             ("--queue", queue_limit), ("--n-ctx", n_ctx), ("--threads", threads),
                             ("--prefill-chunk", prefill_chunk), ("--max-line", max_line),
                             ("--idle-timeout", idle_timeout),
-                            ("--speculative", speculative), ("--draft", draft)):
+                            ("--speculative", speculative), ("--draft", draft), ("--rpc", rpc_workers)):
             if value is not None:
                 opts += [flag, str(value)]
         click.echo(systemd_unit(model, opts, user=unit_user, home=unit_home, host=host, token_file=token_file,
@@ -300,8 +303,18 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, 
                                   prefill_chunk=prefill_chunk, speculative=speculative,
                                   draft=ensure_model(draft, yes, quiet=quiet) if draft else None).items()
             if v is not None}
-    pool = ModelPool(store, PoolOptions(keep_alive=keep, load=load, aliases=alias_map, any_name=any_name,
-                                        cores=threads, hang_timeout=hang_timeout))
+    per_model = {}
+    if rpc_workers:   # one model's layers over the workers (each serves one client: one model)
+        from ..rpc import check_endpoint
+
+        if len(pinned) != 1:
+            raise click.UsageError("--rpc splits one model over the workers: give exactly one MODEL")
+        endpoints = [w.strip() for w in rpc_workers.split(",") if w.strip()]
+        for w in endpoints:
+            check_endpoint(w)
+        per_model[pinned[0]] = {"rpc": endpoints}
+    pool = ModelPool(store, PoolOptions(keep_alive=keep, load=load, per_model=per_model, aliases=alias_map,
+                                        any_name=any_name, cores=threads, hang_timeout=hang_timeout))
     http_opts = None
     if http_port is not None:
         http_opts = HttpOptions(host=host, port=http_port, token=secret, cors=list(cors), max_body=max_body)
@@ -367,4 +380,6 @@ def ps_cmd(port, unix, http_url, token_file, as_json):
                    f"{m.get('threads', ''):>7} {m.get('requests', 0):>8}  {unloads}")
 
 
-COMMANDS = [serve_cmd, ps_cmd]
+from .rpc_worker import rpc_worker_cmd  # noqa: E402 - a command of the same family, registered with these
+
+COMMANDS = [serve_cmd, ps_cmd, rpc_worker_cmd]

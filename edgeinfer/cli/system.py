@@ -7,6 +7,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -115,6 +116,9 @@ def doctor_cmd(as_json, rerun, models):
     d["profiles"] = [{"model": p.model, "threads": p.threads, "threads_batch": p.threads_batch}
                      for p in profiles]
     d["native"] = _native_report()
+    from .. import rpc
+
+    d["rpc"] = rpc.status()
     if retested is not None:
         d["native"]["retested"] = retested
     box = box_profile()
@@ -161,6 +165,12 @@ def doctor_cmd(as_json, rerun, models):
     rows.append(("llama.cpp", f"llama-cpp-python {n['llama_cpp_python']}; extra buffer types: "
                               f"{', '.join(n['extra_buffer_types']) or 'none'}"
                               + ("; AMX on this CPU and build" if n["amx_on_cpu_and_build"] else "")))
+    r = d["rpc"]
+    rows.append(("rpc", f"ready ({Path(r['library']).name}): 'edgeinfer rpc-worker' lends this box's memory, "
+                        "'edgeinfer serve MODEL --rpc HOST:PORT' uses other boxes'" if r["ready"] else
+                        "built from llama.cpp's sources at the first 'edgeinfer rpc-worker' (a C++ compiler "
+                        "is here)" if r["compiler"] else
+                        "needs a C++ compiler to build (sudo apt install g++), see docs/fleet.md"))
     if n["forced"]:
         rows.append(("native setting", f"{n['forced']} (forced by EDGEINFER_NATIVE)"))
     tested = [f"{m['model']}: {_verdict_line(m['setting'], m['trials'])}" for m in n["models"] if m["setting"]]
