@@ -137,7 +137,7 @@ def test_set_without_a_value_or_with_an_unknown_name_shows_usage(tiny_model):
 
     usage = ("Usage: /set NAME VALUE, NAME one of temperature, top_k, top_p, min_p, repeat_penalty, "
              "repeat_last_n, frequency_penalty, presence_penalty, dry_multiplier, dry_base, "
-             "dry_allowed_length, dry_last_n, max_tokens, seed, tool_choice, parallel_tool_calls")
+             "dry_allowed_length, dry_last_n, infill, max_tokens, seed, tool_choice, parallel_tool_calls")
     assert result.exit_code == 0
     assert stderr_lines(result) == [usage] * 3
     assert result.stdout == ""
