@@ -34,9 +34,15 @@ N_LAYER = 2
 N_CTX_TRAIN = 8192
 VOCAB_SIZE = 640
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-# Fill-in-the-middle tokens, as Qwen2.5-Coder names them (build(fim=True)).
-FIM_TOKENS = {"pre": "<|fim_prefix|>", "suf": "<|fim_suffix|>", "mid": "<|fim_middle|>", "pad": "<|fim_pad|>",
-              "rep": "<|repo_name|>", "sep": "<|file_sep|>"}
+# Fill-in-the-middle tokens per family (build(fim=...)): Qwen2.5-Coder's,
+# named in the GGUF's metadata, with its repository tokens; and DeepSeek
+# Coder's, which llama.cpp finds by their text alone, with none.
+FIM_FAMILIES = {
+    "qwen": {"pre": "<|fim_prefix|>", "suf": "<|fim_suffix|>", "mid": "<|fim_middle|>", "pad": "<|fim_pad|>",
+             "rep": "<|repo_name|>", "sep": "<|file_sep|>"},
+    "deepseek": {"pre": "<｜fim▁begin｜>", "suf": "<｜fim▁hole｜>", "mid": "<｜fim▁end｜>"},
+}
+FIM_TOKENS = FIM_FAMILIES["qwen"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -147,8 +153,9 @@ def train_bpe(text: str, n_tokens: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def _add_vocab(writer: gguf.GGUFWriter, fim: bool = False) -> None:
-    specials = SPECIAL_TOKENS + (tuple(FIM_TOKENS.values()) if fim else ())
+def _add_vocab(writer: gguf.GGUFWriter, fim: str | None = None) -> None:
+    family = FIM_FAMILIES[fim] if fim else {}
+    specials = SPECIAL_TOKENS + tuple(family.values())
     tokens, merges = train_bpe(CORPUS, VOCAB_SIZE - len(specials))
     types = [gguf.TokenType.NORMAL] * len(tokens)
     ids = {}
@@ -168,8 +175,8 @@ def _add_vocab(writer: gguf.GGUFWriter, fim: bool = False) -> None:
     writer.add_pad_token_id(ids["<|endoftext|>"])
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
-    if fim:
-        for role, text in FIM_TOKENS.items():
+    if fim == "qwen":   # the other family's are found by their text
+        for role, text in family.items():
             writer.add_uint32(getattr(gguf.Keys.Tokenizer, f"FIM_{role.upper()}_ID"), ids[text])
 
 
@@ -207,10 +214,11 @@ def _add_tensors(writer: gguf.GGUFWriter, seed: int) -> None:
     writer.add_tensor(name(t.OUTPUT), matrix(VOCAB_SIZE, N_EMBD))
 
 
-def build(path: str | os.PathLike[str], *, seed: int = 0, fim: bool = False) -> pathlib.Path:
+def build(path: str | os.PathLike[str], *, seed: int = 0, fim: bool | str = False) -> pathlib.Path:
     """Write the tiny model to `path` and return it as a Path; `fim`: with
-    Qwen2.5-Coder's fill-in-the-middle tokens (another vocabulary, so
-    other output than the default model's).
+    a family's fill-in-the-middle tokens (True: Qwen2.5-Coder's; or a key
+    of FIM_FAMILIES), another vocabulary, so other output than the
+    default model's.
 
     The file is written beside `path` under a temporary name and renamed into
     place, so a reader never sees a half-written model.
@@ -234,7 +242,7 @@ def build(path: str | os.PathLike[str], *, seed: int = 0, fim: bool = False) -> 
         writer.add_rope_dimension_count(HEAD_DIM)
         writer.add_rope_freq_base(10000.0)
         writer.add_layer_norm_rms_eps(1e-5)
-        _add_vocab(writer, fim)
+        _add_vocab(writer, "qwen" if fim is True else fim or None)
         _add_tensors(writer, seed)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -252,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="where to write the .gguf file")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    parser.add_argument("--fim", action="store_true", help="with fill-in-the-middle tokens")
+    parser.add_argument("--fim", nargs="?", const="qwen", choices=sorted(FIM_FAMILIES),
+                        help="with a family's fill-in-the-middle tokens (default qwen)")
     args = parser.parse_args(argv)
     out = build(args.out, seed=args.seed, fim=args.fim)
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")

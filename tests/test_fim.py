@@ -49,6 +49,20 @@ def test_other_files_come_first_in_the_repository_format(engine):
     assert len(engine.infill_tokens(PREFIX * 50, SUFFIX * 50, extra=extra, max_tokens=1900)) <= 2048 - 1900
 
 
+def test_a_family_found_by_token_text_without_repository_tokens(tmp_path):
+    """DeepSeek Coder's FIM tokens, which llama.cpp finds by their text (the
+    GGUF names none): the same layout, and other files' chunks as plain
+    text before it, since the family has no repository tokens."""
+    from conftest import load_script
+
+    path = load_script("build_tiny_model").build(tmp_path / "tiny-deepseek.gguf", fim="deepseek")
+    with Engine(path, n_ctx=1024, threads=1, prompt_cache=False) as e:
+        text = e.detokenize(e.infill_tokens(PREFIX, SUFFIX, extra=[("util.py", "X = 1\n")]), special=True)
+        assert text == ("X = 1\n<｜fim▁begin｜>def add(a, b):\n<｜fim▁hole｜>" + SUFFIX + "<｜fim▁end｜>    total = a")
+        answer = e.infill(PREFIX, SUFFIX, max_tokens=6, temperature=0)
+        assert isinstance(answer, str) and "<｜" not in answer
+
+
 def test_input_extra_is_checked_by_name():
     with pytest.raises(RequestError) as info:
         check_extra([{"filename": "a.py"}])
