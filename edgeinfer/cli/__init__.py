@@ -39,9 +39,10 @@ def cli():
 
 
 def _register() -> None:
-    from . import chat, models, quant, serve, system
+    from . import chat, models, quant, router, serve, system
 
-    for cmd in models.COMMANDS + chat.COMMANDS + serve.COMMANDS + system.COMMANDS + quant.COMMANDS:
+    for cmd in (models.COMMANDS + chat.COMMANDS + serve.COMMANDS + system.COMMANDS + quant.COMMANDS
+                + router.COMMANDS):
         cli.add_command(cmd)
 
 
