@@ -283,7 +283,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="Comma-separated: one-1core, one-2core, fleet (one arm per --policies).")
     ap.add_argument("--policies", default="cache_aware,round_robin")
     ap.add_argument("--json", metavar="FILE", help="Also write the rows as JSON.")
+    ap.add_argument("--rpc", action="store_true", help="The other shape instead: the model local, over one RPC "
+                                                       "worker and over two (scripts/bench_rpc.py).")
+    ap.add_argument("--rounds", type=int, default=3, help="With --rpc: alternating rounds.")
     args = ap.parse_args(argv)
+    if args.rpc:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_rpc
+
+        return bench_rpc.main(["--model", args.model, "--rounds", str(args.rounds)])
 
     from edgeinfer.hardware import cpu_model
 
@@ -302,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             rows.append(run_arm(arm, args, token, str(token_file)))
             print(f"  {arm}: {rows[-1]['tok_s']} tok/s, {rows[-1]['errors']} errors", file=sys.stderr, flush=True)
-    # The RPC part (local vs one vs two RPC workers) goes here.
     show(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
