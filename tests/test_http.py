@@ -137,7 +137,7 @@ def test_a_schema_the_converter_cannot_handle_is_a_400(server):
     with pytest.raises(openai.BadRequestError) as info:
         server.openai().chat.completions.create(
             model=MODEL, messages=HELLO, response_format={"type": "json_schema", "json_schema": {
-                "name": "n", "schema": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}}}})
+                "name": "n", "schema": {"type": "object", "properties": {"n": {"type": "number", "maximum": 3}}}}})
     assert "maximum" in info.value.message and info.value.body["param"] == "response_format"
 
 

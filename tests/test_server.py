@@ -301,7 +301,7 @@ def test_json_schema_and_grammar_over_json_lines(server):
             assert set(answer) == {"ok", "n"} and isinstance(answer["ok"], bool)
         assert c.generate("Answer:", max_tokens=10, grammar='root ::= "yes" | "no"') in ("yes", "no")
     raw = server.raw()
-    raw.send({"id": "s", "op": "chat", "messages": HELLO, "json_schema": {"type": "integer", "maximum": 3}})
+    raw.send({"id": "s", "op": "chat", "messages": HELLO, "json_schema": {"type": "number", "maximum": 3}})
     r = raw.reply()
     assert (r["event"], r["code"]) == ("error", "bad_schema") and "maximum" in r["message"]
     raw.send({"id": "g", "op": "generate", "prompt": "x", "grammar": "root ::= ["})

@@ -289,7 +289,7 @@ def test_tune_of_a_bare_file_says_to_import_it(tiny_model):
 DOCTOR_KEYS = {"cpu_model", "logical_cpus", "physical_cores", "affinity", "cgroup_cpu_quota", "clusters",
                "big_little", "total_memory", "available_memory", "cgroup_memory_limit",
                "cpu_temperature_c", "default_threads", "fingerprint", "profiles", "native", "throttling",
-               "board", "arm_cores", "defaults", "load"}
+               "board", "arm_cores", "defaults", "load", "rpc"}
 
 
 def test_doctor(model):
