@@ -244,13 +244,71 @@ def connect(endpoints: list[str]) -> int:
     return len(endpoints)
 
 
-def serve_forever(endpoint: str, *, cache_dir: str | None = None, threads: int = 1) -> None:
+# ggml's device and backend structs as the pinned llama.cpp lays them out
+# (ggml-backend-impl.h): a device is 15 function pointers (get_memory the
+# third, init_backend the sixth), reg and context; a backend is its guid,
+# 16 function pointers, its device and context. They are internal to
+# ggml, so a memory cap is offered only on a release where they were checked.
+_DEVICE_FIELDS = 17
+_GET_MEMORY, _INIT_BACKEND = 2, 5
+_BACKEND_DEVICE = 17
+_CAP_CHECKED = ("0.3.36",)
+_GetMemory = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))
+_InitBackend = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)
+
+
+def parse_size(text: str) -> int:
+    """"4G", "512M", "1.5GiB" or a number of bytes, as bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        n = -1
+    if not n > 0 or n != n:
+        raise RpcError(f"{text[:40]!r} is not a size", hint="for example 4G or 512M")
+    return int(n)
+
+
+def _capped(cpu: int, cap: int):
+    """A copy of the CPU device whose memory reads at most ``cap`` bytes,
+    the figure a server splits the layers by; the backends it starts name
+    the copy as their device, since the RPC server asks a backend for its
+    device's memory. (The copy and its callbacks must outlive the server:
+    the caller keeps them.)"""
+    if llama_cpp_version() not in _CAP_CHECKED:
+        raise RpcError(f"a memory cap is not offered with llama-cpp-python {llama_cpp_version()}: the device layout "
+                       "it relies on was checked on " + ", ".join(_CAP_CHECKED), hint="leave out --mem")
+    fields = (ctypes.c_void_p * _DEVICE_FIELDS).from_address(cpu)
+    real_memory, real_init = _GetMemory(fields[_GET_MEMORY]), _InitBackend(fields[_INIT_BACKEND])
+    proxy = (ctypes.c_void_p * _DEVICE_FIELDS)(*fields)
+
+    def get_memory(_dev, free, total):
+        real_memory(cpu, free, total)
+        free[0], total[0] = min(free[0], cap), min(total[0], cap)
+
+    def init_backend(_dev, params):
+        backend = real_init(cpu, params)
+        if backend:
+            (ctypes.c_void_p * (_BACKEND_DEVICE + 1)).from_address(backend)[_BACKEND_DEVICE] = ctypes.addressof(proxy)
+        return backend
+
+    callbacks = (_GetMemory(get_memory), _InitBackend(init_backend))
+    proxy[_GET_MEMORY] = ctypes.cast(callbacks[0], ctypes.c_void_p).value
+    proxy[_INIT_BACKEND] = ctypes.cast(callbacks[1], ctypes.c_void_p).value
+    return proxy, callbacks
+
+
+def serve_forever(endpoint: str, *, cache_dir: str | None = None, threads: int = 1, mem: int | None = None) -> None:
     """Run llama.cpp's RPC server on this process's CPU at ``endpoint``
     (it never returns: run it in a process of its own). ``cache_dir``
-    keeps large tensors, so a model's second load sends only their hashes."""
+    keeps large tensors, so a model's second load sends only their hashes;
+    ``mem`` caps the memory it reports, which a server splits a model's
+    layers by."""
     start = _proc("ggml_backend_rpc_start_server",
                   ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
                                    ctypes.POINTER(ctypes.c_void_p)))
     cpu = _ggml().ggml_backend_dev_by_type(0)   # GGML_BACKEND_DEVICE_TYPE_CPU
-    devices = (ctypes.c_void_p * 1)(cpu)
+    keep = _capped(cpu, mem) if mem else None
+    devices = (ctypes.c_void_p * 1)(ctypes.addressof(keep[0]) if keep else cpu)
     start(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devices)

@@ -39,13 +39,14 @@ def rpc_env(tmp_path_factory):
 class Worker:
     """`edgeinfer rpc-worker` on a loopback port, up once it answers."""
 
-    def __init__(self, env, port: int | None = None):
+    def __init__(self, env, port: int | None = None, mem: str | None = None):
         from edgeinfer import rpc
 
         self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeinfer", "rpc-worker", "--port", str(self.port),
-                                      "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True)
+                                      "--threads", "1", *(["--mem", mem] if mem else [])], env=env,
+                                     stderr=subprocess.PIPE, text=True)
         threading.Thread(target=lambda: self.proc.stderr.read(), daemon=True).start()
         deadline = time.monotonic() + 120
         while True:
@@ -111,8 +112,9 @@ def test_a_worker_off_loopback_needs_a_flag(rpc_env):
 
 
 def test_a_model_split_over_workers_answers_as_it_does_locally(real_store, rpc_env):
-    """SmolLM2 over one worker and over two, greedy, beside the same model
-    in this process; each worker holds its share of the weights."""
+    """SmolLM2 over one worker, over two, and over two offering 1 and 3 GB,
+    greedy, beside the same model in this process; each worker holds its
+    share of the weights, in proportion to what it offers."""
     import edgeinfer
 
     path = real_store.resolve("smollm2-135m-instruct").path
@@ -121,10 +123,12 @@ def test_a_model_split_over_workers_answers_as_it_does_locally(real_store, rpc_e
         local = e.generate(prompt, max_tokens=16, temperature=0)
     weights = path.stat().st_size
     alone = None
-    for n in (1, 2):
-        workers = [Worker(rpc_env) for _ in range(n)]
+    for mems in ((None,), (None, None), ("1G", "3G")):
+        n = len(mems)
+        workers = [Worker(rpc_env, mem=m) for m in mems]
         before = [w.rss() for w in workers]
-        s = serve(str(path), workers, rpc_env)
+        # EDGEINFER_DEBUG lets llama.cpp's log through: it names each layer's device.
+        s = serve(str(path), workers, {**rpc_env, "EDGEINFER_DEBUG": "1"})
         try:
             r = s.openai().completions.create(model=path.name, prompt=prompt, max_tokens=16, temperature=0)
             assert r.choices[0].text == local, (n, r.choices[0].text, local)
@@ -135,6 +139,10 @@ def test_a_model_split_over_workers_answers_as_it_does_locally(real_store, rpc_e
                 alone = grown[0]
             else:
                 assert all(g < 0.8 * alone for g in grown), (grown, alone)
+            layers = [sum(f"assigned to device RPC{i}," in line for line in s.log) for i in range(n)]
+            assert sum(layers) >= 30 and all(layers), layers   # SmolLM2's 30 layers, and the output's
+            if mems[0]:   # offered 1 GB and 3 GB: layers split about 1:3
+                assert 2 * layers[0] < layers[1], layers
         finally:
             assert s.stop() == 0
             for w in workers:

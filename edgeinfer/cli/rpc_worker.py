@@ -14,13 +14,15 @@ from ..rpc import DEFAULT_PORT, UPSTREAM_WARNING
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", type=click.IntRange(1, 512), help="Threads for the layers held here (default: the "
                                                               "cores this process may use).")
+@click.option("--mem", metavar="SIZE", help="Offer at most this much memory (e.g. 4G); the server splits a model's "
+                                         "layers by what each worker offers (default: its free memory).")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Keep large tensors here, so a model's next load sends only their hashes.")
 @click.option("--allow-lan", is_flag=True, help="Listen on an address other machines can reach. The protocol "
                                                 "has no authentication: only on a LAN you trust.")
 @click.option("--build-only", is_flag=True, help="Build the RPC backend if it is not built yet, then exit "
                                                  "(installers run this).")
-def rpc_worker_cmd(host, port, threads, cache_dir, allow_lan, build_only):
+def rpc_worker_cmd(host, port, threads, mem, cache_dir, allow_lan, build_only):
     """Hold part of a model for a server on another box.
 
     \b
@@ -54,14 +56,15 @@ def rpc_worker_cmd(host, port, threads, cache_dir, allow_lan, build_only):
                                        "choose another --port)") from None
     from .. import rpc
 
+    cap = rpc.parse_size(mem) if mem else None
     path = rpc.library(quiet=False)   # built once, before anything listens
     if not is_loopback(host):
         click.echo(f"WARNING: {UPSTREAM_WARNING}.", err=True)
     threads = threads or default_threads()
-    click.echo(f"RPC worker on {host}:{port} ({threads} threads{', cache ' + cache_dir if cache_dir else ''}; "
-               f"backend {path.name}). Ctrl-C stops it.", err=True)
+    click.echo(f"RPC worker on {host}:{port} ({threads} threads{', at most ' + mem if mem else ''}"
+               f"{', cache ' + cache_dir if cache_dir else ''}; backend {path.name}). Ctrl-C stops it.", err=True)
     sys.stderr.flush()
-    rpc.serve_forever(f"{host}:{port}", cache_dir=cache_dir, threads=threads)
+    rpc.serve_forever(f"{host}:{port}", cache_dir=cache_dir, threads=threads, mem=cap)
 
 
 COMMANDS = [rpc_worker_cmd]
