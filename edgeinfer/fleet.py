@@ -180,21 +180,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def check_port_free(host: str, port: int, what: str) -> None:
-    import errno
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise ServerConfigError(f"port {port} on {host} is taken",
-                                        hint=f"stop what listens there, or choose another with {what}") from None
-            raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-
-
 def load_router():
     """sglang-router's launcher and argument class, or ServerConfigError
     with the pip command that installs it."""
@@ -212,6 +197,9 @@ def run(cfg: FleetConfig) -> None:
     stopped. The token goes to it as an argument of a Python call, never
     on a command line that ``ps`` would show."""
     launch_router, RouterArgs = load_router()
-    check_port_free(cfg.host, cfg.port, "--port PORT")
-    check_port_free("127.0.0.1", cfg.metrics_port, "--metrics-port PORT")
+    from .server.listen import check_port_free
+
+    check_port_free(cfg.host, cfg.port, "stop what listens there, or choose another with --port PORT")
+    check_port_free("127.0.0.1", cfg.metrics_port,
+                    "stop what listens there, or choose another with --metrics-port PORT")
     launch_router(RouterArgs(**router_config(cfg)))

@@ -105,10 +105,16 @@ def test_probe_says_what_is_wrong_before_llama_cpp_is_called(rpc_env):
         w.kill()
 
 
-def test_a_worker_off_loopback_needs_a_flag(rpc_env):
+def test_a_worker_off_loopback_needs_a_flag_and_a_free_port(rpc_env):
     done = subprocess.run([sys.executable, "-m", "edgeinfer", "rpc-worker", "--host", "0.0.0.0", "--port",
                            str(free_port())], env=rpc_env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "--allow-lan" in done.stderr and "authentication" in done.stderr
+    with socket.socket() as holder:   # llama.cpp would abort on a taken port: refused before it starts
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        done = subprocess.run([sys.executable, "-m", "edgeinfer", "rpc-worker", "--port",
+                               str(holder.getsockname()[1])], env=rpc_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "is taken" in done.stderr and "--port" in done.stderr, done.stderr
 
 
 def test_a_model_split_over_workers_answers_as_it_does_locally(real_store, rpc_env):

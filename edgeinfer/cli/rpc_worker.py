@@ -33,7 +33,6 @@ def rpc_worker_cmd(host, port, threads, mem, cache_dir, allow_lan, build_only):
     its free memory. One server uses a worker at a time. It buys memory,
     not speed: a model that fits one box runs faster there.
     """
-    import socket
     import sys
 
     from ..hardware import default_threads
@@ -47,13 +46,10 @@ def rpc_worker_cmd(host, port, threads, mem, cache_dir, allow_lan, build_only):
     if not is_loopback(host) and not allow_lan:
         raise click.UsageError(f"--host {host} lets other machines reach this worker, and llama.cpp's RPC protocol "
                                "has no authentication: add --allow-lan if every machine on that network is trusted")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:   # llama.cpp would abort the process on a taken port: say so first
-            probe.bind((host, port))
-        except OSError as e:
-            raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e} (another worker? "
-                                       "choose another --port)") from None
+    from ..server.listen import check_port_free
+
+    # llama.cpp would abort the process on a taken port: say so first.
+    check_port_free(host, port, "another worker? stop it, or choose another --port")
     from .. import rpc
 
     cap = rpc.parse_size(mem) if mem else None

@@ -115,29 +115,6 @@ def _quote(arg: str) -> str:
 OLLAMA_PORT = 11434   # Ollama's own, where its clients look by default
 
 
-def check_port_free(host: str, port: int) -> None:
-    """ServerConfigError when ``port`` is taken: most likely by an Ollama
-    (its service starts at boot on many machines), which this server
-    would otherwise only find after loading its models."""
-    import errno
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # As the server's own socket: a listener counts, closed connections do not.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-            raise ServerConfigError(
-                f"port {port} on {host} is taken, probably by Ollama itself (its API's port)",
-                hint="stop it first (e.g. 'sudo systemctl stop ollama', or quit the Ollama app), or serve "
-                     "on another port with --http PORT and point the client at it (OLLAMA_HOST=127.0.0.1:PORT)"
-            ) from None
-
-
 def parse_aliases(aliases: tuple[str, ...]) -> dict[str, str]:
     """``--alias NAME=MODEL`` options as a dict."""
     out = {}
@@ -274,7 +251,13 @@ def serve_cmd(model, models, aliases, any_name, keep_alive, hang_timeout, host, 
     opts = Options(host=host, port=port, unix=unix, token=secret, max_line=max_line, idle_timeout=idle_timeout)
     check_exposure(opts)  # before a model is pulled or loaded
     if ollama:
-        check_port_free(host, OLLAMA_PORT)
+        from ..server.listen import check_port_free
+
+        # Most likely an Ollama (its service starts at boot on many machines).
+        check_port_free(host, OLLAMA_PORT, "probably Ollama itself (its API's port): stop it first (e.g. 'sudo "
+                                           "systemctl stop ollama', or quit the Ollama app), or serve on another "
+                                           "port with --http PORT and point the client at it "
+                                           "(OLLAMA_HOST=127.0.0.1:PORT)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     quiet = not sys.stderr.isatty()
     from ..errors import RequestError
