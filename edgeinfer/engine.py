@@ -734,9 +734,10 @@ class Engine:
         left out. The cursor's line goes after the middle token, so that
         typing in it and asking again reads only what was typed."""
         from .fim import EditorFit, fitted
+        from .sequence import BetweenSteps
 
         tokens = self.infill_tokens(prefix, suffix, extra=extra, middle=middle, max_tokens=max_tokens)
-        stop = kwargs.pop("cancel", None) or threading.Event()
+        stop = kwargs.pop("cancel", None) or BetweenSteps()   # the editor's rules end it between steps
         fit = EditorFit(prefix + middle, suffix, max_lines=max_lines, dedent=dedent)
         return fitted(self.stream_tokens(tokens, max_tokens=max_tokens, cancel=stop, **kwargs), fit, stop)
 

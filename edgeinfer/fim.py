@@ -199,7 +199,7 @@ class EditorFit:
         self.suffix = suffix
         self.suffix_line = next((line.strip() for line in suffix.split("\n") if line.strip()), "")
         self.pending = ""        # the line being written
-        self.blanks = ""         # blank lines written after the last line given out
+        self.blanks = 0          # blank lines written after the last line given out
         self.lines = 0           # whole lines given out (the cursor's own counts as the first)
         self.out = ""            # everything given out
         self.stopped = False
@@ -217,13 +217,13 @@ class EditorFit:
                 self.stopped, self.pending = True, ""
                 break
             if self.lines and not line.strip():   # held until a line with code follows: the end may come first
-                self.blanks += "\n"
+                self.blanks += 1
                 continue
             # A line's new line goes out with the next line: the last one's
             # would add a line the suffix already has.
-            given.append(("\n" if self.lines else "") + self.blanks + line)
-            self.lines += 1 + self.blanks.count("\n")
-            self.blanks = ""
+            given.append(("\n" if self.lines else "") + "\n" * self.blanks + line)
+            self.lines += 1 + self.blanks
+            self.blanks = 0
             if (self.max_lines is not None and self.lines >= self.max_lines) or \
                     (self.time_limit is not None and self.clock() - self.started >= self.time_limit):
                 self.stopped, self.pending = True, ""
@@ -249,10 +249,10 @@ class EditorFit:
         already starts with, such as a closing bracket), or the last
         line's new line where the suffix does not start with one."""
         if self.pending and not self.stopped:
-            tail = ("\n" if self.lines else "") + self.blanks + self.pending
+            tail = ("\n" if self.lines else "") + "\n" * self.blanks + self.pending
         else:
             tail = "\n" if self.lines and not self.suffix.startswith("\n") else ""
-        self.pending = self.blanks = ""
+        self.pending, self.blanks = "", 0
         whole = self.out + tail
         cut = _overlap(whole, self.suffix)
         if cut:

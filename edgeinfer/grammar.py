@@ -204,7 +204,9 @@ def _check_schema(node, where: str = "the schema", depth: int = 0, *, strict: bo
         raise GrammarError(f"$ref {str(ref)[:80]!r} at {where} is not local; only references inside the "
                            'schema ("#/$defs/...") are followed')
     if node.get("type") == "integer":
-        int_bounds(node)
+        lo, hi = int_bounds(node)
+        if lo is not None and hi is not None and lo > hi:
+            raise GrammarError(f"no integer at {where} is at least {lo} and at most {hi}")
     for key in UNENFORCED if strict else ():
         if key in node and not (key in INT_BOUNDS and node.get("type") == "integer"):
             raise GrammarError(f"'{key}' at {where} cannot be enforced by the grammar, so the answer could "

@@ -25,6 +25,7 @@ speaks this build's protocol and is free (a worker serves one client).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import shutil
@@ -152,6 +153,7 @@ def _extract_ggml(archive: Path, dest: Path) -> Path:
 
 
 # -- the backend in this process -------------------------------------------------
+@functools.cache
 def _ggml():
     from .native import libggml
 

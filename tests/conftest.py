@@ -96,6 +96,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A tiny BERT embedding model the suite builds, converted to GGUF (F16)."""
+    from edgeinfer.convert import convert_folder
+
+    where = tmp_path_factory.mktemp("tiny-bert")
+    folder = load_script("build_tiny_bert").build(where / "hf")
+    return str(convert_folder(folder, where / "tiny-bert.gguf").path)
+
+
+@pytest.fixture(scope="session")
 def tiny_fim_model(tmp_path_factory) -> Path:
     """The tiny model with Qwen2.5-Coder's fill-in-the-middle tokens."""
     builder = load_script("build_tiny_model")

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import openai
 import pytest
-from conftest import import_into, load_script
+from conftest import import_into
 from served import start, start_http
 
 import edgeinfer
@@ -27,18 +27,8 @@ SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "rain fell on th
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> str:
-    """A tiny BERT, converted to GGUF (F16)."""
-    from edgeinfer.convert import convert_folder
-
-    where = tmp_path_factory.mktemp("tiny-bert")
-    folder = load_script("build_tiny_bert").build(where / "hf")
-    return str(convert_folder(folder, where / "tiny-bert.gguf").path)
-
-
-@pytest.fixture(scope="module")
-def engine(bert):
-    e = edgeinfer.load(bert, threads=1)
+def engine(tiny_bert):
+    e = edgeinfer.load(tiny_bert, threads=1)
     yield e
     e.close()
 
@@ -82,10 +72,10 @@ def test_long_inputs_are_cut_or_refused(engine):
         engine.generate("hello")
 
 
-def test_the_context_never_passes_the_trained_positions(bert):
+def test_the_context_never_passes_the_trained_positions(tiny_bert):
     """A server's --n-ctx meant for its chat model reaches the embedding
     model too: past its position table llama.cpp would abort."""
-    with edgeinfer.load(bert, threads=1, n_ctx=4096) as e:
+    with edgeinfer.load(tiny_bert, threads=1, n_ctx=4096) as e:
         assert e.n_ctx == 64
         assert e.embed(" ".join(["word"] * 300)).shape == (1, e.n_embd)
 
@@ -97,8 +87,8 @@ def test_a_chat_model_does_not_embed(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def home(bert, tiny_model, tmp_path_factory):
-    return import_into(tmp_path_factory.mktemp("embed-home"), {"tiny-bert:f16": bert, "tiny-chat:f16": tiny_model})
+def home(tiny_bert, tiny_model, tmp_path_factory):
+    return import_into(tmp_path_factory.mktemp("embed-home"), {"tiny-bert:f16": tiny_bert, "tiny-chat:f16": tiny_model})
 
 
 def test_openai_embeddings_beside_a_chat_model(home, engine):

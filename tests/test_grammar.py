@@ -161,6 +161,7 @@ def test_max_tokens_still_applies(engine):
     # The converter reads past a number's bounds (an integer's are kept).
     ({"type": "object", "properties": {"age": {"type": "number", "maximum": 150}}},
      "'maximum' at the schema.properties.age"),
+    ({"type": "integer", "minimum": 5, "exclusiveMaximum": 5}, "no integer at the schema is at least 5"),
     ({"type": "array", "items": {"not": {"type": "string"}}}, "'not' at the schema.items"),
 ])
 def test_a_schema_the_converter_cannot_handle_is_refused(engine, schema, words):

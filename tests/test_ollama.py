@@ -47,17 +47,8 @@ def sha256(path) -> str:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory) -> str:
-    from edgeinfer.convert import convert_folder
-
-    where = tmp_path_factory.mktemp("tiny-bert")
-    folder = load_script("build_tiny_bert").build(where / "hf")
-    return str(convert_folder(folder, where / "tiny-bert.gguf").path)
-
-
-@pytest.fixture(scope="module")
-def files(tiny_model, tiny_fim_model, bert) -> dict:
-    return {"tiny-chat:f16": tiny_model, "tiny-fim:f16": tiny_fim_model, "tiny-bert:f16": bert}
+def files(tiny_model, tiny_fim_model, tiny_bert) -> dict:
+    return {"tiny-chat:f16": tiny_model, "tiny-fim:f16": tiny_fim_model, "tiny-bert:f16": tiny_bert}
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ..events import DoneEvent
 from ..fim import check_extra
+from ..sampling import check_value
 from .api import SSE_HEADERS, Generation, sse, stream_events
 from .fields import Fields
-from .generation import GenerationRequest, keep_alive_of
+from .generation import GenerationRequest, RequestError, keep_alive_of
 
 ENDPOINT = "/infill"
 SUPERSEDED_WAIT_S = 5.0   # at most this long for the request a newer one ended to let go of its slot
@@ -169,20 +170,28 @@ def editor_key(endpoint: str, request, body: dict) -> tuple:
     return endpoint, body.get("model") or "", who
 
 
+# llama-server's sampling fields, by the sampling option each sets
+# (edgeinfer.sampling checks the value against the option's range).
+SAMPLING_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                   "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+                   "penalty_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
+                   "frequency_penalty": "frequency_penalty", "dry_multiplier": "dry_multiplier",
+                   "dry_base": "dry_base", "dry_allowed_length": "dry_allowed_length",
+                   "dry_penalty_last_n": "dry_last_n"}
+
+
 def _sampling(f: Fields) -> dict:
     out = {}
-    for name, lo, hi in (("temperature", 0.0, 10.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0),
-                         ("repeat_penalty", 0.0, 10.0), ("presence_penalty", -2.0, 2.0),
-                         ("frequency_penalty", -2.0, 2.0), ("dry_multiplier", 0.0, 10.0), ("dry_base", 1.0, 10.0)):
-        v = f.number(name, lo, hi)
-        if v is not None:
-            out[name] = v
-    for name, ours, lo in (("top_k", "top_k", 0), ("repeat_last_n", "repeat_last_n", -1),
-                           ("penalty_last_n", "repeat_last_n", -1), ("dry_allowed_length", "dry_allowed_length", 0),
-                           ("dry_penalty_last_n", "dry_last_n", -1)):
-        v = f.integer(name, lo if name != "top_k" else -1, 1_000_000)
-        if v is not None:
-            out[ours] = max(0, v) if name == "top_k" else v
+    for name, ours in SAMPLING_FIELDS.items():
+        v = f.body.get(name)
+        if v is None:
+            continue
+        if name == "top_k" and v == -1:   # llama-server's "off"
+            v = 0
+        try:
+            out[ours] = check_value(ours, v)
+        except RequestError as e:   # named as the request names it
+            raise RequestError(name, str(e).replace(ours, name, 1)) from None
     samplers = f.body.get("samplers")
     if samplers is None:
         return out
