@@ -14,8 +14,12 @@ Workloads (temperature 0, ignore_eos, so every stream runs to max_tokens):
      another: cold TTFT (request 1) and warm TTFT (median of 2..6);
   d. two different ~1,000-token system prompts, A,B,A,B,A,B: cold TTFT
      (median of 1 and 2) and warm TTFT (median of 3..6);
-  e. (--restart, edgeinfer started here only) the server stopped and
-     started again, then the prompt it saw before the restart: TTFT.
+  e. (--restart, servers started here) the server stopped and started
+     again, then the prompt it saw before the restart: TTFT. edgeinfer
+     keeps its prompt cache on disk by itself; llama-server is helped by
+     hand, as its users must: the slot is saved before the restart and
+     restored after it (--slot-save-path, POST /slots/0?action=...), and
+     the restore's own time is printed apart, outside the TTFT.
 
 Tokens are the stream's usage.completion_tokens (stream_options
 include_usage), else the count of chunks that carry text. Each prompt
@@ -50,6 +54,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -202,7 +207,7 @@ def llama_server_cmd(args, port: int) -> list[str]:
     return [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port),
             "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.parallel), "-kvu",
             "-c", str(args.ctx), "-b", "512", "-fa", "off", "--cache-prompt", "--no-webui",
-            *shlex.split(args.llama_server_args)]
+            *(["--slot-save-path", args.slot_dir] if args.restart else []), *shlex.split(args.llama_server_args)]
 
 
 # -- requests ----------------------------------------------------------------
@@ -213,7 +218,7 @@ def client_for(server: Server):
 
 
 def stream(server: Server, messages: list[dict], max_tokens: int, start: threading.Barrier | None = None,
-           client=None) -> dict:
+           client=None, extra: dict | None = None) -> dict:
     """One streamed chat completion, timed at the chunks that carry text."""
     client = client or client_for(server)
     if start is not None:
@@ -223,7 +228,7 @@ def stream(server: Server, messages: list[dict], max_tokens: int, start: threadi
     chunks, usage, finish, fingerprint = 0, None, None, None
     for chunk in client.chat.completions.create(
             model=server.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **(extra or {})}):
         fingerprint = fingerprint or getattr(chunk, "system_fingerprint", None)
         if chunk.choices:
             c = chunk.choices[0]
@@ -313,14 +318,34 @@ ROWS = [("a", "decode_tps", "a. 1 stream: decode tok/s", True),
 
 def after_restart(server: Server, tag: str, args) -> dict:
     """The prompt once cold, a restart, a short unrelated warm-up, the
-    prompt again."""
+    prompt again. edgeinfer finds the prompt in its own cache; llama-server
+    is given what it needs by hand: the slot that read the prompt is saved
+    before the restart and restored after it (its /slots API, which needs
+    --slot-save-path), and the restore's time is reported apart."""
+    manual = server.name != "edgeinfer"
+    slot = {"id_slot": 0} if manual else None
     messages = chat(handbook(tag, args.system_tokens), QUESTIONS[0])
-    cold = stream(server, messages, args.short_tokens)
+    cold = stream(server, messages, args.short_tokens, extra=slot)
+    file = f"bench-{tag}.bin"
+    if manual:
+        slot_action(server, 0, "save", file)
     load_s = server.restart(args.start_timeout)
-    stream(server, chat(SYSTEM, f"[{tag}] Say hello."), 4)
-    again = stream(server, messages, args.short_tokens)
+    stream(server, chat(SYSTEM, f"[{tag}] Say hello."), 4, extra=manual and {"id_slot": 1} or None)
+    restore_ms = slot_action(server, 0, "restore", file) if manual else None
+    again = stream(server, messages, args.short_tokens, extra=slot)
     return {"cold_ttft_ms": cold["ttft_s"] * 1000, "ttft_ms": again["ttft_s"] * 1000, "restart_s": load_s,
-            "requests": [cold, again]}
+            "restore_ms": restore_ms, "requests": [cold, again]}
+
+
+def slot_action(server: Server, slot: int, action: str, filename: str) -> float:
+    """llama-server's POST /slots/N?action=save|restore; its milliseconds."""
+    req = urllib.request.Request(f"{server.root}/slots/{slot}?action={action}",
+                                 data=json.dumps({"filename": filename}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.read()
+    return (time.perf_counter() - t0) * 1000
 
 
 # -- the run -----------------------------------------------------------------
@@ -346,12 +371,14 @@ def run(servers: list[Server], args) -> dict:
             f"b {results[s.name]['b'][-1]['aggregate_tps']:.1f} tok/s, "
             f"c warm {results[s.name]['c'][-1]['warm_ttft_ms']:.0f} ms, "
             f"d warm {results[s.name]['d'][-1]['warm_ttft_ms']:.0f} ms" for s in servers))
-    if args.restart:
-        s = next(s for s in servers if s.name == "edgeinfer")
-        results[s.name]["e"] = []
+    if args.restart:   # the servers started here (a restart needs the command)
+        restartable = [s for s in servers if s.cmd]
+        for s in restartable:
+            results[s.name]["e"] = []
         for rep in range(args.reps):
-            results[s.name]["e"].append(after_restart(s, f"e{rep}-{run_tag}", args))
-            log(f"restart {rep + 1}/{args.reps}: TTFT {results[s.name]['e'][-1]['ttft_ms']:.0f} ms")
+            for s in (restartable if rep % 2 == 0 else restartable[::-1]):
+                results[s.name]["e"].append(after_restart(s, f"e{rep}-{run_tag}", args))
+                log(f"restart {rep + 1}/{args.reps}: {s.name} TTFT {results[s.name]['e'][-1]['ttft_ms']:.0f} ms")
     return {"results": results, "idle_cpu_s": {k: round(v, 2) for k, v in idle_cpu.items()}, "run_tag": run_tag}
 
 
@@ -454,8 +481,11 @@ def print_report(report: dict) -> None:
         for w in ("c", "d", "e"):
             if w in t:
                 print(f"  {w} cached tokens per request: {t[w]['cached_tokens']}")
-    if report.get("restart_s"):
-        print(f"edgeinfer restart to /health 200: {', '.join(f'{x:.1f}' for x in report['restart_s'])} s")
+    for name, seconds in report.get("restart_s", {}).items():
+        print(f"{name} restart to /health 200: {', '.join(f'{x:.1f}' for x in seconds)} s")
+    for name, ms in report.get("restore_ms", {}).items():
+        print(f"{name} slot restore by hand before the request, not in its TTFT: "
+              f"{', '.join(f'{x:.0f}' for x in ms)} ms")
     idle = {k: v for k, v in report["idle_cpu_s"].items() if v}
     if idle:
         print("CPU seconds a server used while the other one was measured: "
@@ -501,14 +531,15 @@ def main(argv=None) -> int:
     p.add_argument("--system-tokens", type=int, default=1000, help="about this many tokens of system prompt "
                    "in c, d and e")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--restart", action="store_true", help="workload e: TTFT of a prompt seen before edgeinfer "
-                   "restarted (needs --edgeinfer-model)")
+    p.add_argument("--restart", action="store_true", help="workload e: TTFT of a prompt seen before a restart "
+                   "(the servers started here; llama-server's slot saved and restored by hand)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a server to load its model")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     args.reps = max(1, args.reps)
-    if args.restart and not args.edgeinfer_model:
-        p.error("--restart restarts the edgeinfer server this script starts: give --edgeinfer-model")
+    if args.restart and not (args.edgeinfer_model or args.llama_server):
+        p.error("--restart restarts the servers this script starts: give --edgeinfer-model or --llama-server")
+    args.slot_dir = tempfile.mkdtemp(prefix="bench-serving-slots-") if args.restart else None
     if args.llama_server and not args.gguf:
         if not args.edgeinfer_model:
             p.error("--llama-server needs --gguf (or --edgeinfer-model, whose file it then serves)")
@@ -558,6 +589,8 @@ def main(argv=None) -> int:
                 os.unlink(s.log_path)
             elif s.log_path:
                 log(f"{s.name}'s log: {s.log_path}")
+        if args.slot_dir:
+            shutil.rmtree(args.slot_dir, ignore_errors=True)
     summary = summarize(servers, out, args)
     res = out["results"]
     report = {
@@ -574,7 +607,9 @@ def main(argv=None) -> int:
                      "fingerprint": next((q["fingerprint"] for q in res[s.name]["a"][0]["requests"]), None)}
                     for s in servers],
         **summary, "idle_cpu_s": out["idle_cpu_s"],
-        "restart_s": [round(r["restart_s"], 2) for r in res.get("edgeinfer", {}).get("e", [])],
+        "restart_s": {n: [round(r["restart_s"], 2) for r in ws["e"]] for n, ws in res.items() if ws.get("e")},
+        "restore_ms": {n: [round(r["restore_ms"], 1) for r in ws["e"]] for n, ws in res.items()
+                       if ws.get("e") and ws["e"][0]["restore_ms"] is not None},
     }
     report["notes"] = notes(servers, summary, args)
     for s in report["servers"]:
