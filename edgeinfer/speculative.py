@@ -70,29 +70,37 @@ class NgramIndex:
     min_ngram..ngram, kept up to date as tokens are appended."""
 
     def __init__(self, tokens: list[int], ngram: int, min_ngram: int):
-        self.tokens: list[int] = []
+        self.tokens: list[int] = list(tokens)
         self.sizes = range(ngram, min_ngram - 1, -1)
         self.last: dict[tuple, int] = {}    # n-gram → end index of its latest occurrence
         self.prev: dict[tuple, int] = {}    # n-gram → end index of the one before that
         self.source: tuple[int, int] | None = None   # (where the last draft came from, history length then)
-        self.extend(tokens)
+        # Indexing a long prompt takes about a millisecond per thousand
+        # tokens: done at the first draft, after the first token is out,
+        # and never for a request that is not drafted for.
+        self.indexed = 0
 
     def extend(self, tokens) -> None:
-        for t in tokens:
-            self.tokens.append(t)
-            end = len(self.tokens)
+        self.tokens.extend(tokens)
+
+    def _index(self) -> None:
+        toks, last, prev = self.tokens, self.last, self.prev
+        for end in range(self.indexed + 1, len(toks) + 1):
             for n in self.sizes:
                 if end >= n:
-                    key = tuple(self.tokens[end - n:end])
-                    if key in self.last:
-                        self.prev[key] = self.last[key]
-                    self.last[key] = end
+                    key = tuple(toks[end - n:end])
+                    if key in last:
+                        prev[key] = last[key]
+                    last[key] = end
+        self.indexed = len(toks)
 
     def draft(self, k: int) -> list[int]:
         """``k`` tokens that followed the longest suffix of the history found
         earlier in it; [] when none is. Where the earlier occurrence is
         close enough that its continuation runs into the present, the text
         is in a loop of that period, and the draft goes on round it."""
+        if self.indexed < len(self.tokens):
+            self._index()
         end = len(self.tokens)
         for n in self.sizes:
             if end < n + 1:

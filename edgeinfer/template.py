@@ -54,6 +54,23 @@ def _environment():
     return _env
 
 
+_compiled: dict[str, object] = {}
+MAX_COMPILED = 16
+
+
+def _template(source: str):
+    """``source`` compiled in the sandbox, once: compiling a chat template
+    takes a few ms, which every request would otherwise spend before its
+    first token. Templates are few (one per model, and the fallback)."""
+    t = _compiled.get(source)
+    if t is None:
+        t = _environment().from_string(source)
+        if len(_compiled) >= MAX_COMPILED:
+            _compiled.clear()
+        _compiled[source] = t
+    return t
+
+
 def check_messages(messages: list[dict]) -> list[dict]:
     """Messages as the template sees them: a role and string content;
     an assistant's may carry ``tool_calls`` instead of content (each
@@ -250,7 +267,7 @@ def render_segments(template: str | None, messages: list[dict], add_generation_p
     extra = {"tools": [_masked_tool(t, marks) for t in tools]} if tools else {}
     token = _rendering.set(marks)
     try:
-        text = _environment().from_string(template or FALLBACK_TEMPLATE).render(
+        text = _template(template or FALLBACK_TEMPLATE).render(
             messages=masked, add_generation_prompt=add_generation_prompt,
             bos_token=bos_token, eos_token=eos_token, **extra)
     except SecurityError as e:
