@@ -20,13 +20,11 @@ from llama_cpp import llama_grammar
 
 from .errors import GrammarError
 from .grammar_cost import check_gbnf, check_schema_counts
+from .llama import TOKEN_DATA
 
 MAX_SCHEMA_BYTES = 256 * 1024   # a schema past this is almost surely a mistake
 MAX_GRAMMAR_BYTES = 1 << 20
 
-# llama_token_data as numpy sees it: id, logit, p.
-_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
-assert _TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 # Any JSON object: OpenAI's response_format {"type": "json_object"}.
 JSON_OBJECT_GBNF = llama_grammar.JSON_GBNF
@@ -332,8 +330,8 @@ class GrammarGate:
             raise GrammarError("this grammar was used by another request already", hint="")
         self.n_vocab = n_vocab
         self.ids = np.arange(n_vocab, dtype=np.int32)
-        self.cand = np.zeros(n_vocab, dtype=_TOKEN_DATA)
-        self.one = np.zeros(1, dtype=_TOKEN_DATA)
+        self.cand = np.zeros(n_vocab, dtype=TOKEN_DATA)
+        self.one = np.zeros(1, dtype=TOKEN_DATA)
         self.masked = 0      # tokens the grammar refused, so that the whole vocabulary was masked
         self.arr = self._array(self.cand)
         self.one_arr = self._array(self.one)

@@ -178,6 +178,37 @@ class KVLedger:
                         n = 0
         return self.truncate(seq, n)
 
+    def reuse_whole(self, tokens: list[int], seq: int, idle: tuple[int, ...] = ()) -> bytes | None:
+        """Make ``seq`` hold all of ``tokens`` when the prompt cache kept
+        exactly this prompt with the logits its last token gave; returns
+        those logits (float32 bytes), or None (``seq`` untouched) when it
+        did not. The KV comes from ``seq`` itself, another sequence or the
+        cache, as in :meth:`reuse_prefix`. Nothing is evaluated again, so
+        no prompt token's KV comes from a one-token decode, and the first
+        token drawn from these logits is the one a cold prefill draws."""
+        if not self.reuse or self.prompt_cache is None or not tokens:
+            return None
+        entry = self.prompt_cache.exact(tokens)
+        if entry is None:
+            return None
+        n = len(tokens)
+        if common_prefix(self._tokens[seq], tokens) == n:
+            self.truncate(seq, n)
+            return entry.logits
+        donor = next((s for s in range(self.n_seq) if s != seq and common_prefix(self._tokens[s], tokens) == n), -1)
+        if donor >= 0:
+            self.clear(seq)
+            self.ctx.seq_cp(donor, seq, 0, n)
+            self._tokens[seq][:] = tokens
+            return entry.logits
+        for s in idle:
+            if s != seq:
+                self.clear(s)
+        if self.restore(seq, entry.state, list(tokens)):
+            return entry.logits
+        self.prompt_cache.forget(entry.tokens)
+        return None
+
     def sync_to(self, seq: int, history: list[int]) -> int:
         """Keep the part of ``seq`` that ``history`` starts with, all but its
         last token (evaluated again for its logits); returns its length."""

@@ -38,6 +38,28 @@ KV_TYPES = {"f16": lc.GGML_TYPE_F16, "q8_0": lc.GGML_TYPE_Q8_0}
 DECODE_OK, DECODE_NO_ROOM, DECODE_ABORTED = 0, 1, 2
 _NO_ABORT = ctypes.cast(None, lc.ggml_abort_callback)
 
+# llama_token_data as numpy sees it: id, logit, p.
+TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+assert TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
+
+
+def sample_logits(chain, logits: np.ndarray) -> int:
+    """Draw a token with sampler ``chain`` from ``logits``, a row kept
+    apart from any context, exactly as llama_sampler_sample draws from a
+    context's row: every token a candidate in id order, the chain
+    applied, the token chosen accepted by the chain."""
+    cand = np.empty(len(logits), dtype=TOKEN_DATA)
+    cand["id"] = np.arange(len(logits), dtype=np.int32)
+    cand["logit"] = logits
+    cand["p"] = 0.0
+    arr = lc.llama_token_data_array(cand.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), len(cand), -1, False)
+    lc.llama_sampler_apply(chain, ctypes.byref(arr))
+    if not 0 <= arr.selected < arr.size:
+        raise EngineError("the sampler chose no token")
+    tok = int(arr.data[arr.selected].id)
+    lc.llama_sampler_accept(chain, tok)
+    return tok
+
 
 class Vocab:
     """A model's vocabulary: text to tokens and back, and what ends a turn."""

@@ -65,10 +65,14 @@ class CacheEntry:
     tokens: tuple[int, ...]
     state: bytes | None          # None: only on disk so far (loaded on demand)
     path: Path | None = None
+    # The logits the prompt's last token gave (float32, as llama.cpp wrote
+    # them), so that a request for exactly this prompt draws its first
+    # token from them instead of evaluating tokens again. None: not kept.
+    logits: bytes | None = None
 
     @property
     def nbytes(self) -> int:
-        return len(self.state) if self.state is not None else 0
+        return (len(self.state) if self.state is not None else 0) + len(self.logits or b"")
 
 
 class PromptCache:
@@ -88,9 +92,11 @@ class PromptCache:
         self.dir = (root or paths.home() / "cache" / "prompt") / namespace if disk else None
         self._mem: OrderedDict[tuple[int, ...], CacheEntry] = OrderedDict()
         self._disk: dict[tuple[int, ...], Path] | None = None
+        self._disk_logits: set[tuple[int, ...]] = set()   # the files that keep their prompt's logits
         self._lock = threading.Lock()
         self._writers: list[threading.Thread] = []     # a preload
-        self._pending: dict[tuple[int, ...], tuple[bytes, float]] = {}   # disk writes: key -> (state, when due)
+        # disk writes: key -> (state, logits, when due)
+        self._pending: dict[tuple, tuple[bytes, bytes | None, float]] = {}
         self._writer: threading.Thread | None = None
         self._wake = threading.Event()
         self._flushing = False
@@ -116,32 +122,56 @@ class PromptCache:
                 self._mem.move_to_end(best_key)
                 return best_n, self._mem[best_key]
             path = self._disk[best_key]
-        state = self._read_file(path, best_key)
-        if state is None:
+        read = self._read_file(path, best_key)
+        if read is None:
             return None
-        entry = CacheEntry(best_key, state, path)
+        entry = CacheEntry(best_key, read[0], path, read[1])
         self._remember(entry)
         return best_n, entry
 
-    def holds(self, tokens: Sequence[int]) -> bool:
-        """Whether an entry of exactly ``tokens`` is kept, in memory or on disk."""
+    def exact(self, tokens: Sequence[int]) -> CacheEntry | None:
+        """The entry of exactly ``tokens`` if it kept its logits (from
+        memory, else read from disk), else None."""
         key = tuple(tokens)
         with self._lock:
-            return key in self._mem or key in self._disk_index()
+            entry = self._mem.get(key)
+            if entry is not None:
+                self._mem.move_to_end(key)
+                return entry if entry.logits is not None else None
+            path = self._disk_index().get(key)
+        if path is None:
+            return None
+        read = self._read_file(path, key)
+        if read is None or read[1] is None:
+            return None
+        entry = CacheEntry(key, read[0], path, read[1])
+        self._remember(entry)
+        return entry
+
+    def holds(self, tokens: Sequence[int], logits: bool = False) -> bool:
+        """Whether an entry of exactly ``tokens`` is kept, in memory or on
+        disk (with its logits, if ``logits``)."""
+        key = tuple(tokens)
+        with self._lock:
+            entry = self._mem.get(key)
+            if entry is not None and (entry.logits is not None or not logits):
+                return True
+            return key in self._disk_index() and (key in self._disk_logits or not logits)
 
     # -- storing -----------------------------------------------------------
-    def put(self, tokens: Sequence[int], state: bytes) -> None:
-        """Remember the KV state of exactly ``tokens``."""
+    def put(self, tokens: Sequence[int], state: bytes, logits: bytes | None = None) -> None:
+        """Remember the KV state of exactly ``tokens`` (and the logits its
+        last token gave, if known)."""
         key = tuple(tokens)
         with self._lock:
             # An entry that extends another serves every lookup the shorter
             # one would (lookups match on shared prefixes), so drop those.
             for k in [k for k in self._mem if len(k) < len(key) and key[:len(k)] == k]:
                 del self._mem[k]
-        self._remember(CacheEntry(key, state))
+        self._remember(CacheEntry(key, state, logits=logits))
         if self.dir is not None and len(key) >= self.disk_min_tokens:
             with self._lock:
-                if key in self._disk_index():
+                if key in self._disk_index() and (key in self._disk_logits or logits is None):
                     return
                 # A newer prompt sharing most of a pending one's tokens (the
                 # same file typed on, the same chat a turn on) is written in
@@ -149,7 +179,7 @@ class PromptCache:
                 # is lost is at most a tenth of that prompt, to read again.
                 for k in [k for k in self._pending if common_prefix(k, key) >= SAME_SHARE * len(k)]:
                     del self._pending[k]
-                self._pending[key] = (state, time.monotonic() + DISK_DELAY_S)
+                self._pending[key] = (state, logits, time.monotonic() + DISK_DELAY_S)
                 if self._writer is None:
                     self._writer = threading.Thread(target=self._write_pending, daemon=True,
                                                     name="edgeinfer-cache-write")
@@ -169,7 +199,7 @@ class PromptCache:
                 if not self._pending:
                     self._writer = None
                     return
-                key, (state, due) = min(self._pending.items(), key=lambda kv: kv[1][1])
+                key, (state, logits, due) = min(self._pending.items(), key=lambda kv: kv[1][2])
                 wait = 0.0 if self._flushing else due - time.monotonic()
                 if wait <= 0:
                     del self._pending[key]
@@ -177,7 +207,7 @@ class PromptCache:
                 self._wake.wait(wait)
                 self._wake.clear()
                 continue
-            self._write_file(key, state)
+            self._write_file(key, state, logits)
 
     def _remember(self, entry: CacheEntry) -> None:
         if entry.nbytes > self.memory_budget:
@@ -244,14 +274,14 @@ class PromptCache:
                     continue
                 if size > room:
                     continue
-                state = self._read_file(path, key, touch=False)   # a preload is not a use
-                if state is None:
+                read = self._read_file(path, key, touch=False)   # a preload is not a use
+                if read is None:
                     continue
                 room -= size
                 with self._lock:
                     if key in self._mem:   # a request put or loaded it meanwhile
                         continue
-                    self._mem[key] = CacheEntry(key, state, path)
+                    self._mem[key] = CacheEntry(key, read[0], path, read[1])
                     self._mem.move_to_end(key, last=False)   # the least recent of memory: requests come first
 
         t = threading.Thread(target=run, daemon=True, name="edgeinfer-cache-preload")
@@ -266,7 +296,8 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._mem)
 
-    # -- disk format: MAGIC, u32 header length, JSON header, state bytes ----
+    # -- disk format: MAGIC, u32 header length, JSON header, state bytes, then
+    # -- the logits' bytes if the header counts any ("logits") ---------------
     def _disk_index(self) -> dict[tuple[int, ...], Path]:
         """Token prefixes of the files on disk, read once (headers only)."""
         if self._disk is None:
@@ -279,40 +310,50 @@ class PromptCache:
                         _remove(p)
                         continue
                     self._disk[tuple(head["tokens"])] = p
+                    if head["logits"]:
+                        self._disk_logits.add(tuple(head["tokens"]))
         return self._disk
 
-    def _write_file(self, key: tuple[int, ...], state: bytes) -> None:
+    def _write_file(self, key: tuple[int, ...], state: bytes, logits: bytes | None = None) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             name = hashlib.sha256(struct.pack(f"<{len(key)}i", *key)).hexdigest()[:32]
             path = self.dir / f"{name}.kv"
-            head = json.dumps({"namespace": self.namespace, "tokens": list(key),
-                               "size": len(state), "crc32": _checksum(key, state)}).encode()
+            logits = logits or b""
+            head = json.dumps({"namespace": self.namespace, "tokens": list(key), "size": len(state),
+                               "logits": len(logits), "crc32": _checksum(key, state, logits)}).encode()
             tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(head)) + head)
                 f.write(state)
+                f.write(logits)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             with self._lock:
                 self._disk_index()[key] = path
+                if logits:
+                    self._disk_logits.add(key)
             self._enforce_disk_budget()
         except OSError:
             pass  # a cache that cannot write is just a smaller cache
 
-    def _read_file(self, path: Path, key: tuple[int, ...], touch: bool = True) -> bytes | None:
+    def _read_file(self, path: Path, key: tuple[int, ...], touch: bool = True) -> tuple[bytes, bytes | None] | None:
+        """(state, logits or None) of the file at ``path``; None (and the
+        file gone) if it is not sound."""
         try:
             with open(path, "rb") as f:
                 head = _parse_header(f, os.fstat(f.fileno()).st_size)
                 if head is None or tuple(head["tokens"]) != key or head["namespace"] != self.namespace:
                     raise ValueError("header")
-                state = f.read(head["size"] + 1)
-            if len(state) != head["size"] or _checksum(key, state) != head["crc32"]:
+                state = f.read(head["size"])
+                logits = f.read(head["logits"] + 1)
+            if len(state) != head["size"] or len(logits) != head["logits"] or \
+                    _checksum(key, state, logits) != head["crc32"]:
                 raise ValueError("body")
             if touch:
                 os.utime(path)  # LRU by file time
-            return state
+            return state, logits or None
         except (OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError, struct.error):
             with self._lock:
                 (self._disk or {}).pop(key, None)
@@ -345,10 +386,10 @@ class PromptCache:
                             del self._disk[k]
 
 
-def _checksum(tokens: tuple[int, ...], state) -> int:
-    """crc32 over the token ids and the state: a damaged token id in the
-    header must not pass the state off as another prefix's."""
-    return zlib.crc32(state, zlib.crc32(struct.pack(f"<{len(tokens)}i", *tokens)))
+def _checksum(tokens: tuple[int, ...], state, logits: bytes = b"") -> int:
+    """crc32 over the token ids, the state and the logits: a damaged token
+    id in the header must not pass the state off as another prefix's."""
+    return zlib.crc32(logits, zlib.crc32(state, zlib.crc32(struct.pack(f"<{len(tokens)}i", *tokens))))
 
 
 def _parse_header(f, file_size: int | None = None) -> dict | None:
@@ -376,6 +417,9 @@ def _parse_header(f, file_size: int | None = None) -> dict | None:
     if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < 2 ** 31 for t in tokens):
         return None
     if type(size) is not int or size < 0 or (file_size is not None and size > file_size):
+        return None
+    logits = head.setdefault("logits", 0)   # files written before logits were kept have none
+    if type(logits) is not int or logits < 0 or logits % 4 or (file_size is not None and size + logits > file_size):
         return None
     if type(crc) is not int or not 0 <= crc < 2 ** 32:
         return None

@@ -31,11 +31,13 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from . import heat
 from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats
 from .grammar import GrammarGate
-from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK
+from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK, sample_logits
 from .sampling import free_chain, penalties, sampler_chain, token_logprobs
 from .sequence import Request, Sequence, State
 from .speculative import StepTimes, next_draft
@@ -326,7 +328,10 @@ class Scheduler:
         free = [s for s in range(self.n_seq) if s not in self._running]
         seq = ledger.choose_slot(r.tokens, free, self._idle_since)
         t0 = time.perf_counter()
-        n = ledger.reuse_prefix(r.tokens, seq, idle=tuple(free))
+        # A prompt the cache kept whole, with its last logits, is not read
+        # again at all: its first token is drawn from those logits below.
+        whole = ledger.reuse_whole(r.tokens, seq, idle=tuple(free)) if r.grammar is None else None
+        n = len(r.tokens) if whole is not None else ledger.reuse_prefix(r.tokens, seq, idle=tuple(free))
         # What finished sequences left in the cache would widen every step's
         # attention (it spans all used cells), so only the KV of running
         # sequences stays; the prompt cache keeps what is worth keeping.
@@ -353,6 +358,12 @@ class Scheduler:
                 free_chain(chain)
                 raise
         self._running[seq] = run
+        if whole is not None:
+            run.prefill_done(0)
+            try:
+                self.counters["generated"] += self._first_token(run, -1, np.frombuffer(whole, np.float32).copy())
+            except Exception as e:
+                self._fail(run, e if isinstance(e, EngineError) else EngineError(f"could not start: {e}"))
 
     # -- one step ---------------------------------------------------------
     def _step(self) -> None:
@@ -437,20 +448,32 @@ class Scheduler:
             if not run.prefill_done(len(toks)):
                 continue
             run.stats.prefill_tps = (len(run.req.tokens) - run.n_cached) / max(now - run.t0, 1e-9)
-            if run.req.cancelled():
-                self._finish(run, "cancelled")
-            elif run.req.max_tokens <= 0:  # a prefill only (benchmarks, cache warming)
-                self._finish(run, "length")
-            else:
-                made += self._sample(run, idx) >= 0
+            cache = self.ledger.prompt_cache
+            keep = cache is not None and len(run.req.tokens) > run.n_cached and \
+                not cache.holds(run.req.tokens, logits=idx >= 0)
+            # The prompt's last logits go into the cache with its KV, copied
+            # before sampling changes them (penalties work in place).
+            logits = self.ctx.logits(idx).tobytes() if keep and idx >= 0 else None
+            made += self._first_token(run, idx)
             # Once the first token is on its way: the copy of the prompt's KV
             # takes a while (9 ms for 1,100 tokens of SmolLM2). Until the next
             # step the sequence still holds exactly the prompt.
-            cache = self.ledger.prompt_cache
-            if cache is not None and len(run.req.tokens) > run.n_cached and not cache.holds(run.req.tokens):
-                cache.put(run.req.tokens, self.ledger.save(run.seq))
+            if keep:
+                cache.put(run.req.tokens, self.ledger.save(run.seq), logits)
         self.counters["generated"] += made
         self._recent.append((time.perf_counter(), made))
+
+    def _first_token(self, run: Sequence, idx: int, logits: np.ndarray | None = None) -> int:
+        """A run whose prompt is read: its first token (at batch row
+        ``idx``, or from ``logits``), unless it ended or only reads its
+        prompt. Returns the tokens generated (0 or 1)."""
+        if run.req.cancelled():
+            self._finish(run, "cancelled")
+        elif run.req.max_tokens <= 0:  # a prefill only (benchmarks, cache warming)
+            self._finish(run, "length")
+        else:
+            return int(self._sample(run, idx, logits) >= 0)
+        return 0
 
     def _draft(self, run: Sequence, n_decoding: int) -> list[int]:
         """The draft to verify after ``run``'s pending token this step
@@ -561,14 +584,18 @@ class Scheduler:
         run.drafts = []
         return made
 
-    def _sample(self, run: Sequence, idx: int) -> int:
-        """Sample the next token of ``run`` at batch row ``idx``; emit text;
-        finish it if it ended. Returns the token generated, or -1 if the
-        run ended without one."""
+    def _sample(self, run: Sequence, idx: int, logits: np.ndarray | None = None) -> int:
+        """Sample the next token of ``run`` at batch row ``idx`` (or from
+        ``logits``, a row of its own, which this changes; never with a
+        grammar); emit text; finish it if it ended. Returns the token
+        generated, or -1 if the run ended without one."""
         ctx, vocab = self.ctx, self.vocab
+        row = ctx.logits(idx) if logits is None else logits
         if run.penalties is not None:
-            run.penalties.apply(ctx.logits(idx))
-        if run.gate is None:
+            run.penalties.apply(row)
+        if logits is not None:
+            tok = sample_logits(run.chain, row)
+        elif run.gate is None:
             tok = ctx.sample(run.chain, idx)
         else:
             tok = run.gate.sample(run.chain, ctx, idx, vocab.is_eog)
@@ -581,7 +608,7 @@ class Scheduler:
         if vocab.is_eog(tok):
             self._finish(run, "stop")
             return -1
-        logprob = None if run.req.logprobs is None else token_logprobs(ctx.logits(idx), tok, run.req.logprobs, vocab)
+        logprob = None if run.req.logprobs is None else token_logprobs(row, tok, run.req.logprobs, vocab)
         event, reason = run.emit(tok, vocab.token_bytes(tok, tok in run.req.shown), logprob=logprob,
                                  context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
         if event is not None:

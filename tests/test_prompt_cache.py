@@ -222,6 +222,47 @@ CORRUPTIONS = {
 }
 
 
+def test_the_logits_go_to_disk_with_the_state_and_only_whole_files_count(tmp_path):
+    tokens = list(range(100, 140))
+    logits = struct.pack("<4f", 0.5, -1.0, 2.0, 0.0)
+    writer = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
+    writer.put(tokens, state_for(tokens, 5000), logits)
+    writer.flush()
+    [path] = kv_files(tmp_path)
+
+    reader = PromptCache("ns", root=tmp_path)
+    assert reader.holds(tokens, logits=True)
+    entry = reader.exact(tokens)
+    assert (entry.state, entry.logits) == (state_for(tokens, 5000), logits)
+    assert reader.exact(tokens[:-1]) is None and reader.exact(tokens + [1]) is None
+
+    path.write_bytes(flip(2)(path.read_bytes()))   # a byte of the logits
+    damaged = PromptCache("ns", root=tmp_path)
+    assert damaged.exact(tokens) is None
+    assert not path.exists()
+
+
+def test_a_file_without_logits_is_used_and_then_rewritten_with_them(tmp_path):
+    """Files written before logits were kept: their state still serves a
+    prefix, exact() passes them by, and a put with logits replaces them."""
+    tokens = list(range(100, 140))
+    old = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
+    old.put(tokens, state_for(tokens, 5000))
+    old.flush()
+    [path] = kv_files(tmp_path)
+    head, body = split_file(path.read_bytes())
+    del head["logits"]                             # the header as it was written then
+    path.write_bytes(join_file(head, body))
+
+    cache = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
+    assert cache.nearest(tokens)[1].state == state_for(tokens, 5000)
+    assert cache.holds(tokens) and not cache.holds(tokens, logits=True)
+    assert cache.exact(tokens) is None
+    cache.put(tokens, state_for(tokens, 5000), b"\0" * 8)
+    cache.flush()
+    assert PromptCache("ns", root=tmp_path).exact(tokens).logits == b"\0" * 8
+
+
 @pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
 def test_a_corrupt_file_is_deleted_and_ignored(tmp_path, corrupt):
     tokens = list(range(100, 140))
@@ -362,8 +403,49 @@ def test_exact_repeat_from_the_cache_matches_no_cache(cached, plain, prompts, ot
     again = run(cached, a)
 
     assert first[2] == 0
-    assert again[2] == len(a) - 2      # all but the last two tokens (KVLedger.reuse_prefix)
+    assert again[2] == len(a)          # the whole prompt: its first token from the logits kept with it
     assert first[:2] == again[:2] == expected(plain, a)
+
+
+SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.95, repeat_penalty=1.3, seed=1234)
+
+
+def test_an_exact_repeat_reads_no_prompt_token_and_samples_as_a_cold_prefill(cached, plain, prompts, other):
+    """The first token of a prompt the cache kept whole comes from the
+    logits its last token gave when it was read, through the same chain
+    (penalties and a seeded draw included): nothing is evaluated again,
+    and every token is the one a cold prefill gives."""
+    a = prompts[0]
+
+    def sampled(engine):
+        events = list(engine.stream_tokens(a, max_tokens=MAX_TOKENS, **SAMPLED))
+        return [t for ev in events for t in ev.tokens], events[-1].stats
+
+    want, _ = sampled(plain)
+    run(cached, a)
+    run(cached, other)
+    read_before = cached.status()["prefill_tokens"]
+    got, stats = sampled(cached)
+    assert stats.cached_tokens == len(a)
+    assert cached.status()["prefill_tokens"] == read_before
+    assert got == want
+
+
+def test_a_grammar_on_an_exact_repeat_reads_the_last_two_tokens_again(cached, plain, prompts):
+    """A grammar draws through the context's own row, so its request
+    evaluates the last two prompt tokens again, as before logits were kept."""
+    a = prompts[0]
+    digits = 'root ::= [0-9]+ " "'
+
+    def constrained(engine):
+        events = list(engine.stream_tokens(a, max_tokens=8, grammar=digits, **GREEDY))
+        return "".join(ev.text for ev in events), events[-1].stats.cached_tokens
+
+    want = constrained(plain)[0]
+    run(cached, a)
+    text, cached_tokens = constrained(cached)
+    assert cached_tokens == len(a) - 2
+    assert text == want
 
 
 def test_a_different_question_after_the_same_system_prompt(cached, plain, prompts):
@@ -375,7 +457,7 @@ def test_a_different_question_after_the_same_system_prompt(cached, plain, prompt
 
     assert ra1[2] == 0
     assert rb[2] == shared                    # the system prompt, from the live KV
-    assert ra2[2] == len(a) - 2 > shared      # more than the live KV could give: the cache
+    assert ra2[2] == len(a) > shared          # more than the live KV could give: the cache, whole
     assert ra1[:2] == ra2[:2] == expected(plain, a)
     assert rb[:2] == expected(plain, b)
 
@@ -424,7 +506,7 @@ def test_disk_hit_in_a_fresh_engine(tiny_model, plain, prompts, edgeinfer_home):
         assert (text, ids) == expected(plain, b)
     with Engine(tiny_model, n_ctx=N_CTX, threads=2, cache_memory_budget=0) as third:   # nothing preloaded: from disk
         text, ids, cached_tokens = run(third, a)
-        assert cached_tokens == len(a) - 2
+        assert cached_tokens == len(a)       # the logits came from the file too
         assert (text, ids) == expected(plain, a)
 
 
@@ -534,7 +616,7 @@ def test_cache_disk_false_keeps_the_cache_in_memory(tiny_model, plain, prompts, 
         run(e, other)
         text, ids, cached_tokens = run(e, a)
         e.prompt_cache.flush()
-    assert cached_tokens == len(a) - 2
+    assert cached_tokens == len(a)
     assert (text, ids) == expected(plain, a)
     assert kv_files(edgeinfer_home) == []
 

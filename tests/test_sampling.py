@@ -170,9 +170,9 @@ def native_penalties(logits, history, last_n, repeat, frequency, presence):
     import llama_cpp as lc
     import numpy as np
 
-    from edgeinfer.grammar import _TOKEN_DATA
+    from edgeinfer.llama import TOKEN_DATA
 
-    buf = np.zeros(len(logits), dtype=_TOKEN_DATA)
+    buf = np.zeros(len(logits), dtype=TOKEN_DATA)
     buf["id"] = np.arange(len(logits), dtype=np.int32)
     buf["logit"] = logits
     arr = lc.llama_token_data_array(buf.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), len(buf), -1, False)
