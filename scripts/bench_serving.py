@@ -348,6 +348,21 @@ def slot_action(server: Server, slot: int, action: str, filename: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+def settle(server: Server, quiet: float = 0.02, most: float = 10.0) -> None:
+    """Wait until ``server`` (started here) is idle: work it put off
+    (edgeinfer writes prompt-cache entries to disk a second after a
+    request, at the lowest priority) is done before the other server is
+    measured, instead of running during its measurement."""
+    deadline = time.monotonic() + most
+    before = server.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = server.cpu_seconds()
+        if now - before < quiet:
+            return
+        before = now
+
+
 # -- the run -----------------------------------------------------------------
 def run(servers: list[Server], args) -> dict:
     run_tag = f"{random.randrange(16**6):06x}"
@@ -366,6 +381,7 @@ def run(servers: list[Server], args) -> dict:
                         idle_cpu[o.name] += o.cpu_seconds() - before[o.name]
                 results[s.name][w].append(r)
                 time.sleep(0.3)   # let the other server's OpenMP workers stop spinning
+                settle(s)
         log(f"rep {rep + 1}/{args.reps}: " + "; ".join(
             f"{s.name} a {results[s.name]['a'][-1]['decode_tps']:.1f} tok/s, "
             f"b {results[s.name]['b'][-1]['aggregate_tps']:.1f} tok/s, "
