@@ -17,7 +17,7 @@ import pytest
 
 import edgeinfer
 from edgeinfer.engine import DoneEvent, Engine
-from edgeinfer.speculative import PROBE_EVERY, PROBE_MOST, Estimate, NgramIndex, SpecConfig, best_draft
+from edgeinfer.speculative import PROBE_EVERY, PROBE_GROWTH, PROBE_MOST, Estimate, NgramIndex, SpecConfig, best_draft
 
 GREEDY = dict(temperature=0)
 PROMPTS = ["The weather was", "We walked to the market and", "def add(a, b):\n    return a + b\n\ndef",
@@ -81,7 +81,7 @@ def test_an_estimate_follows_what_is_kept():
     assert est.accept > 0.95
     assert est.wait == PROBE_EVERY
     est.record(2, 1, extra=1.2)              # kept less than the wider step cost
-    assert est.wait == 2 * PROBE_EVERY
+    assert est.wait == PROBE_GROWTH * PROBE_EVERY
 
 
 def test_bad_settings_are_refused():
