@@ -176,6 +176,8 @@ class Engine:
         self._scheduler = Scheduler(self._ctx, self._ledger, name=self.name, native=self.native.setting,
                                     draft=self.draft, stop_on_repeat=self.stop_on_repeat,
                                     queue_limit=queue_limit, prefill_chunk=prefill_chunk)
+        if self.prompt_cache is not None:
+            self.prompt_cache.busy = self._scheduler.busy   # disk writes wait for a gap
         self._step_costs: dict[int, float] | None = None
         self._batcher = Batcher(self._ctx, self._exclusive) if self.embedding else None
         self._memo: collections.OrderedDict = collections.OrderedDict()   # see _segment_tokens

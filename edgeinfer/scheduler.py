@@ -50,6 +50,7 @@ MIN_CHUNK = 16
 FIRST_CHUNK = 64              # until a prefill step has been timed
 DEFAULT_QUEUE = 64            # requests that may wait for a slot
 STALL_EVENTS = 256            # undelivered events after which a sequence waits for its reader
+QUIET_S = 0.5                 # busy() for this long after a request ends
 
 
 class Scheduler:
@@ -77,6 +78,7 @@ class Scheduler:
         self._prefill_tps = 0.0
         self._cond = threading.Condition()
         self._queue: collections.deque[Request] = collections.deque()
+        self._last_end = 0.0   # when a request last ended (busy())
         self._calls: collections.deque = collections.deque()
         self._running: dict[int, Sequence] = {}        # slot → its sequence
         self._idle_since = {s: 0.0 for s in range(self.n_seq)}  # LRU of free slots' cached KV
@@ -289,6 +291,12 @@ class Scheduler:
                 self._deliver(r, EngineBusyError(
                     f"{self.name} is busy: no sequence was free within {r.admit_timeout:g} s"))
                 r.finished = True
+
+    def busy(self) -> bool:
+        """Whether a request is running or waiting, or one ended less than
+        QUIET_S ago (the next turn of a chat, a client's next request, is
+        likely on its way). Read from any thread."""
+        return bool(self._running) or bool(self._queue) or time.monotonic() - self._last_end < QUIET_S
 
     def _finish_unstarted(self, r: Request, reason: str) -> None:
         stats = Stats(prompt_tokens=len(r.tokens), native=self.native, finish_reason=reason)
@@ -627,6 +635,7 @@ class Scheduler:
 
     def _release(self, run: Sequence) -> None:
         self._running.pop(run.seq, None)
+        self._last_end = time.monotonic()
         if not self.ledger.reuse:
             self.ledger.clear(run.seq)
         self._idle_since[run.seq] = time.perf_counter()

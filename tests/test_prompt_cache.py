@@ -148,6 +148,41 @@ def test_disk_write_only_from_disk_min_tokens_and_off_the_callers_path(tmp_path,
     assert [e["tokens"] for e in pc.disk_entries(tmp_path)] == [4]
 
 
+def test_a_due_write_waits_while_the_model_works(tmp_path, monkeypatch):
+    """A write waits for a gap in the model's work, up to BUSY_DEFER_S;
+    flush() writes at once, busy or not."""
+    monkeypatch.setattr(pc, "DISK_DELAY_S", 0.0)
+    monkeypatch.setattr(pc, "BUSY_RECHECK_S", 0.01)
+    working = threading.Event()
+    working.set()
+    cache = PromptCache("ns", disk_min_tokens=4, root=tmp_path)
+    cache.busy = working.is_set
+    tokens = [1, 2, 3, 4]
+
+    cache.put(tokens, state_for(tokens))
+    time.sleep(0.3)
+    assert kv_files(tmp_path) == []             # due, but the model is working
+    working.clear()
+    deadline = time.monotonic() + 10
+    while not kv_files(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(kv_files(tmp_path)) == 1         # written in the gap
+
+    working.set()
+    other = [5, 6, 7, 8]
+    cache.put(other, state_for(other))
+    cache.flush()                               # a stop does not wait for a gap
+    assert len(kv_files(tmp_path)) == 2
+
+    monkeypatch.setattr(pc, "BUSY_DEFER_S", 0.2)  # nor does a write kept waiting long enough
+    third = [9, 10, 11, 12]
+    cache.put(third, state_for(third))
+    deadline = time.monotonic() + 10
+    while len(kv_files(tmp_path)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(kv_files(tmp_path)) == 3
+
+
 def test_a_fresh_cache_finds_the_disk_entry_and_another_namespace_does_not(tmp_path):
     tokens = list(range(10, 30))
     writer = PromptCache("ns", disk_min_tokens=8, root=tmp_path)
