@@ -598,11 +598,10 @@ class Scheduler:
         grammar); emit text; finish it if it ended. Returns the token
         generated, or -1 if the run ended without one."""
         ctx, vocab = self.ctx, self.vocab
-        row = ctx.logits(idx) if logits is None else logits
         if run.penalties is not None:
-            run.penalties.apply(row)
+            run.penalties.apply(ctx.logits(idx) if logits is None else logits)
         if logits is not None:
-            tok = sample_logits(run.chain, row)
+            tok = sample_logits(run.chain, logits)
         elif run.gate is None:
             tok = ctx.sample(run.chain, idx)
         else:
@@ -616,7 +615,8 @@ class Scheduler:
         if vocab.is_eog(tok):
             self._finish(run, "stop")
             return -1
-        logprob = None if run.req.logprobs is None else token_logprobs(row, tok, run.req.logprobs, vocab)
+        logprob = None if run.req.logprobs is None else \
+            token_logprobs(ctx.logits(idx) if logits is None else logits, tok, run.req.logprobs, vocab)
         event, reason = run.emit(tok, vocab.token_bytes(tok, tok in run.req.shown), logprob=logprob,
                                  context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
         if event is not None:
