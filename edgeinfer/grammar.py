@@ -20,7 +20,7 @@ from llama_cpp import llama_grammar
 
 from .errors import GrammarError
 from .grammar_cost import check_gbnf, check_schema_counts
-from .llama import TOKEN_DATA
+from .llama import TOKEN_DATA, token_data_array
 
 MAX_SCHEMA_BYTES = 256 * 1024   # a schema past this is almost surely a mistake
 MAX_GRAMMAR_BYTES = 1 << 20
@@ -333,8 +333,8 @@ class GrammarGate:
         self.cand = np.zeros(n_vocab, dtype=TOKEN_DATA)
         self.one = np.zeros(1, dtype=TOKEN_DATA)
         self.masked = 0      # tokens the grammar refused, so that the whole vocabulary was masked
-        self.arr = self._array(self.cand)
-        self.one_arr = self._array(self.one)
+        self.arr = token_data_array(self.cand)
+        self.one_arr = token_data_array(self.one)
         # A lazy grammar (tool calls under "auto") waits for its trigger in
         # the text; llama.cpp's own lazy grammar aborts the process when
         # the text its trigger caught does not parse, so it is done here.
@@ -344,11 +344,6 @@ class GrammarGate:
         self.seen = 0        # bytes of text so far
         # A trigger anchored at the answer's start can only match while the tail holds the start.
         self.anchored = self.waiting and grammar.trigger.pattern.startswith(rb"\A")
-
-    @staticmethod
-    def _array(buf: np.ndarray):
-        return lc.llama_token_data_array(buf.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)),
-                                         len(buf), -1, False)
 
     def _fill(self, ctx, idx: int):
         logits = ctx.logits(idx)

@@ -43,6 +43,12 @@ TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 assert TOKEN_DATA.itemsize == ctypes.sizeof(lc.llama_token_data)
 
 
+def token_data_array(buf: np.ndarray):
+    """A llama_token_data_array over ``buf`` (TOKEN_DATA rows), unsorted,
+    nothing selected."""
+    return lc.llama_token_data_array(buf.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), len(buf), -1, False)
+
+
 def sample_logits(chain, logits: np.ndarray) -> int:
     """Draw a token with sampler ``chain`` from ``logits``, a row kept
     apart from any context, exactly as llama_sampler_sample draws from a
@@ -52,7 +58,7 @@ def sample_logits(chain, logits: np.ndarray) -> int:
     cand["id"] = np.arange(len(logits), dtype=np.int32)
     cand["logit"] = logits
     cand["p"] = 0.0
-    arr = lc.llama_token_data_array(cand.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), len(cand), -1, False)
+    arr = token_data_array(cand)
     lc.llama_sampler_apply(chain, ctypes.byref(arr))
     if not 0 <= arr.selected < arr.size:
         raise EngineError("the sampler chose no token")

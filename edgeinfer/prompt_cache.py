@@ -129,12 +129,8 @@ class PromptCache:
                 self._mem.move_to_end(best_key)
                 return best_n, self._mem[best_key]
             path = self._disk[best_key]
-        read = self._read_file(path, best_key)
-        if read is None:
-            return None
-        entry = CacheEntry(best_key, read[0], path, read[1])
-        self._remember(entry)
-        return best_n, entry
+        entry = self._load(path, best_key)
+        return None if entry is None else (best_n, entry)
 
     def exact(self, tokens: Sequence[int]) -> CacheEntry | None:
         """The entry of exactly ``tokens`` if it kept its logits (from
@@ -146,10 +142,14 @@ class PromptCache:
                 self._mem.move_to_end(key)
                 return entry if entry.logits is not None else None
             path = self._disk_index().get(key)
-        if path is None:
-            return None
+        entry = None if path is None else self._load(path, key)
+        return entry if entry is not None and entry.logits is not None else None
+
+    def _load(self, path: Path, key: tuple[int, ...]) -> CacheEntry | None:
+        """The entry in the file at ``path``, now also in memory; None if
+        the file is not sound."""
         read = self._read_file(path, key)
-        if read is None or read[1] is None:
+        if read is None:
             return None
         entry = CacheEntry(key, read[0], path, read[1])
         self._remember(entry)
@@ -343,8 +343,7 @@ class PromptCache:
             os.replace(tmp, path)
             with self._lock:
                 self._disk_index()[key] = path
-                if logits:
-                    self._disk_logits.add(key)
+                (self._disk_logits.add if logits else self._disk_logits.discard)(key)
             self._enforce_disk_budget()
         except OSError:
             pass  # a cache that cannot write is just a smaller cache

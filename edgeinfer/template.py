@@ -10,6 +10,7 @@ and any sandbox violation is a TemplateError.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import re
 import secrets
@@ -54,21 +55,12 @@ def _environment():
     return _env
 
 
-_compiled: dict[str, object] = {}
-MAX_COMPILED = 16
-
-
+@functools.lru_cache(maxsize=16)
 def _template(source: str):
     """``source`` compiled in the sandbox, once: compiling a chat template
     takes a few ms, which every request would otherwise spend before its
     first token. Templates are few (one per model, and the fallback)."""
-    t = _compiled.get(source)
-    if t is None:
-        t = _environment().from_string(source)
-        if len(_compiled) >= MAX_COMPILED:
-            _compiled.clear()
-        _compiled[source] = t
-    return t
+    return _environment().from_string(source)
 
 
 def check_messages(messages: list[dict]) -> list[dict]:
