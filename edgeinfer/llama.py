@@ -78,6 +78,11 @@ class Vocab:
         self.eos: int = lc.llama_vocab_eos(handle)
         self._local = threading.local()         # token_to_piece buffers, one per thread
         self._eog: tuple[int, ...] | None = None
+        # Each token's bytes and whether it ends a turn, asked once and
+        # kept: the scheduler asks for every token it draws, and a call
+        # into llama.cpp costs more than the lookup (the GIL changes hands).
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self._ends: dict[int, bool] = {}
 
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
         try:
@@ -96,6 +101,12 @@ class Vocab:
         return list(buf[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
+        piece = self._pieces.get((token, special))
+        if piece is None:
+            piece = self._pieces[(token, special)] = self._token_bytes(token, special)
+        return piece
+
+    def _token_bytes(self, token: int, special: bool) -> bytes:
         buf = getattr(self._local, "piece", None)
         if buf is None:
             buf = self._local.piece = ctypes.create_string_buffer(256)
@@ -112,7 +123,10 @@ class Vocab:
         return self.token_bytes(token, special=True).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(lc.llama_vocab_is_eog(self.handle, token))
+        ends = self._ends.get(token)
+        if ends is None:
+            ends = self._ends[token] = bool(lc.llama_vocab_is_eog(self.handle, token))
+        return ends
 
     def is_control(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_control(self.handle, token))

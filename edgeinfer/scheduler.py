@@ -38,7 +38,7 @@ from .errors import EngineBusyError, EngineError
 from .events import DoneEvent, Stats
 from .grammar import GrammarGate
 from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK, sample_logits
-from .sampling import free_chain, penalties, sampler_chain, token_logprobs
+from .sampling import free_chain, penalties, sampler_chain, takes_largest, token_logprobs
 from .sequence import Request, Sequence, State
 from .speculative import StepTimes, next_draft
 
@@ -352,12 +352,14 @@ class Scheduler:
         self.counters["requests"] += 1
         self.counters["cache_hits"] += n > 0
         ctx, vocab = self.ctx, self.vocab
+        banned = vocab.eog_tokens() if r.ignore_eos else ()
         chain = sampler_chain(r.seed, n_vocab=ctx.n_vocab, vocab=vocab.handle, n_ctx=ctx.n_ctx,
-                              banned=vocab.eog_tokens() if r.ignore_eos else (), bias=r.logit_bias, **r.options)
+                              banned=banned, bias=r.logit_bias, **r.options)
         r.seq = seq
         self.last_seq = seq
         run = Sequence(r, seq, n, chain=chain, t0=t0, stop_on_repeat=self.stop_on_repeat)
         run.penalties = penalties(ctx.n_ctx, **r.options)
+        run.greedy = takes_largest(r.logit_bias, **r.options)
         if r.grammar is not None:
             try:
                 run.gate = GrammarGate(r.grammar, ctx.n_vocab, vocab,
@@ -598,17 +600,24 @@ class Scheduler:
         grammar); emit text; finish it if it ended. Returns the token
         generated, or -1 if the run ended without one."""
         ctx, vocab = self.ctx, self.vocab
+        row = logits
+        if row is None and (run.penalties is not None or run.greedy):
+            row = ctx.logits(idx)   # a view of the context's row
         if run.penalties is not None:
-            run.penalties.apply(ctx.logits(idx) if logits is None else logits)
-        if logits is not None:
-            tok = sample_logits(run.chain, logits)
-        elif run.gate is None:
-            tok = ctx.sample(run.chain, idx)
-        else:
+            run.penalties.apply(row)   # in place, so the chain or the grammar sees it
+        if run.gate is not None:
             tok = run.gate.sample(run.chain, ctx, idx, vocab.is_eog)
             if tok < 0:  # the grammar allows nothing more
                 self._finish(run, "stop")
                 return -1
+        elif run.greedy:
+            tok = int(row.argmax())
+            if run.req.ignore_eos and vocab.is_eog(tok):   # banned: the chain takes the largest of the rest
+                tok = ctx.sample(run.chain, idx) if logits is None else sample_logits(run.chain, logits)
+        elif logits is not None:
+            tok = sample_logits(run.chain, logits)
+        else:
+            tok = ctx.sample(run.chain, idx)
         if run.penalties is not None:
             run.penalties.accept(tok)
         run.first_token_at(time.perf_counter())
@@ -616,7 +625,7 @@ class Scheduler:
             self._finish(run, "stop")
             return -1
         logprob = None if run.req.logprobs is None else \
-            token_logprobs(ctx.logits(idx) if logits is None else logits, tok, run.req.logprobs, vocab)
+            token_logprobs(ctx.logits(idx) if row is None else row, tok, run.req.logprobs, vocab)
         event, reason = run.emit(tok, vocab.token_bytes(tok, tok in run.req.shown), logprob=logprob,
                                  context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
         if event is not None:

@@ -106,7 +106,7 @@ class Sequence:
 
     __slots__ = ("req", "seq", "state", "pending", "chain", "gate", "penalties", "utf8", "matcher", "generated",
                  "pending_ids", "pending_lp", "t0", "t_first", "stats", "n_cached", "ngrams", "estimate", "drafts",
-                 "stop_on_repeat")
+                 "stop_on_repeat", "greedy")
 
     def __init__(self, req: Request, seq: int, n_cached: int, *, chain=None, t0: float | None = None,
                  stop_on_repeat: bool = True):
@@ -115,6 +115,7 @@ class Sequence:
         self.state = State.PREFILLING
         self.gate = None   # a GrammarGate when the request has a grammar
         self.penalties = None   # a sampling.Penalties when the options penalise repeats
+        self.greedy = False     # the chain only takes the largest logit (sampling.takes_largest)
         self.pending = req.tokens[n_cached:]   # tokens still to evaluate
         self.n_cached = n_cached
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")

@@ -237,3 +237,44 @@ PENALISED = {
          54, 93, 377, 297, 634, 361, 524, 286, 303, 361, 93, 377, 54, 333, 297, 634, 361, 524, 286,
          93, 377, 54],
 }
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(repeat_penalty=1.2), dict(ignore_eos=True, n=120)],
+                         ids=["plain", "penalties", "ignore_eos"])
+def test_greedy_takes_the_same_tokens_without_the_chain(engine, monkeypatch, opts):
+    """Greedy requests skip llama.cpp's chain and take numpy's argmax of
+    the row (sampling.takes_largest); with ignore_eos the chain still
+    draws where the largest logit is a banned token. The tokens must be
+    the chain's."""
+    from edgeinfer import scheduler
+
+    fast = tokens(engine, temperature=0, **opts)
+    monkeypatch.setattr(scheduler, "takes_largest", lambda *a, **k: False)
+    assert tokens(engine, temperature=0, **opts) == fast
+
+
+def test_greedy_with_banned_tokens_lets_the_chain_draw_where_one_is_largest(engine, monkeypatch):
+    """ignore_eos bans the end-of-generation tokens. The tiny model never
+    ranks its own first, so here the token it favours most (286) counts
+    as one: argmax lands on it, the chain draws instead, and the tokens
+    are the chain's all the way."""
+    from edgeinfer import llama, scheduler
+
+    vocab = engine.vocab
+    monkeypatch.setattr(vocab, "eog_tokens", lambda: (286,))
+    monkeypatch.setattr(vocab, "is_eog", lambda t: t == 286)
+    draws = []
+    sample = llama.Context.sample
+    monkeypatch.setattr(llama.Context, "sample", lambda self, chain, row: draws.append(row) or sample(self, chain, row))
+    fast = tokens(engine, n=60, temperature=0, ignore_eos=True)
+    assert 0 < len(draws) < 60 and 286 not in fast
+    monkeypatch.setattr(scheduler, "takes_largest", lambda *a, **k: False)
+    assert tokens(engine, n=60, temperature=0, ignore_eos=True) == fast
+
+
+def test_takes_largest_only_for_a_bare_greedy_chain():
+    assert sampling.takes_largest(temperature=0)
+    assert sampling.takes_largest(temperature=0, repeat_penalty=1.3, top_k=5)   # penalties are applied before
+    assert not sampling.takes_largest(temperature=0.7)
+    assert not sampling.takes_largest(temperature=0, dry_multiplier=0.8)
+    assert not sampling.takes_largest({5: 2.0}, temperature=0)
