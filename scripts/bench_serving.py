@@ -366,13 +366,14 @@ def settle(server: Server, quiet: float = 0.02, most: float = 10.0) -> None:
 # -- the run -----------------------------------------------------------------
 def run(servers: list[Server], args) -> dict:
     run_tag = f"{random.randrange(16**6):06x}"
-    results: dict = {s.name: {w: [] for w, _ in WORKLOADS} for s in servers}
+    workloads = [(w, fn) for w, fn in WORKLOADS if w in args.workloads]
+    results: dict = {s.name: {w: [] for w, _ in workloads} for s in servers}
     idle_cpu = {s.name: 0.0 for s in servers}
     for s in servers:   # one short request each: lazy start-up work out of the way
         stream(s, chat(SYSTEM, f"[warm-up {run_tag}] Say hello."), 8)
     for rep in range(args.reps):
         order = servers if rep % 2 == 0 else servers[::-1]
-        for w, fn in WORKLOADS:
+        for w, fn in workloads:
             for s in order:
                 before = {o.name: o.cpu_seconds() for o in servers if o is not s}
                 r = fn(s, f"{w}{rep}-{run_tag}", args)
@@ -382,11 +383,11 @@ def run(servers: list[Server], args) -> dict:
                 results[s.name][w].append(r)
                 time.sleep(0.3)   # let the other server's OpenMP workers stop spinning
                 settle(s)
+        shown = {"a": ("decode_tps", "a {:.1f} tok/s"), "b": ("aggregate_tps", "b {:.1f} tok/s"),
+                 "c": ("warm_ttft_ms", "c warm {:.0f} ms"), "d": ("warm_ttft_ms", "d warm {:.0f} ms")}
         log(f"rep {rep + 1}/{args.reps}: " + "; ".join(
-            f"{s.name} a {results[s.name]['a'][-1]['decode_tps']:.1f} tok/s, "
-            f"b {results[s.name]['b'][-1]['aggregate_tps']:.1f} tok/s, "
-            f"c warm {results[s.name]['c'][-1]['warm_ttft_ms']:.0f} ms, "
-            f"d warm {results[s.name]['d'][-1]['warm_ttft_ms']:.0f} ms" for s in servers))
+            f"{s.name} " + ", ".join(shown[w][1].format(results[s.name][w][-1][shown[w][0]]) for w, _ in workloads)
+            for s in servers))
     if args.restart:   # the servers started here (a restart needs the command)
         restartable = [s for s in servers if s.cmd]
         for s in restartable:
@@ -433,7 +434,7 @@ def notes(servers: list[Server], summary: dict, args) -> list[str]:
     out = []
     tok = summary["token_counts"]
     names = [s.name for s in servers]
-    for w in ("a", "b", "c", "d"):
+    for w in (w for w in "abcd" if w in args.workloads):
         seen = {n: (tuple(tok[n][w]["prompt_tokens"]), tuple(tok[n][w]["completion_tokens"])) for n in names}
         if len(set(seen.values())) > 1:
             out.append(f"workload {w}: token counts differ between servers (prompt; completion): "
@@ -546,6 +547,8 @@ def main(argv=None) -> int:
     p.add_argument("--short-tokens", type=int, default=16, help="max_tokens in workloads c, d and e")
     p.add_argument("--system-tokens", type=int, default=1000, help="about this many tokens of system prompt "
                    "in c, d and e")
+    p.add_argument("--workloads", default="abcd", help="which of a, b, c and d to run, e.g. 'a' for one "
+                   "stream's decode alone (--restart adds e)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--restart", action="store_true", help="workload e: TTFT of a prompt seen before a restart "
                    "(the servers started here; llama-server's slot saved and restored by hand)")
@@ -553,6 +556,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     args.reps = max(1, args.reps)
+    if not args.workloads or set(args.workloads) - set("abcd"):
+        p.error(f"--workloads {args.workloads!r}: give some of the letters a, b, c, d")
     if args.restart and not (args.edgeinfer_model or args.llama_server):
         p.error("--restart restarts the servers this script starts: give --edgeinfer-model or --llama-server")
     args.slot_dir = tempfile.mkdtemp(prefix="bench-serving-slots-") if args.restart else None
@@ -615,12 +620,14 @@ def main(argv=None) -> int:
         "threads": args.threads if started else None, "parallel": args.parallel if started else None,
         "ctx": args.ctx if started else None,
         "model": args.edgeinfer_model or args.gguf or servers[0].model, "gguf": args.gguf,
-        "reps": args.reps, "max_tokens": args.tokens, "short_max_tokens": args.short_tokens, "streams": args.streams,
+        "reps": args.reps, "workloads": args.workloads, "max_tokens": args.tokens,
+        "short_max_tokens": args.short_tokens, "streams": args.streams,
         "system_tokens": args.system_tokens, "command": shlex.join([sys.executable, *sys.argv]),
         "load_avg": [load_before, round(os.getloadavg()[0], 2)], "run_tag": out["run_tag"],
         "servers": [{"name": s.name, "base_url": s.base_url, "model": s.model,
                      "cmd": shlex.join(s.cmd) if s.cmd else None, "exit": exits.get(s.name),
-                     "fingerprint": next((q["fingerprint"] for q in res[s.name]["a"][0]["requests"]), None)}
+                     "fingerprint": next((q["fingerprint"] for reps in res[s.name].values() for r in reps[:1]
+                                          for q in r["requests"]), None)}
                     for s in servers],
         **summary, "idle_cpu_s": out["idle_cpu_s"],
         "restart_s": {n: [round(r["restart_s"], 2) for r in ws["e"]] for n, ws in res.items() if ws.get("e")},
