@@ -352,9 +352,8 @@ class Scheduler:
         self.counters["requests"] += 1
         self.counters["cache_hits"] += n > 0
         ctx, vocab = self.ctx, self.vocab
-        banned = vocab.eog_tokens() if r.ignore_eos else ()
         chain = sampler_chain(r.seed, n_vocab=ctx.n_vocab, vocab=vocab.handle, n_ctx=ctx.n_ctx,
-                              banned=banned, bias=r.logit_bias, **r.options)
+                              banned=vocab.eog_tokens() if r.ignore_eos else (), bias=r.logit_bias, **r.options)
         r.seq = seq
         self.last_seq = seq
         run = Sequence(r, seq, n, chain=chain, t0=t0, stop_on_repeat=self.stop_on_repeat)
