@@ -40,7 +40,7 @@ from .grammar import GrammarGate
 from .llama import DECODE_ABORTED, DECODE_NO_ROOM, DECODE_OK, sample_logits
 from .sampling import free_chain, penalties, sampler_chain, takes_largest, token_logprobs
 from .sequence import Request, Sequence, State
-from .speculative import StepTimes, next_draft
+from .speculative import StepTimes, cost_at, next_draft
 
 # While other streams decode, a step carries as many prompt tokens as this
 # machine prefills in GAP_TARGET seconds (measured as steps run), so a long
@@ -587,8 +587,10 @@ class Scheduler:
             self.counters["drafted"] += len(drafts)
             self.counters["accepted"] += kept
             if run.estimate is not None:
-                costs, base = self._costs or {}, self._n_decoding
-                extra = costs.get(base + len(drafts), 1.0) / costs.get(base, 1.0) - 1.0
+                # Paid if the step made more tokens per second than a plain
+                # one would: its extra time in the tokens of a plain step.
+                costs, base = self._costs, self._n_decoding
+                extra = base * (cost_at(costs, base + len(drafts)) / cost_at(costs, base) - 1.0) if costs else 0.0
                 run.estimate.record(len(drafts), kept, extra=extra)
         run.drafts = []
         return made

@@ -249,19 +249,28 @@ def best_draft(costs: dict[int, float], accept: float, available: int, others: i
 
     A draft of k tokens yields (1 - a^(k+1)) / (1 - a) tokens for its
     sequence, and widens the step from others + 1 tokens to others + 1 + k."""
-    a = min(max(accept, 0.0), 0.99)
-
-    def cost(w: int) -> float:
-        return cost_at(costs, w)
-
-    base = cost(others + 1)
     best_k, best = 0, 1.0 + margin
     for k in range(1, available + 1):
-        tokens = others + (1 - a ** (k + 1)) / (1 - a)
-        rate = tokens / (others + 1) / (cost(others + 1 + k) / base)
+        rate = _speed_up(costs, accept, k, others)
         if rate > best:
             best_k, best = k, rate
     return best_k
+
+
+def could_pay(costs: dict[int, float], least: int, available: int, others: int = 0, margin: float = 0.05) -> bool:
+    """Whether a draft of ``least`` to ``available`` tokens would beat
+    plain decoding even if every token were kept. Beside other streams on
+    a machine where a step costs nearly its width (a 2-core box, a 1.5B
+    model, four streams: no draft of two can), auto does not even probe."""
+    return any(_speed_up(costs, 1.0, k, others) > 1.0 + margin for k in range(least, available + 1))
+
+
+def _speed_up(costs: dict[int, float], accept: float, k: int, others: int) -> float:
+    """Tokens per unit of time of a step with a k-token draft over a plain
+    step's, both with ``others`` tokens of other sequences."""
+    a = min(max(accept, 0.0), 0.99)
+    tokens = others + (1 - a ** (k + 1)) / (1 - a)
+    return tokens / (others + 1) / (cost_at(costs, others + 1 + k) / cost_at(costs, others + 1))
 
 
 def next_draft(spec: SpecConfig, est: "Estimate | None", ngrams: NgramIndex | None, *, room: int, left: int,
@@ -280,8 +289,11 @@ def next_draft(spec: SpecConfig, est: "Estimate | None", ngrams: NgramIndex | No
         return propose(k) if k >= 1 and propose is not None else []
     k = min(spec.max_draft // max(1, n_decoding), room, left)
     if est is not None:
+        available = k
         k = min(k, best_draft(costs, est.accept, k, others=n_decoding - 1)) if costs else 0
         if k < spec.min_draft:
+            if not costs or not could_pay(costs, spec.min_draft, available, others=n_decoding - 1):
+                return []
             est.idle += 1
             if est.idle < est.wait:
                 return []
@@ -300,7 +312,8 @@ class Estimate:
 
     ``wait`` is how many plain steps pass before a probe while drafts do
     not pay: it grows fourfold after every draft whose kept tokens did not
-    make up for the wider step (``extra``, in one-token steps), so that
+    make up for the wider step (``extra``: the step's extra time, in the
+    tokens a plain step of its sequences makes in that time), so that
     where drafts seldom pay the probes cost next to nothing, and falls
     back when one pays. (Doubling it probed four times in a 256-token
     answer; on a machine where a three-token step costs 2.3 one-token

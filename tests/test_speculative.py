@@ -84,6 +84,38 @@ def test_an_estimate_follows_what_is_kept():
     assert est.wait == PROBE_GROWTH * PROBE_EVERY
 
 
+# Step costs measured on a 2-core AMD EPYC for Qwen2.5-Coder 1.5B (docs/benchmarks.md): a step
+# of w tokens costs nearly w one-token steps.
+QWEN_2_CORES = {1: 1.0, 2: 1.87, 3: 2.51, 4: 3.12, 5: 3.72, 6: 4.55, 7: 5.38, 8: 6.21, 9: 7.05}
+
+
+def test_auto_does_not_probe_where_no_draft_could_pay():
+    """Four streams in a step of four rows: a two-token draft widens it to
+    six, and even kept whole, six tokens in 4.55 one-token steps is slower
+    than four in 3.12. Alone, the same draft could pay, so auto probes."""
+    from edgeinfer.speculative import could_pay, next_draft
+
+    assert not could_pay(QWEN_2_CORES, 2, 2, others=3)
+    assert could_pay(QWEN_2_CORES, 2, 8, others=0)
+    spec = SpecConfig()
+    looping = [1, 2, 3] * 20                        # every suffix has a continuation to draft
+    for n_decoding, probes in ((4, False), (1, True)):
+        est, index = Estimate(), NgramIndex(looping, spec.ngram, spec.min_ngram)
+        est.accept = 0.0                             # nothing kept so far: only a probe would draft
+        drafts = [next_draft(spec, est, index, room=1000, left=1000, n_decoding=n_decoding, costs=QWEN_2_CORES)
+                  for _ in range(2 * PROBE_EVERY)]
+        assert any(drafts) == probes, n_decoding
+
+
+def test_a_probe_beside_other_streams_pays_only_if_the_step_made_more_tokens_per_second():
+    est = Estimate()
+    extra = 4 * (QWEN_2_CORES[6] / QWEN_2_CORES[4] - 1)    # what the scheduler passes: 1.83 tokens
+    est.record(2, 1, extra=extra)                   # one kept: the step was slower than a plain one
+    assert est.wait == PROBE_GROWTH * PROBE_EVERY
+    est.record(2, 2, extra=1.5)
+    assert est.wait == PROBE_EVERY
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="speculative"):
         SpecConfig(mode="sometimes")
