@@ -139,7 +139,10 @@ class Penalties:
         ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
         n = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
         v = logits[ids]
-        v = np.where(v <= 0, v * self.repeat, v / self.repeat)
+        if self.repeat:
+            v = np.where(v <= 0, v * self.repeat, v / self.repeat)
+        else:   # a penalty of 0: llama.cpp's division gives +inf, without numpy's divide-by-zero warning
+            v = np.where(v <= 0, v * self.repeat, np.float32(np.inf))
         logits[ids] = v - (n * self.frequency + self.presence)   # every count here is at least 1
 
 

@@ -189,7 +189,7 @@ def native_penalties(logits, history, last_n, repeat, frequency, presence):
 
 
 @pytest.mark.parametrize("repeat,frequency,presence", [(1.1, 0.0, 0.0), (1.3, 0.2, 0.0), (0.9, 0.0, 0.6),
-                                                       (1.0, 1.5, -0.5), (1.1, 0.25, 0.3)])
+                                                       (1.0, 1.5, -0.5), (1.1, 0.25, 0.3), (0.0, 0.0, 0.0)])
 def test_penalties_equal_llama_cpps_sampler_bit_for_bit(repeat, frequency, presence):
     """The engine applies the penalties to the logits itself, touching only
     the tokens of the window, where llama.cpp's sampler looks up all of a
