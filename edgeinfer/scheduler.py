@@ -601,9 +601,7 @@ class Scheduler:
         grammar); emit text; finish it if it ended. Returns the token
         generated, or -1 if the run ended without one."""
         ctx, vocab = self.ctx, self.vocab
-        row = logits
-        if row is None and (run.penalties is not None or run.greedy):
-            row = ctx.logits(idx)   # a view of the context's row
+        row = ctx.logits(idx) if logits is None else logits
         if run.penalties is not None:
             run.penalties.apply(row)   # in place, so the chain or the grammar sees it
         if run.gate is not None:
@@ -611,22 +609,18 @@ class Scheduler:
             if tok < 0:  # the grammar allows nothing more
                 self._finish(run, "stop")
                 return -1
-        elif run.greedy:
-            tok = int(row.argmax())
-            if run.req.ignore_eos and vocab.is_eog(tok):   # banned: the chain takes the largest of the rest
-                tok = ctx.sample(run.chain, idx) if logits is None else sample_logits(run.chain, logits)
-        elif logits is not None:
-            tok = sample_logits(run.chain, logits)
         else:
-            tok = ctx.sample(run.chain, idx)
+            tok = int(row.argmax()) if run.greedy else -1
+            # Not greedy, or argmax landed on a token ignore_eos bans: the chain draws.
+            if tok < 0 or (run.req.ignore_eos and vocab.is_eog(tok)):
+                tok = ctx.sample(run.chain, idx) if logits is None else sample_logits(run.chain, logits)
         if run.penalties is not None:
             run.penalties.accept(tok)
         run.first_token_at(time.perf_counter())
         if vocab.is_eog(tok):
             self._finish(run, "stop")
             return -1
-        logprob = None if run.req.logprobs is None else \
-            token_logprobs(ctx.logits(idx) if row is None else row, tok, run.req.logprobs, vocab)
+        logprob = None if run.req.logprobs is None else token_logprobs(row, tok, run.req.logprobs, vocab)
         event, reason = run.emit(tok, vocab.token_bytes(tok, tok in run.req.shown), logprob=logprob,
                                  context_full=self.ledger.length(run.seq) >= ctx.n_ctx)
         if event is not None:

@@ -303,6 +303,10 @@ def alternating(server: Server, tag: str, args) -> dict:
 
 WORKLOADS = [("a", one_stream), ("b", many_streams), ("c", shared_system), ("d", alternating)]
 
+# What each repeat's progress line shows of a workload: (key, format).
+PROGRESS = {"a": ("decode_tps", "a {:.1f} tok/s"), "b": ("aggregate_tps", "b {:.1f} tok/s"),
+            "c": ("warm_ttft_ms", "c warm {:.0f} ms"), "d": ("warm_ttft_ms", "d warm {:.0f} ms")}
+
 # (workload, key, label, higher is better)
 ROWS = [("a", "decode_tps", "a. 1 stream: decode tok/s", True),
         ("a", "ttft_ms", "a. 1 stream: TTFT ms", False),
@@ -383,10 +387,9 @@ def run(servers: list[Server], args) -> dict:
                 results[s.name][w].append(r)
                 time.sleep(0.3)   # let the other server's OpenMP workers stop spinning
                 settle(s)
-        shown = {"a": ("decode_tps", "a {:.1f} tok/s"), "b": ("aggregate_tps", "b {:.1f} tok/s"),
-                 "c": ("warm_ttft_ms", "c warm {:.0f} ms"), "d": ("warm_ttft_ms", "d warm {:.0f} ms")}
         log(f"rep {rep + 1}/{args.reps}: " + "; ".join(
-            f"{s.name} " + ", ".join(shown[w][1].format(results[s.name][w][-1][shown[w][0]]) for w, _ in workloads)
+            f"{s.name} " + ", ".join(PROGRESS[w][1].format(results[s.name][w][-1][PROGRESS[w][0]])
+                                     for w, _ in workloads)
             for s in servers))
     if args.restart:   # the servers started here (a restart needs the command)
         restartable = [s for s in servers if s.cmd]
